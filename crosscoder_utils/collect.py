@@ -1,0 +1,188 @@
+"""Paired activations: both models traced with nnsight on the same token ids, written to a store."""
+from __future__ import annotations
+
+import itertools
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple
+
+import datasets
+import torch
+from nnsight import NNsight
+from tqdm.auto import tqdm
+
+from .config import CollectConfig
+from .models import PROBE_TEXT, ModelPair, Site, load_model_pair, resolve_site
+from .store import ActivationStore, StoreWriter
+
+
+class ActivationBatch(NamedTuple):
+    """The kept tokens of one forward batch."""
+
+    activations: torch.Tensor
+    """float [n, n_models, d_model], model 0 the base."""
+    token_ids: torch.Tensor
+    """int64 [n]"""
+    seq: torch.Tensor
+    """int64 [n]: index of the sequence (document) each token came from."""
+    pos: torch.Tensor
+    """int64 [n]: position of the token in its sequence."""
+
+
+def load_texts(dataset: str | list, split: str, text_column: str, tokenizer) -> Iterable[str]:
+    """Texts from a list, a local dataset directory or data files, or a Hub dataset (streamed).
+
+    A column of chat messages (lists of {role, content}) is rendered with the tokenizer's chat template.
+    """
+    if isinstance(dataset, (list, tuple)):
+        return list(dataset)
+    path = Path(dataset)
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        data = datasets.load_from_disk(str(path))
+        data = data[split] if isinstance(data, datasets.DatasetDict) else data
+    else:
+        data = datasets.load_dataset(str(dataset), split=split, streaming=not path.exists())
+    if text_column not in (data.column_names or [text_column]):
+        raise ValueError(f"dataset {dataset!r} has no column {text_column!r}; its columns are {data.column_names}")
+    column = (row[text_column] for row in data)
+    first = next(column, None)
+    if first is None:
+        return []
+    column = itertools.chain([first], column)
+    if isinstance(first, list):
+        if tokenizer.chat_template is None:
+            raise ValueError(f"column {text_column!r} holds chat messages but the tokenizer has no chat template")
+        return (tokenizer.apply_chat_template(messages, tokenize=False) for messages in column)
+    return column
+
+
+def tokenize(texts: Iterable[str], tokenizer, seq_len: int) -> Iterator[list[int]]:
+    """Token ids of each non-empty text, BOS first where the tokenizer has one, truncated to seq_len."""
+    bos = tokenizer.bos_token_id
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        ids = ids[:seq_len]
+        if len(ids) > (bos is not None):
+            yield ids
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int, padding_side: str):
+    """input_ids, attention_mask and position_ids [batch, max_len]; positions count real tokens only."""
+    length = max(map(len, sequences))
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        span = slice(length - len(seq), length) if padding_side == "left" else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq)
+        mask[row, span] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def trace_site(model: NNsight, site: Site, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """[batch, seq, d] activation at ``site``; the forward stops right after it."""
+    envoy = model
+    for part in site.module_path.split("."):
+        envoy = getattr(envoy, part)
+    with torch.inference_mode():
+        with model.trace(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids) as tracer:
+            value = envoy.input if site.read_input else envoy.output
+            if isinstance(value, tuple):
+                value = value[0]
+            value = value.save()
+            tracer.stop()
+    return value
+
+
+def keep_mask(input_ids, attention_mask, position_ids, cfg: CollectConfig, bos_id) -> torch.Tensor:
+    """bool [batch, seq]: real tokens that are not excluded."""
+    keep = attention_mask.bool() & (position_ids >= cfg.exclude_first_n)
+    if cfg.exclude_bos and bos_id is not None:
+        keep &= input_ids != bos_id
+    for token in cfg.exclude_token_ids:
+        keep &= input_ids != token
+    return keep
+
+
+def iter_activations(pair: ModelPair, cfg: CollectConfig, skip_sequences: int = 0) -> Iterator[ActivationBatch]:
+    """Kept tokens of each batch of ``batch_size`` sequences, both models on the same ids."""
+    sites = [resolve_site(model, cfg.site, cfg.layer) for model in (pair.base, pair.finetuned)]
+    traced = [NNsight(model) for model in (pair.base, pair.finetuned)]
+    tokenizer = pair.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    device = pair.base.device
+    sequences = tokenize(load_texts(cfg.dataset, cfg.split, cfg.text_column, tokenizer), tokenizer, cfg.seq_len)
+    sequences = itertools.islice(sequences, skip_sequences, None)
+    for batch_number in itertools.count():
+        batch = list(itertools.islice(sequences, cfg.batch_size))
+        if not batch:
+            return
+        ids, mask, pos = pad_batch(batch, pad_id, cfg.padding_side)
+        acts = torch.stack([trace_site(m, s, ids.to(device), mask.to(device), pos.to(device)) for m, s in zip(traced, sites)], dim=2)
+        keep = keep_mask(ids, mask, pos, cfg, tokenizer.bos_token_id)
+        seq = skip_sequences + batch_number * cfg.batch_size + torch.arange(len(batch))[:, None].expand_as(ids)
+        yield ActivationBatch(acts[keep.to(device)].cpu(), ids[keep], seq[keep], pos[keep])
+
+
+def preflight(pair: ModelPair, cfg: CollectConfig) -> int:
+    """Check the pair, the site and the data before any compute is spent. Returns d_model.
+
+    Refuses an unknown site or layer, a pair whose widths at the site differ, and data with no tokens.
+    """
+    texts = load_texts(cfg.dataset, cfg.split, cfg.text_column, pair.tokenizer)
+    if next(tokenize(texts, pair.tokenizer, cfg.seq_len), None) is None:
+        raise ValueError(f"dataset {cfg.dataset if isinstance(cfg.dataset, str) else 'list'} yields no tokens "
+                         f"(split {cfg.split!r}, column {cfg.text_column!r})")
+    ids, mask, pos = pad_batch([pair.tokenizer(PROBE_TEXT)["input_ids"]], 0, "right")
+    widths = []
+    for model in (pair.base, pair.finetuned):
+        site = resolve_site(model, cfg.site, cfg.layer)
+        widths.append(trace_site(NNsight(model), site, ids.to(model.device), mask.to(model.device), pos.to(model.device)).shape[-1])
+    if widths[0] != widths[1]:
+        raise ValueError(f"{pair.names[0]!r} has width {widths[0]} at {cfg.site} layer {cfg.layer} but "
+                         f"{pair.names[1]!r} has {widths[1]}; both must be equal")
+    return widths[0]
+
+
+def collect_activations(cfg: CollectConfig, store_dir: str | Path, pair: ModelPair | None = None) -> ActivationStore:
+    """Collect ``cfg.n_tokens`` paired activations into ``store_dir``, resuming an interrupted run.
+
+    A store already complete with the same settings is returned as it is; one with other settings is
+    refused. ``pair`` may be passed to reuse loaded models (it must be the models ``cfg`` names).
+    """
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "device"}
+    if pair is None:
+        pair = load_model_pair(cfg.base_model, cfg.finetuned_model, cfg.model_dtype, cfg.device,
+                               cfg.trust_remote_code, cfg.revision)
+    d_model = preflight(pair, cfg)
+    writer = StoreWriter(store_dir, settings, n_models=2, d_model=d_model, dtype=cfg.dtype)
+    if writer.complete:
+        return ActivationStore(store_dir)
+    progress, parts = writer.progress, []
+
+    def write_parts():
+        rows = (torch.cat(column)[: cfg.n_tokens - progress["n_tokens"]] for column in zip(*parts))
+        writer.write_shard(*rows, n_sequences=len(parts) * cfg.batch_size)
+        parts.clear()
+
+    bar = tqdm(total=cfg.n_tokens, initial=progress["n_tokens"], unit="tok", desc="collecting")
+    for number, batch in enumerate(iter_activations(pair, cfg, skip_sequences=progress["n_sequences"]), start=1):
+        parts.append(batch)
+        bar.update(min(len(batch.token_ids), cfg.n_tokens - bar.n))
+        if bar.n >= cfg.n_tokens or number % (cfg.seqs_per_shard // cfg.batch_size) == 0:
+            write_parts()
+        if bar.n >= cfg.n_tokens:
+            break
+    if parts:
+        write_parts()
+    bar.close()
+    if progress["n_tokens"] < cfg.n_tokens:
+        warnings.warn(f"the dataset ran out after {progress['n_tokens']} tokens of the {cfg.n_tokens} asked for")
+    exclusions = {"bos": cfg.exclude_bos, "first_n": cfg.exclude_first_n, "token_ids": cfg.exclude_token_ids}
+    dataset = cfg.dataset if isinstance(cfg.dataset, str) else f"<list of {len(cfg.dataset)} texts>"
+    return writer.finish(
+        models=list(pair.names), revisions=[cfg.revision, cfg.revision], site=cfg.site, layer=cfg.layer,
+        d_model=d_model, n_models=2, exclusions=exclusions, val_fraction=cfg.val_fraction,
+        dataset={"name": dataset, "split": cfg.split, "text_column": cfg.text_column}, seq_len=cfg.seq_len,
+    )

@@ -1,0 +1,110 @@
+"""Settings of each stage as dataclasses with a docstring under every field.
+
+The field names are the notebooks' parameter names, so ``papermill -p NAME VALUE`` means the same
+thing in every notebook. Every config round-trips through JSON and checks itself on construction.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SITES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
+STORE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ConfigBase:
+    """JSON round-trip and construction from notebook parameters for the dataclasses below."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        """Build from a dict, refusing unknown keys (a misspelt parameter is an error, not ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(names)}")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_namespace(cls, namespace: dict):
+        """Pick this config's fields out of a namespace (a notebook's globals after its parameters cell)."""
+        return cls(**{f.name: namespace[f.name] for f in dataclasses.fields(cls) if f.name in namespace})
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
+
+
+@dataclass
+class CollectConfig(ConfigBase):
+    """What 01_collect stores: which models, which site, which text, how many tokens."""
+
+    base_model: str = "outputs/organism/base"
+    """Hub id or local directory of the base model (stored as model 0)."""
+    finetuned_model: str = "outputs/organism/finetuned"
+    """Hub id or local directory of the fine-tuned model (stored as model 1)."""
+    layer: int = 2
+    """Block index of the site (0-based)."""
+    site: str = "resid_post"
+    """One of resid_pre, resid_post, mlp_out, attn_out, or an explicit module path such as
+    ``model.layers.13.mlp`` (its output is read)."""
+    dataset: str | list = "outputs/organism/corpus"
+    """Hub dataset name, local dataset directory (``save_to_disk`` or data files), or a list of strings."""
+    split: str = "train"
+    """Dataset split to read."""
+    text_column: str = "text"
+    """Column holding the text, or chat messages (a list of {role, content} dicts rendered with the
+    tokenizer's chat template)."""
+    n_tokens: int = 200_000
+    """Number of tokens to store (after padding and exclusions are dropped)."""
+    seq_len: int = 128
+    """Tokens per sequence; longer documents are truncated."""
+    batch_size: int = 32
+    """Sequences per forward pass."""
+    dtype: str = "float32"
+    """Storage dtype: float32, float16 or bfloat16 (kept bit-exact as int16)."""
+    model_dtype: str = "float32"
+    """Dtype the models are loaded and run in."""
+    device: str = "auto"
+    """Device the models run on; ``auto`` picks cuda when available."""
+    padding_side: str = "right"
+    """Side on which shorter sequences of a batch are padded (padding is never stored)."""
+    exclude_bos: bool = True
+    """Drop BOS tokens: their activations are huge attention sinks that would dominate the loss."""
+    exclude_first_n: int = 0
+    """Also drop the first n positions of every sequence."""
+    exclude_token_ids: list = field(default_factory=list)
+    """Also drop these token ids wherever they occur (for example chat-template tokens)."""
+    seqs_per_shard: int = 256
+    """Sequences per on-disk shard; a killed collection resumes after the last complete shard."""
+    val_fraction: float = 0.05
+    """Fraction of the store (its last rows, i.e. the last documents) held out as the ``val`` split."""
+    trust_remote_code: bool = False
+    """Allow model code from the Hub; off unless you trust the repository."""
+    revision: str | None = None
+    """Hub revision of both models (None: the default branch)."""
+
+    def __post_init__(self):
+        if self.site not in SITES and "." not in self.site:
+            raise ValueError(f"site={self.site!r}: use one of {list(SITES)} or an explicit module path like 'model.layers.3.mlp'")
+        _check_choice("dtype", self.dtype, STORE_DTYPES)
+        _check_choice("padding_side", self.padding_side, ("left", "right"))
+        for name in ("n_tokens", "seq_len", "batch_size", "seqs_per_shard"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.seqs_per_shard % self.batch_size:
+            raise ValueError(f"seqs_per_shard ({self.seqs_per_shard}) must be a multiple of batch_size ({self.batch_size})")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")

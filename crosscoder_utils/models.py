@@ -1,0 +1,119 @@
+"""Loading a base / fine-tuned model pair and resolving an activation *site* inside it."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import SITES
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 1234 <|user|> Hello!\n"
+
+# Where the blocks live, and the attention / MLP submodule whose output is added to the residual stream.
+# Gemma-2 normalises both branches again after them, so its branch outputs are those norms' outputs.
+ARCHITECTURES = {
+    "gpt2": ("transformer.h", "attn", "mlp"),
+    "gpt_neox": ("gpt_neox.layers", "attention", "mlp"),
+    "llama": ("model.layers", "self_attn", "mlp"),
+    "mistral": ("model.layers", "self_attn", "mlp"),
+    "qwen2": ("model.layers", "self_attn", "mlp"),
+    "gemma": ("model.layers", "self_attn", "mlp"),
+    "gemma2": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
+}
+
+
+class ModelPair(NamedTuple):
+    """Two causal LMs that share one tokenizer."""
+
+    base: PreTrainedModel
+    """Model 0: the base model."""
+    finetuned: PreTrainedModel
+    """Model 1: the fine-tuned model."""
+    tokenizer: PreTrainedTokenizerBase
+    """The tokenizer both models share."""
+    names: tuple[str, str]
+    """The names or paths they were loaded from."""
+
+
+class Site(NamedTuple):
+    """A place in a model whose activation we read."""
+
+    module_path: str
+    """Dotted path of the module, e.g. ``transformer.h.3``."""
+    read_input: bool
+    """Read the module's input (``resid_pre``) rather than its output."""
+
+
+def resolve_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def load_model_pair(
+    base_model: str,
+    finetuned_model: str,
+    dtype: str = "float32",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> ModelPair:
+    """Load two causal LMs (Hub ids or local directories) and refuse a pair whose tokenizers differ."""
+    tokenizers = [
+        AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+        for name in (base_model, finetuned_model)
+    ]
+    check_same_tokenizer(*tokenizers, names=(base_model, finetuned_model))
+    models = [
+        AutoModelForCausalLM.from_pretrained(
+            name, dtype=getattr(torch, dtype), revision=revision, trust_remote_code=trust_remote_code
+        ).to(resolve_device(device)).eval()
+        for name in (base_model, finetuned_model)
+    ]
+    for model in models:
+        model.requires_grad_(False)
+    return ModelPair(models[0], models[1], tokenizers[0], (base_model, finetuned_model))
+
+
+def check_same_tokenizer(first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase, names=("base", "finetuned")) -> None:
+    """Both models must read the same token ids, or their activations at a position are not paired."""
+    if first.get_vocab() != second.get_vocab():
+        only = set(first.get_vocab().items()) ^ set(second.get_vocab().items())
+        raise ValueError(
+            f"the tokenizers of {names[0]!r} and {names[1]!r} differ ({len(only)} vocabulary entries differ, "
+            f"sizes {len(first)} and {len(second)}); a crosscoder needs both models on the same tokens"
+        )
+    if first(PROBE_TEXT)["input_ids"] != second(PROBE_TEXT)["input_ids"]:
+        raise ValueError(
+            f"the tokenizers of {names[0]!r} and {names[1]!r} share a vocabulary but split the probe text "
+            f"{PROBE_TEXT!r} differently; a crosscoder needs both models on the same tokens"
+        )
+
+
+def architecture(model: PreTrainedModel) -> tuple[str, str, str]:
+    kind = model.config.model_type
+    if kind not in ARCHITECTURES:
+        raise ValueError(
+            f"no named sites for model_type {kind!r} (known: {sorted(ARCHITECTURES)}); pass an explicit module "
+            f"path as site, e.g. one of {[n for n, _ in model.named_modules()][:8]}..."
+        )
+    return ARCHITECTURES[kind]
+
+
+def resolve_site(model: PreTrainedModel, site: str, layer: int) -> Site:
+    """Turn ``site`` at ``layer`` (or an explicit module path) into a module path of ``model``."""
+    if site not in SITES:
+        modules = dict(model.named_modules())
+        if site not in modules:
+            raise ValueError(f"site {site!r} is neither one of {list(SITES)} nor a module of {type(model).__name__}")
+        return Site(site, read_input=False)
+    blocks_path, attn, mlp = architecture(model)
+    n_layers = len(model.get_submodule(blocks_path))
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} is out of range for {type(model).__name__}: valid layers are 0..{n_layers - 1}")
+    block = f"{blocks_path}.{layer}"
+    return {
+        "resid_pre": Site(block, read_input=True),
+        "resid_post": Site(block, read_input=False),
+        "attn_out": Site(f"{block}.{attn}", read_input=False),
+        "mlp_out": Site(f"{block}.{mlp}", read_input=False),
+    }[site]

@@ -1,0 +1,282 @@
+"""The on-disk paired activation store, and the on-the-fly ``Buffer``.
+
+Layout of a store directory::
+
+    meta.json                written last: its presence means the store is complete
+    progress.json            collection progress (settings, shards and statistics so far), for resuming
+    shards/shard_00000/ ...  HF datasets (``save_to_disk``), one row per token:
+                             acts      flat fixed-length list of n_models * d_model values
+                             token_id  int64, seq int64 (sequence index), pos int32 (position in it)
+
+A shard is written under a temporary name and renamed when complete, so a killed collection leaves
+only complete shards, and a re-run with the same settings continues after the last of them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets.table import InMemoryTable
+from einops import rearrange
+
+STORAGE = {  # storage dtype -> (torch dtype written, how stored bits are read back as that dtype)
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.int16,  # datasets has no bfloat16: its bits are kept, bit-exact, as int16
+}
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def to_storage(activations: torch.Tensor, dtype: str) -> np.ndarray:
+    """[n, n_models, d_model] float -> [n, n_models * d_model] numpy in the storage dtype."""
+    stored = activations.to(torch.bfloat16).view(torch.int16) if dtype == "bfloat16" else activations.to(STORAGE[dtype])
+    return rearrange(stored, "n model d -> n (model d)").cpu().numpy()
+
+
+def from_storage(flat: np.ndarray, dtype: str, n_models: int) -> torch.Tensor:
+    """[n, n_models * d_model] stored values -> float32 [n, n_models, d_model]."""
+    values = torch.from_numpy(np.require(flat, requirements="W"))  # arrow buffers are read-only
+    values = values.view(torch.bfloat16) if dtype == "bfloat16" else values
+    return rearrange(values.float(), "n (model d) -> n model d", model=n_models)
+
+
+class StoreWriter:
+    """Appends rows to a store in complete shards and keeps running per-model statistics.
+
+    ``settings`` identify what is being written; an existing directory with other settings is refused,
+    so a store is never mixed from two collections.
+    """
+
+    def __init__(self, path: str | Path, settings: dict, n_models: int, d_model: int, dtype: str):
+        self.path, self.settings, self.dtype = Path(path), settings, dtype
+        self.shards = self.path / "shards"
+        progress_file = self.path / "progress.json"
+        if (self.path / "meta.json").exists() or progress_file.exists():
+            progress = json.loads(progress_file.read_text())
+            if progress["settings"] != settings:
+                differ = sorted(k for k in settings.keys() | progress["settings"].keys()
+                                if settings.get(k) != progress["settings"].get(k))
+                raise ValueError(
+                    f"{self.path} already holds a store written with other settings (differing: {differ}); "
+                    "pass another store_dir, or delete that one to start over"
+                )
+            self.progress = progress
+        elif self.path.exists() and any(self.path.iterdir()):
+            raise ValueError(f"{self.path} exists and is not an activation store; pass an empty or new store_dir")
+        else:
+            self.progress = {
+                "settings": settings, "n_shards": 0, "n_sequences": 0, "n_tokens": 0,
+                "sum": np.zeros((n_models, d_model)).tolist(), "sum_norm": [0.0] * n_models,
+            }
+        for shard in self.shards.glob("*shard_*"):  # shards a killed run did not finish or did not record
+            if shard.name.startswith(".tmp_") or int(shard.name[-5:]) >= self.progress["n_shards"]:
+                shutil.rmtree(shard)
+        self.shards.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / "meta.json").exists()
+
+    def write_shard(self, activations: torch.Tensor, token_ids, seq, pos, n_sequences: int) -> None:
+        """Write one shard of rows: activations [n, n_models, d_model]; token_ids, seq, pos [n]."""
+        if not torch.isfinite(activations).all():
+            bad = (~torch.isfinite(activations)).any(-1).nonzero()[0].tolist()
+            raise ValueError(f"non-finite activations (NaN or inf) at row {bad[0]}, model {bad[1]}; nothing of this shard was written")
+        flat = to_storage(activations, self.dtype)
+        table = pa.table({
+            "acts": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1]),
+            "token_id": pa.array(np.asarray(token_ids, dtype=np.int64)),
+            "seq": pa.array(np.asarray(seq, dtype=np.int64)),
+            "pos": pa.array(np.asarray(pos, dtype=np.int32)),
+        })
+        name = f"shard_{self.progress['n_shards']:05d}"
+        datasets.disable_progress_bars()
+        datasets.Dataset(InMemoryTable(table)).save_to_disk(str(self.shards / f".tmp_{name}"))
+        datasets.enable_progress_bars()
+        os.replace(self.shards / f".tmp_{name}", self.shards / name)
+        acts64 = activations.double()
+        progress = self.progress
+        progress["sum"] = (np.array(progress["sum"]) + acts64.sum(0).cpu().numpy()).tolist()
+        progress["sum_norm"] = (np.array(progress["sum_norm"]) + acts64.norm(dim=-1).sum(0).cpu().numpy()).tolist()
+        progress["n_tokens"] += len(activations)
+        progress["n_sequences"] += n_sequences
+        progress["n_shards"] += 1
+        write_json(self.path / "progress.json", progress)
+
+    def finish(self, **meta) -> "ActivationStore":
+        """Write meta.json, which marks the store complete, and open it."""
+        n = self.progress["n_tokens"]
+        if n == 0:
+            raise ValueError("no tokens were written: the data is empty, or every token was excluded")
+        meta = {
+            **meta, "n_tokens": n, "dtype": self.dtype, "n_shards": self.progress["n_shards"],
+            "mean": (np.array(self.progress["sum"]) / n).tolist(),
+            "mean_norm": (np.array(self.progress["sum_norm"]) / n).tolist(),
+            "settings": self.settings,
+        }
+        write_json(self.path / "meta.json", meta)
+        return ActivationStore(self.path)
+
+
+class ActivationStore:
+    """Paired activations of ``n_models`` models at one site, one row per token.
+
+    ``meta`` holds: models, site, layer, d_model, n_models, dtype, n_tokens, exclusions, dataset,
+    val_fraction, per-model ``mean`` [n_models][d_model] and ``mean_norm`` [n_models], settings.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "meta.json").exists():
+            hint = (" A collection into it was interrupted: re-run it with the same arguments to resume."
+                    if (self.path / "progress.json").exists() else "")
+            raise FileNotFoundError(f"no complete activation store at {self.path} (meta.json is missing).{hint}")
+        self.meta = json.loads((self.path / "meta.json").read_text())
+        shards = sorted(self.path.glob("shards/shard_*"))
+        if len(shards) != self.meta["n_shards"]:
+            raise ValueError(f"{self.path} should hold {self.meta['n_shards']} shards but holds {len(shards)}")
+        self.dataset = datasets.concatenate_datasets([datasets.load_from_disk(str(s)) for s in shards])
+        self.n_models, self.d_model = self.meta["n_models"], self.meta["d_model"]
+
+    @classmethod
+    def from_arrays(cls, path, activations, token_ids=None, shard_size: int = 65536, val_fraction: float = 0.05,
+                    dtype: str = "float32", **meta) -> "ActivationStore":
+        """Write a store from activations you already have: [n, n_models, d_model] (tensor or array)."""
+        activations = torch.as_tensor(activations)
+        if activations.ndim != 3 or activations.shape[1] < 2 or len(activations) == 0:
+            raise ValueError(f"activations must be [n_tokens > 0, n_models >= 2, d_model], got {tuple(activations.shape)}")
+        n, n_models, d_model = activations.shape
+        token_ids = np.full(n, -1) if token_ids is None else np.asarray(token_ids)
+        if len(token_ids) != n:
+            raise ValueError(f"token_ids has {len(token_ids)} entries for {n} activation rows")
+        meta = {"models": [f"model_{m}" for m in range(n_models)], "site": None, "layer": None, **meta,
+                "n_models": n_models, "d_model": d_model, "val_fraction": val_fraction}
+        writer = StoreWriter(path, {"from_arrays": n, "shard_size": shard_size}, n_models, d_model, dtype)
+        if writer.complete:
+            raise ValueError(f"{path} already holds a complete store; pass a new path")
+        rows = np.arange(n)
+        for start in range(writer.progress["n_tokens"], n, shard_size):
+            part = slice(start, start + shard_size)
+            writer.write_shard(activations[part], token_ids[part], rows[part], np.zeros_like(rows[part]), 0)
+        return writer.finish(**meta)
+
+    def __len__(self) -> int:
+        return self.meta["n_tokens"]
+
+    def _gather(self, indices: np.ndarray) -> pa.Table:
+        return self.dataset.data.fast_gather(np.asarray(indices, dtype=np.int64))
+
+    def read(self, indices) -> torch.Tensor:
+        """float32 [len(indices), n_models, d_model] in the order asked for."""
+        column = self._gather(indices).column("acts").combine_chunks()
+        return from_storage(column.flatten().to_numpy().reshape(len(column), -1), self.meta["dtype"], self.n_models)
+
+    def token_ids(self, indices) -> torch.Tensor:
+        """int64 [len(indices)]: the token each row was read at."""
+        return torch.from_numpy(self._gather(indices).column("token_id").to_numpy())
+
+    def positions(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence index, position in the sequence) of each row, each int64 [len(indices)]."""
+        table = self._gather(indices)
+        return (torch.from_numpy(table.column("seq").to_numpy()),
+                torch.from_numpy(table.column("pos").to_numpy().astype(np.int64)))
+
+    def split_range(self, split: str) -> range:
+        """Rows of a split: ``train`` is the first rows, ``val`` the last ``val_fraction`` of the store."""
+        n_val = int(len(self) * self.meta["val_fraction"])
+        ranges = {"train": range(0, len(self) - n_val), "val": range(len(self) - n_val, len(self)), "all": range(len(self))}
+        if split not in ranges:
+            raise ValueError(f"split={split!r} is not one of {list(ranges)}")
+        return ranges[split]
+
+    def shuffled_indices(self, split: str = "train", seed: int = 0, chunk_rows: int = 4096,
+                         window_chunks: int = 16) -> Iterator[np.ndarray]:
+        """Row indices of one pass over a split, shuffled within windows of chunks.
+
+        The chunks (``chunk_rows`` contiguous rows) are visited in a random order, and the rows of each
+        window of ``window_chunks`` chunks are permuted together: reads stay local on disk and memory
+        stays bounded, with no permutation of the whole store in RAM.
+        """
+        rows = self.split_range(split)
+        rng = np.random.default_rng(seed)
+        starts = rng.permutation(np.arange(rows.start, rows.stop, chunk_rows))
+        for w in range(0, len(starts), window_chunks):
+            window = np.concatenate([np.arange(s, min(s + chunk_rows, rows.stop)) for s in starts[w:w + window_chunks]])
+            yield rng.permutation(window)
+
+    def batches(self, batch_size: int, seed: int = 0, split: str = "train", start_batch: int = 0) -> Iterator[torch.Tensor]:
+        """One pass of shuffled float32 [batch, n_models, d_model] batches (an incomplete last batch is dropped).
+
+        ``start_batch`` skips that many batches without reading them, so a resumed run sees exactly the
+        batches an uninterrupted one would.
+        """
+        for number, indices in enumerate(index_batches(self.shuffled_indices(split, seed), batch_size)):
+            if number >= start_batch:
+                yield self.read(np.sort(indices))
+
+    def n_batches(self, batch_size: int, split: str = "train") -> int:
+        return len(self.split_range(split)) // batch_size
+
+
+def index_batches(windows: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+    """Cut a stream of index windows into batches of exactly ``batch_size``."""
+    pending = np.empty(0, dtype=np.int64)
+    for window in windows:
+        pending = np.concatenate([pending, window])
+        while len(pending) >= batch_size:
+            yield pending[:batch_size]
+            pending = pending[batch_size:]
+
+
+class Buffer:
+    """Shuffled batches served on the fly from a stream of fresh activations, without a store.
+
+    ``source`` yields float32 tensors [n, n_models, d_model] (for example ``collect.iter_activations``).
+    The buffer holds ``size`` rows; when half of them have been served it drops exactly the served
+    rows, refills with fresh ones and reshuffles, so no row is ever served twice (unlike the public
+    Gemma replication's buffer, which re-serves its first fill).
+    """
+
+    def __init__(self, source: Iterable[torch.Tensor], size: int, batch_size: int, seed: int = 0):
+        if size < 2 * batch_size:
+            raise ValueError(f"buffer size ({size}) must be at least twice batch_size ({batch_size})")
+        self.source, self.size, self.batch_size = iter(source), size, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rows = torch.empty(0)
+        self.spare = torch.empty(0)
+        self.served = 0
+
+    def _refill(self) -> None:
+        keep = self.rows[self.served:]
+        parts, have = [keep, self.spare], len(keep) + len(self.spare)
+        while have < self.size:
+            fresh = next(self.source, None)
+            if fresh is None:
+                break
+            parts.append(fresh.float())
+            have += len(fresh)
+        rows = torch.cat([p for p in parts if p.numel()]) if have else torch.empty(0)
+        self.rows, self.spare = rows[: self.size], rows[self.size:]
+        self.rows = self.rows[torch.randperm(len(self.rows), generator=self.generator)]
+        self.served = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        self._refill()
+        while len(self.rows) - self.served >= self.batch_size:
+            yield self.rows[self.served:self.served + self.batch_size]
+            self.served += self.batch_size
+            if self.served >= self.size // 2:
+                self._refill()

@@ -1,0 +1,44 @@
+"""Real tiny transformers built from configs, saved with save_pretrained, loaded like Hub models."""
+import pytest
+import torch
+import transformers
+
+from crosscoder_utils.organism import base_corpus, train_tokenizer
+
+TEXTS = base_corpus(64, seed=1) + ["", "   short one."]
+
+CONFIGS = {
+    "gpt2": lambda d, vocab: transformers.GPT2Config(n_layer=2, n_embd=d, n_head=2, vocab_size=vocab, n_positions=128),
+    "gpt_neox": lambda d, vocab: transformers.GPTNeoXConfig(num_hidden_layers=2, hidden_size=d, num_attention_heads=2,
+                                                             intermediate_size=2 * d, vocab_size=vocab),
+    "llama": lambda d, vocab: transformers.LlamaConfig(num_hidden_layers=2, hidden_size=d, num_attention_heads=2,
+                                                        num_key_value_heads=1, intermediate_size=2 * d, vocab_size=vocab),
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer(base_corpus(500, seed=0), vocab_size=400)
+
+
+def build_model(tmp_path_factory, tokenizer, arch, d=32, seed=0, name=None):
+    torch.manual_seed(seed)
+    config = CONFIGS[arch](d, len(tokenizer))
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    path = tmp_path_factory.mktemp(name or f"{arch}_{d}_{seed}")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def make_model(tmp_path_factory, tokenizer):
+    cache = {}
+
+    def make(arch="gpt2", d=32, seed=0):
+        if (arch, d, seed) not in cache:
+            cache[arch, d, seed] = build_model(tmp_path_factory, tokenizer, arch, d, seed)
+        return cache[arch, d, seed]
+
+    return make

@@ -1,0 +1,208 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import TEXTS
+
+from crosscoder_utils import ActivationStore, Buffer, CollectConfig, collect_activations, load_model_pair
+from crosscoder_utils.collect import iter_activations, tokenize
+from crosscoder_utils.organism import train_tokenizer
+
+BRANCH = {"gpt2": ("transformer.h", "attn", "mlp"), "gpt_neox": ("gpt_neox.layers", "attention", "mlp"),
+          "llama": ("model.layers", "self_attn", "mlp")}
+
+
+def reference(model_dir, site, layer, texts, tokenizer):
+    """Each sequence alone through plain transformers (no padding): {(seq, pos): activation}."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    blocks, attn, mlp = BRANCH[model.config.model_type]
+    branch = {"attn_out": attn, "mlp_out": mlp}.get(site)
+    captured = {}
+    if branch:
+        module = model.get_submodule(f"{blocks}.{layer}.{branch}")
+        module.register_forward_hook(lambda m, i, o: captured.update(value=o[0] if isinstance(o, tuple) else o))
+    out = {}
+    for seq, ids in enumerate(tokenize(texts, tokenizer, 24)):
+        with torch.no_grad():
+            hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        value = captured["value"] if branch else hidden[layer + (site == "resid_post")]
+        for pos in range(len(ids)):
+            out[seq, pos] = value[0, pos]
+    return out
+
+
+@pytest.mark.parametrize("arch,site,layer,padding_side", [
+    ("gpt2", "resid_post", 0, "left"), ("gpt2", "resid_pre", 1, "right"), ("gpt2", "mlp_out", 1, "left"),
+    ("gpt_neox", "attn_out", 0, "right"), ("gpt_neox", "resid_post", 0, "left"),
+    ("llama", "resid_pre", 1, "left"), ("llama", "mlp_out", 0, "right"), ("llama", "attn_out", 1, "left"),
+])
+def test_store_equals_plain_forward(make_model, tokenizer, tmp_path, arch, site, layer, padding_side):
+    base, finetuned = make_model(arch, seed=0), make_model(arch, seed=1)
+    cfg = CollectConfig(base_model=base, finetuned_model=finetuned, site=site, layer=layer, dataset=TEXTS,
+                        n_tokens=10**6, seq_len=24, batch_size=8, seqs_per_shard=16, padding_side=padding_side)
+    store = collect_activations(cfg, tmp_path / "store")
+    assert store.meta["site"] == site and store.meta["n_models"] == 2 and store.meta["d_model"] == 32
+    seq, pos = store.positions(np.arange(len(store)))
+    acts, token_ids = store.read(np.arange(len(store))), store.token_ids(np.arange(len(store)))
+    # every non-pad, non-BOS token exactly once
+    sequences = list(tokenize(TEXTS, tokenizer, 24))
+    expected = {(s, p) for s, ids in enumerate(sequences) for p in range(len(ids)) if ids[p] != tokenizer.bos_token_id}
+    got = list(zip(seq.tolist(), pos.tolist()))
+    assert len(got) == len(set(got)) and set(got) == expected
+    assert all(token_ids[i] == sequences[s][p] for i, (s, p) in enumerate(got))
+    for model_index, model_dir in enumerate((base, finetuned)):
+        ref = reference(model_dir, site, layer, TEXTS, tokenizer)
+        expected_acts = torch.stack([ref[key] for key in got])
+        torch.testing.assert_close(acts[:, model_index], expected_acts, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(acts[:, 0], acts[:, 1])
+
+
+def test_exclusions_and_chat_messages(make_model, tokenizer, tmp_path):
+    chats = [[{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}] for text in TEXTS[:20]]
+    datasets.Dataset.from_dict({"messages": chats}).save_to_disk(str(tmp_path / "chats"))
+    user, end = tokenizer.convert_tokens_to_ids(["<|user|>", "<|end|>"])
+    cfg = CollectConfig(base_model=make_model(), finetuned_model=make_model(seed=1), layer=0,
+                        dataset=str(tmp_path / "chats"), text_column="messages", n_tokens=10**6, seq_len=128,
+                        batch_size=4, seqs_per_shard=8, exclude_first_n=2, exclude_token_ids=[end])
+    store = collect_activations(cfg, tmp_path / "store")
+    ids = store.token_ids(np.arange(len(store)))
+    _, pos = store.positions(np.arange(len(store)))
+    assert pos.min() >= 2 and end not in ids.tolist() and tokenizer.bos_token_id not in ids.tolist()
+    assert tokenizer.convert_tokens_to_ids("<|assistant|>") in ids.tolist()
+    assert user not in ids.tolist()  # always at position 1, so excluded by exclude_first_n
+
+
+def test_n_tokens_stops_exactly_and_dtypes_roundtrip(make_model, tmp_path):
+    cfgs = {dtype: CollectConfig(base_model=make_model(), finetuned_model=make_model(seed=1), layer=1, dataset=TEXTS,
+                                 n_tokens=300, seq_len=24, batch_size=4, seqs_per_shard=8, dtype=dtype)
+            for dtype in ("float32", "float16", "bfloat16")}
+    stores = {dtype: collect_activations(cfg, tmp_path / dtype) for dtype, cfg in cfgs.items()}
+    exact = stores["float32"].read(np.arange(300))
+    for dtype, store in stores.items():
+        assert len(store) == 300 and store.meta["dtype"] == dtype
+        assert torch.equal(store.read(np.arange(300)), exact.to(getattr(torch, dtype)).float())
+
+
+COLLECT_SCRIPT = """
+import sys
+from crosscoder_utils import CollectConfig, collect_activations
+from conftest import TEXTS
+cfg = CollectConfig(base_model=sys.argv[1], finetuned_model=sys.argv[2], layer=1, dataset=TEXTS * 40,
+                    n_tokens=10**6, seq_len=24, batch_size=4, seqs_per_shard=8)
+collect_activations(cfg, sys.argv[3])
+"""
+
+
+def test_killed_collection_resumes_to_the_same_store(make_model, tmp_path):
+    base, finetuned = make_model(), make_model(seed=1)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.path.dirname(__file__)])}
+    proc = subprocess.Popen([sys.executable, "-c", COLLECT_SCRIPT, base, finetuned, str(tmp_path / "killed")], env=env)
+    while not (tmp_path / "killed/shards/shard_00003").exists():
+        assert proc.poll() is None, "the collection ended before it could be killed"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed/meta.json").exists()
+    with pytest.raises(FileNotFoundError, match="interrupted"):
+        ActivationStore(tmp_path / "killed")
+    for name in ("killed", "whole"):
+        subprocess.run([sys.executable, "-c", COLLECT_SCRIPT, base, finetuned, str(tmp_path / name)], env=env, check=True)
+    resumed, whole = ActivationStore(tmp_path / "killed"), ActivationStore(tmp_path / "whole")
+    rows = np.arange(len(whole))
+    assert len(resumed) == len(whole)
+    assert torch.equal(resumed.read(rows), whole.read(rows))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.positions(rows), whole.positions(rows)))
+    assert resumed.meta["mean_norm"] == pytest.approx(whole.meta["mean_norm"], rel=1e-9)
+
+
+def test_bad_inputs_are_refused_before_compute(make_model, tokenizer, tmp_path):
+    base = make_model()
+
+    def collect(**kw):
+        cfg = CollectConfig(**{"base_model": base, "finetuned_model": make_model(seed=1), "layer": 1,
+                               "dataset": TEXTS, "n_tokens": 100, "seq_len": 24, "batch_size": 4,
+                               "seqs_per_shard": 8, **kw})
+        return collect_activations(cfg, tmp_path / "store")
+
+    other_tok = train_tokenizer(["completely different words here"] * 50, vocab_size=300)
+    other = tmp_path / "other_tokenizer"
+    transformers.AutoModelForCausalLM.from_pretrained(base).save_pretrained(other)
+    other_tok.save_pretrained(other)
+    with pytest.raises(ValueError, match="tokenizers of .*other_tokenizer.* differ"):
+        collect(finetuned_model=str(other))
+    with pytest.raises(ValueError, match=r"valid layers are 0\.\.1"):
+        collect(layer=2)
+    with pytest.raises(ValueError, match="resid_pre"):
+        collect(site="resid_middle")
+    with pytest.raises(ValueError, match="neither one of"):
+        collect(site="transformer.h.9.mlp")
+    with pytest.raises(ValueError, match="width 32 .* has 48"):
+        collect(finetuned_model=make_model(d=48))
+    with pytest.raises(ValueError, match="yields no tokens"):
+        collect(dataset=["", ""])
+    with pytest.raises(ValueError, match="must be a multiple of batch_size"):
+        collect(seqs_per_shard=6)
+    assert not (tmp_path / "store").exists()
+    nan_model = tmp_path / "nan_model"
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_proj.bias.fill_(float("nan"))
+    model.save_pretrained(nan_model)
+    tokenizer.save_pretrained(nan_model)
+    with pytest.raises(ValueError, match="non-finite"):
+        collect(finetuned_model=str(nan_model))
+    assert not (tmp_path / "store/meta.json").exists()
+    (tmp_path / "store").rename(tmp_path / "nan_store")
+    good = collect()
+    before = good.read(np.arange(len(good)))
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['layer'\]\)"):
+        collect(layer=0)
+    assert torch.equal(ActivationStore(tmp_path / "store").read(np.arange(len(good))), before)
+
+
+def test_from_arrays_and_batches(tmp_path):
+    rng = np.random.default_rng(0)
+    acts = rng.normal(size=(10_000, 3, 8)).astype(np.float32)
+    store = ActivationStore.from_arrays(tmp_path / "s", acts, token_ids=np.arange(10_000), shard_size=3000,
+                                        val_fraction=0.1, site="resid_post")
+    assert store.meta["n_models"] == 3 and len(store) == 10_000 and store.meta["site"] == "resid_post"
+    assert torch.equal(store.read([5, 2, 9999]), torch.from_numpy(acts[[5, 2, 9999]]))
+    assert store.token_ids([7]).item() == 7
+    np.testing.assert_allclose(store.meta["mean"], acts.mean(0), atol=1e-6)
+
+    lookup = {tuple(acts[i, 0, :2]): i for i in range(len(acts))}
+    passes = [[lookup[tuple(row[0, :2].tolist())] for b in store.batches(64, seed=s) for row in b.numpy()] for s in (0, 0, 1)]
+    assert passes[0] == passes[1] and passes[0] != passes[2]
+    assert len(passes[0]) == len(set(passes[0])) == (9000 // 64) * 64 and max(passes[0]) < 9000
+    val = [lookup[tuple(row[0, :2].tolist())] for b in store.batches(100, split="val") for row in b.numpy()]
+    assert sorted(val) == list(range(9000, 10_000))
+    later = [lookup[tuple(row[0, :2].tolist())] for b in store.batches(64, start_batch=5) for row in b.numpy()]
+    assert later == passes[0][5 * 64:]
+    with pytest.raises(ValueError, match="already holds"):
+        ActivationStore.from_arrays(tmp_path / "s", acts[:5])
+    with pytest.raises(ValueError, match="n_models >= 2"):
+        ActivationStore.from_arrays(tmp_path / "t", acts[:, 0])
+
+
+def test_buffer_never_reserves_a_token(make_model):
+    pair = load_model_pair(make_model(), make_model(seed=1))
+    cfg = CollectConfig(layer=1, dataset=TEXTS * 3, seq_len=24, batch_size=8, seqs_per_shard=8)
+    counter = iter(range(10**9))
+
+    def tagged():  # real activations, each row tagged with its serial number in an extra slot
+        for batch in iter_activations(pair, cfg):
+            tags = torch.tensor([next(counter) for _ in batch.token_ids], dtype=torch.float32)
+            yield torch.cat([batch.activations, tags[:, None, None].expand(-1, 1, batch.activations.shape[-1])], dim=1)
+
+    served = torch.cat(list(Buffer(tagged(), size=256, batch_size=32, seed=0)))
+    produced = next(counter)
+    tags = served[:, -1, 0].long().tolist()
+    assert len(tags) == len(set(tags)) and set(tags) <= set(range(produced))
+    assert produced - len(tags) < 32 and produced > 4 * 256
