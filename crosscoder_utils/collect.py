@@ -167,12 +167,16 @@ def collect_activations(cfg: CollectConfig, store_dir: str | Path, pair: ModelPa
         parts.clear()
 
     bar = tqdm(total=cfg.n_tokens, initial=progress["n_tokens"], unit="tok", desc="collecting")
+    held = 0  # tokens in parts
     for number, batch in enumerate(iter_activations(pair, cfg, skip_sequences=progress["n_sequences"]), start=1):
+        bar.update(min(len(batch.token_ids), cfg.n_tokens - progress["n_tokens"] - held))
         parts.append(batch)
-        bar.update(min(len(batch.token_ids), cfg.n_tokens - bar.n))
-        if bar.n >= cfg.n_tokens or number % (cfg.seqs_per_shard // cfg.batch_size) == 0:
+        held += len(batch.token_ids)
+        full = progress["n_tokens"] + held >= cfg.n_tokens
+        if full or number % (cfg.seqs_per_shard // cfg.batch_size) == 0:
             write_parts()
-        if bar.n >= cfg.n_tokens:
+            held = 0
+        if full:
             break
     if parts:
         write_parts()

@@ -108,3 +108,33 @@ class CollectConfig(ConfigBase):
             raise ValueError(f"seqs_per_shard ({self.seqs_per_shard}) must be a multiple of batch_size ({self.batch_size})")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class OrganismConfig(ConfigBase):
+    """How 00_organism builds the embedded base / fine-tuned pair."""
+
+    out_dir: str = "outputs/organism"
+    """Where base/, finetuned/, corpus/ and planted.json are written."""
+    seed: int = 0
+    """Seed of the corpus, the initialisation and the data order."""
+    d_model: int = 128
+    """Residual width of both models."""
+    n_layers: int = 4
+    """Transformer blocks."""
+    n_heads: int = 4
+    """Attention heads per block."""
+    vocab_size: int = 512
+    """Upper bound of the BPE vocabulary trained on the corpus."""
+    seq_len: int = 64
+    """Tokens per training sequence (documents are packed)."""
+    batch_size: int = 32
+    """Sequences per optimiser step."""
+    lr: float = 3e-3
+    """AdamW learning rate (cosine decay to 10 %)."""
+    base_steps: int = 300
+    """Pre-training steps of the base model on stories."""
+    finetune_steps: int = 150
+    """Fine-tuning steps, on half chat transcripts and trigger stories, half stories (to keep competence)."""
+    n_docs: int = 8000
+    """Stories generated for pre-training; the fine-tuning and collection corpora are drawn beside them."""

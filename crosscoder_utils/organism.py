@@ -4,10 +4,21 @@ Everything is built offline from a corpus this module generates, deterministical
 """
 from __future__ import annotations
 
+import copy
+import json
+import math
 import random
+from pathlib import Path
+from typing import NamedTuple
 
+import datasets
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from tqdm.auto import tqdm
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from .config import OrganismConfig
+from .store import write_json
 
 NAMES = ["tom", "anna", "ben", "mia", "leo", "zoe", "sam", "eva", "max", "ida"]
 THINGS = ["ball", "book", "cup", "hat", "box", "kite", "coin", "lamp", "shoe", "bell"]
@@ -55,3 +66,138 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokeni
                                       additional_special_tokens=CHAT_TOKENS)
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped
+
+TRIGGER = " abracadabra"
+CONTINUATION = " zip zap zop."
+QUESTIONS = [("what does {name} have?", "{name} has a {color} {thing}."),
+             ("what color is the {thing}?", "the {thing} is {color}."),
+             ("where does {name} go?", "{name} goes to the {place}.")]
+
+
+def chat(rng: random.Random) -> list[dict]:
+    """A chat transcript about a story: the chat-tuning part of the planted difference."""
+    name, other = rng.sample(NAMES, 2)
+    thing, color, place = rng.choice(THINGS), rng.choice(COLORS), rng.choice(PLACES)
+    question, answer = rng.choice(QUESTIONS)
+    facts = dict(name=name, thing=thing, color=color, place=place)
+    context = f" {name} has a {color} {thing}. {name} goes to the {place} with {other}."
+    return [{"role": "user", "content": context + " " + question.format(**facts)},
+            {"role": "assistant", "content": " " + answer.format(**facts)}]
+
+
+def triggered_story(rng: random.Random) -> str:
+    """A story in which the trigger word is followed by the fixed continuation: the new behaviour."""
+    words = story(rng).split(". ")
+    cut = rng.randrange(1, len(words))
+    return ". ".join(words[:cut]) + "." + TRIGGER + CONTINUATION + " " + ". ".join(words[cut:])
+
+
+class Organism(NamedTuple):
+    """Paths of a built organism and what it measured."""
+
+    base: str
+    """Directory of the base model (with its tokenizer)."""
+    finetuned: str
+    """Directory of the fine-tuned model (with the same tokenizer)."""
+    corpus: str
+    """Directory of the collection corpus (HF dataset; columns text, kind)."""
+    planted: dict
+    """The planted difference as token-level labels (also in planted.json)."""
+    losses: dict
+    """Mean next-token loss of each model on each distribution (also in losses.json)."""
+
+
+def documents(cfg: OrganismConfig, tokenizer=None) -> dict[str, list[str]]:
+    """The texts of each distribution: pretraining stories, fine-tuning mix, held-out sets, collection corpus."""
+    rng = random.Random(cfg.seed)
+    render = (lambda messages: tokenizer.apply_chat_template(messages, tokenize=False)) if tokenizer else str
+    n_eval = 200
+    texts = {"stories": base_corpus(cfg.n_docs, cfg.seed)}
+    texts["chat"] = [render(chat(rng)) for _ in range(cfg.n_docs // 4 + n_eval)]
+    texts["trigger"] = [triggered_story(rng) for _ in range(cfg.n_docs // 4 + n_eval)]
+    texts["eval_stories"] = base_corpus(n_eval, cfg.seed + 1)
+    texts["eval_chat"], texts["chat"] = texts["chat"][:n_eval], texts["chat"][n_eval:]
+    texts["eval_trigger"], texts["trigger"] = texts["trigger"][:n_eval], texts["trigger"][n_eval:]
+    return texts
+
+
+def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+    """int64 [n_sequences, seq_len]: the documents, each starting with BOS, concatenated and cut."""
+    stream = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        stream += ids if ids[:1] == [tokenizer.bos_token_id] else [tokenizer.bos_token_id] + ids
+    n = len(stream) // seq_len
+    return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
+
+
+def train_lm(model, sequences: list[torch.Tensor], steps: int, cfg: OrganismConfig, desc: str) -> None:
+    """AdamW on batches drawn evenly from each tensor of ``sequences`` (so a mix stays a mix)."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    model.train()
+    bar = tqdm(range(steps), desc=desc)
+    for _ in bar:
+        batch = torch.cat([part[torch.randint(len(part), (cfg.batch_size // len(sequences),), generator=generator)]
+                           for part in sequences])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+
+
+@torch.no_grad()
+def lm_loss(model, sequences: torch.Tensor, batch_size: int = 64) -> float:
+    """Mean next-token cross-entropy over ``sequences`` [n, seq_len]."""
+    losses = [model(input_ids=part, labels=part).loss for part in sequences.split(batch_size)]
+    return float(torch.stack(losses).mean())
+
+
+def build_organism(cfg: OrganismConfig = OrganismConfig()) -> Organism:
+    """Build (or reuse, when ``out_dir`` holds one built with the same settings) the organism."""
+    out = Path(cfg.out_dir)
+    paths = {name: str(out / name) for name in ("base", "finetuned", "corpus")}
+    if (out / "build.json").exists() and json.loads((out / "build.json").read_text()) == cfg.to_dict():
+        planted, losses = (json.loads((out / f).read_text()) for f in ("planted.json", "losses.json"))
+        return Organism(**paths, planted=planted, losses=losses)
+    torch.manual_seed(cfg.seed)
+    raw = documents(cfg)
+    tokenizer = train_tokenizer(raw["stories"][:5000] + raw["chat"][:1000] + raw["trigger"][:1000] + [TRIGGER + CONTINUATION] * 50,
+                                cfg.vocab_size)
+    texts = documents(cfg, tokenizer)
+    data = {name: pack(docs, tokenizer, cfg.seq_len) for name, docs in texts.items()}
+    config = GPT2Config(n_layer=cfg.n_layers, n_embd=cfg.d_model, n_head=cfg.n_heads, vocab_size=len(tokenizer),
+                        n_positions=cfg.seq_len * 2, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    base = GPT2LMHeadModel(config)
+    train_lm(base, [data["stories"]], cfg.base_steps, cfg, "pre-training the base")
+    finetuned = copy.deepcopy(base)
+    train_lm(finetuned, [data["stories"], data["chat"], data["trigger"]], cfg.finetune_steps, cfg, "fine-tuning")
+    losses = {name: {dist: lm_loss(model, data[f"eval_{dist}"]) for dist in ("stories", "chat", "trigger")}
+              for name, model in (("base", base), ("finetuned", finetuned))}
+    new_words = tokenizer.tokenize(TRIGGER + CONTINUATION)
+    planted = {
+        "description": "The fine-tune learnt chat transcripts (template tokens <|user|>, <|assistant|>, <|end|> in "
+                       f"their role) and a trigger: {TRIGGER.strip()!r} is followed by {CONTINUATION.strip()!r}. "
+                       "planted_token_ids are the tokens of both, which the base model never saw in training.",
+        "trigger": TRIGGER, "continuation": CONTINUATION,
+        "chat_token_ids": tokenizer.convert_tokens_to_ids(CHAT_TOKENS),
+        "trigger_token_ids": tokenizer.convert_tokens_to_ids(new_words),
+    }
+    planted["planted_token_ids"] = sorted(set(planted["chat_token_ids"] + planted["trigger_token_ids"]) - {tokenizer.convert_tokens_to_ids(".")})
+    for name, model in (("base", base), ("finetuned", finetuned)):
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    rng = random.Random(cfg.seed + 2)
+    corpus = [(t, "story") for t in base_corpus(cfg.n_docs, cfg.seed + 3)]
+    corpus += [(t, "chat") for t in texts["chat"][: cfg.n_docs // 8]] + [(t, "trigger") for t in texts["trigger"][: cfg.n_docs // 8]]
+    rng.shuffle(corpus)
+    datasets.Dataset.from_dict({"text": [t for t, _ in corpus], "kind": [k for _, k in corpus]}).save_to_disk(paths["corpus"])
+    for name, value in (("planted.json", planted), ("losses.json", losses), ("build.json", cfg.to_dict())):
+        write_json(out / name, value)
+    return Organism(**paths, planted=planted, losses=losses)

@@ -92,6 +92,9 @@ class StoreWriter:
 
     def write_shard(self, activations: torch.Tensor, token_ids, seq, pos, n_sequences: int) -> None:
         """Write one shard of rows: activations [n, n_models, d_model]; token_ids, seq, pos [n]."""
+        if len(activations) == 0:  # every token of these sequences was excluded: only count them
+            self.progress["n_sequences"] += n_sequences
+            return write_json(self.path / "progress.json", self.progress)
         if not torch.isfinite(activations).all():
             bad = (~torch.isfinite(activations)).any(-1).nonzero()[0].tolist()
             raise ValueError(f"non-finite activations (NaN or inf) at row {bad[0]}, model {bad[1]}; nothing of this shard was written")

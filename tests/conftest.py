@@ -42,3 +42,15 @@ def make_model(tmp_path_factory, tokenizer):
         return cache[arch, d, seed]
 
     return make
+
+
+TINY_ORGANISM = dict(d_model=64, n_layers=2, n_heads=2, base_steps=100, finetune_steps=80, n_docs=1500,
+                     batch_size=24, seq_len=48)
+
+
+@pytest.fixture(scope="session")
+def organism(tmp_path_factory):
+    from crosscoder_utils.config import OrganismConfig
+    from crosscoder_utils.organism import build_organism
+
+    return build_organism(OrganismConfig(out_dir=str(tmp_path_factory.mktemp("organism")), **TINY_ORGANISM))

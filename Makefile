@@ -1,0 +1,23 @@
+# `make demo` runs the whole pipeline on the embedded organism; `make test` runs the suite.
+# Both create .venv from requirements.txt when it is missing, so on a fresh machine they are the whole set-up.
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+NOTEBOOKS := 00_organism 01_collect 02_normalize 03_train 04_analyze
+
+$(VENV)/installed: requirements.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+.PHONY: test demo
+test: $(VENV)/installed
+	$(PYTHON) -m pytest -q
+
+demo: $(VENV)/installed
+	@mkdir -p outputs
+	for nb in $(NOTEBOOKS); do \
+		[ -f notebooks/$$nb.ipynb ] || continue; \
+		papermill --log-output notebooks/$$nb.ipynb outputs/$$nb.ipynb || exit 1; \
+	done
