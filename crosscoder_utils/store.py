@@ -48,7 +48,7 @@ def to_storage(activations: torch.Tensor, dtype: str) -> np.ndarray:
 
 def from_storage(flat: np.ndarray, dtype: str, n_models: int) -> torch.Tensor:
     """[n, n_models * d_model] stored values -> float32 [n, n_models, d_model]."""
-    values = torch.from_numpy(np.require(flat, requirements="W"))  # arrow buffers are read-only
+    values = torch.from_numpy(flat)
     values = values.view(torch.bfloat16) if dtype == "bfloat16" else values
     return rearrange(values.float(), "n (model d) -> n model d", model=n_models)
 
@@ -153,6 +153,10 @@ class ActivationStore:
             raise ValueError(f"{self.path} should hold {self.meta['n_shards']} shards but holds {len(shards)}")
         self.dataset = datasets.concatenate_datasets([datasets.load_from_disk(str(s)) for s in shards])
         self.n_models, self.d_model = self.meta["n_models"], self.meta["d_model"]
+        # zero-copy numpy views of the memory-mapped record batches of the acts column: reads index these
+        chunks = self.dataset.data.column("acts").chunks
+        self._views = [chunk.flatten().to_numpy().reshape(len(chunk), -1) for chunk in chunks]
+        self._starts = np.cumsum([0] + [len(chunk) for chunk in chunks])[:-1]
 
     @classmethod
     def from_arrays(cls, path, activations, token_ids=None, shard_size: int = 65536, val_fraction: float = 0.05,
@@ -184,8 +188,16 @@ class ActivationStore:
 
     def read(self, indices) -> torch.Tensor:
         """float32 [len(indices), n_models, d_model] in the order asked for."""
-        column = self._gather(indices).column("acts").combine_chunks()
-        return from_storage(column.flatten().to_numpy().reshape(len(column), -1), self.meta["dtype"], self.n_models)
+        indices = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(indices, kind="stable")
+        ordered = indices[order]
+        chunk = np.searchsorted(self._starts, ordered, side="right") - 1
+        cuts = np.flatnonzero(np.diff(chunk)) + 1
+        flat = np.concatenate([self._views[part[0]][rows - self._starts[part[0]]]
+                               for part, rows in zip(np.split(chunk, cuts), np.split(ordered, cuts))])
+        if not np.array_equal(ordered, indices):
+            flat[order] = flat.copy()
+        return from_storage(flat, self.meta["dtype"], self.n_models)
 
     def token_ids(self, indices) -> torch.Tensor:
         """int64 [len(indices)]: the token each row was read at."""
@@ -228,7 +240,7 @@ class ActivationStore:
         """
         for number, indices in enumerate(index_batches(self.shuffled_indices(split, seed), batch_size)):
             if number >= start_batch:
-                yield self.read(np.sort(indices))
+                yield self.read(np.sort(indices))  # sorted: reads stay in order on disk
 
     def n_batches(self, batch_size: int, split: str = "train") -> int:
         return len(self.split_range(split)) // batch_size
