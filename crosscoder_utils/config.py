@@ -138,3 +138,87 @@ class OrganismConfig(ConfigBase):
     """Fine-tuning steps, on half chat transcripts and trigger stories, half stories (to keep competence)."""
     n_docs: int = 8000
     """Stories generated for pre-training; the fine-tuning and collection corpora are drawn beside them."""
+
+
+@dataclass
+class CrossCoderConfig(ConfigBase):
+    """The crosscoder: its shape, its variant and the terms of its loss. Defaults follow the literature."""
+
+    d_model: int | None = None
+    """Width of each model's activation; None: taken from the store."""
+    n_models: int | None = None
+    """Number of models (>= 2; model 0 the base); None: taken from the store."""
+    dict_size: int = 16384
+    """Number of latents (the shared dictionary)."""
+    variant: str = "relu"
+    """``relu``: ReLU + decoder-norm-weighted L1 (Anthropic's crosscoders, the open Gemma-2 replication).
+    ``batchtopk``: keep the k·batch largest decoder-norm-weighted activations of a batch (BatchTopK)."""
+    k: int = 100
+    """Mean active latents per token for ``batchtopk``."""
+    l1_coeff: float = 2.0
+    """λ of the L1 penalty Σ_i f_i Σ_m ‖W_dec[i, m]‖ (``relu``; 0 turns it off)."""
+    dec_init_norm: float = 0.08
+    """Norm of every per-model decoder vector at initialisation (the encoder starts as its transpose)."""
+    aux_coeff: float | None = None
+    """Weight of the dead-latent auxiliary loss; None: 1/32 for ``batchtopk``, 0 for ``relu``."""
+    k_aux: int | None = None
+    """Dead latents used by the auxiliary loss per token; None: d_model // 2."""
+    dead_tokens: int = 10_000_000
+    """A latent that has not fired for this many tokens counts as dead."""
+    threshold_decay: float = 0.99
+    """EMA decay of the ``batchtopk`` inference threshold (the smallest kept score of each batch)."""
+
+    def __post_init__(self):
+        _check_choice("variant", self.variant, ("relu", "batchtopk"))
+        if self.n_models is not None and self.n_models < 2:
+            raise ValueError(f"n_models must be at least 2, got {self.n_models}")
+        if self.dict_size <= 0 or self.k <= 0:
+            raise ValueError(f"dict_size and k must be positive, got {self.dict_size} and {self.k}")
+        if self.aux_coeff is None:
+            self.aux_coeff = 1 / 32 if self.variant == "batchtopk" else 0.0
+        if self.k_aux is None and self.d_model is not None:
+            self.k_aux = self.d_model // 2
+
+
+@dataclass
+class TrainConfig(ConfigBase):
+    """How 03_train optimises a crosscoder. Defaults follow the open Gemma-2-2B crosscoder replication."""
+
+    lr: float = 5e-5
+    """Adam learning rate."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.999
+    """Adam beta2."""
+    batch_size: int = 4096
+    """Tokens per optimiser step."""
+    num_tokens: int = 400_000_000
+    """Tokens to train on; more than the store holds means several passes (each reshuffled)."""
+    lr_warmup_frac: float = 0.0
+    """Fraction of the steps over which the learning rate rises linearly from 0."""
+    lr_decay_frac: float = 0.2
+    """Final fraction of the steps over which the learning rate decays linearly to 0."""
+    l1_warmup_frac: float = 0.05
+    """Fraction of the steps over which λ rises linearly from 0 to l1_coeff."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    seed: int = 0
+    """Seed of the initialisation and of the data order."""
+    log_every: int = 100
+    """Steps between logged metrics."""
+    save_every: int = 1000
+    """Steps between checkpoints."""
+    resume: bool = False
+    """Continue from the last checkpoint in run_dir (the result equals an uninterrupted run)."""
+    log_to: str = "offline"
+    """wandb mode: ``offline`` (default, synced later with ``wandb sync``), ``online``, or ``none``."""
+    wandb_project: str = "crosscoder"
+    """wandb project name."""
+
+    def __post_init__(self):
+        _check_choice("log_to", self.log_to, ("offline", "online", "none"))
+        for name in ("batch_size", "num_tokens", "log_every", "save_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_tokens < self.batch_size:
+            raise ValueError(f"num_tokens ({self.num_tokens}) is less than one batch ({self.batch_size})")

@@ -1,0 +1,219 @@
+"""The CrossCoder: one latent dictionary read from, and decoding to, several models' activations.
+
+Shapes (Anthropic's crosscoders and the open Gemma-2 replication)::
+
+    W_enc [n_models, d_model, dict_size]    b_enc [dict_size]
+    W_dec [dict_size, n_models, d_model]    b_dec [n_models, d_model]
+
+The variants differ only in ``_select`` (which latents stay active) and in the sparsity term of ``losses``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import CrossCoderConfig
+
+MODEL_LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass
+class Losses:
+    """What ``CrossCoder.losses`` returns; every field a scalar tensor unless said otherwise."""
+
+    loss: torch.Tensor
+    """What is minimised: l2_loss + λ·l1_loss (relu) + aux_coeff·aux_loss."""
+    l2_loss: torch.Tensor
+    """Squared error summed over models and d_model, mean over the batch."""
+    l1_loss: torch.Tensor
+    """Σ_i f_i Σ_m ‖W_dec[i, m]‖, mean over the batch (logged for every variant)."""
+    l0_loss: torch.Tensor
+    """Mean number of active latents per token."""
+    aux_loss: torch.Tensor
+    """Dead-latent auxiliary loss (0 when there are no dead latents or aux_coeff is 0)."""
+    explained_variance: torch.Tensor
+    """1 − Σ Var(x − x̂) / Σ Var(x), summed over models and d_model."""
+    explained_variance_per_model: torch.Tensor
+    """[n_models]: the same per model; also readable as explained_variance_A, _B, ... (A = base)."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("explained_variance_") and len(name) == len("explained_variance_") + 1:
+            return self.explained_variance_per_model[MODEL_LETTERS.index(name[-1])]
+        raise AttributeError(name)
+
+    def metrics(self) -> dict[str, float]:
+        """Every value as a float, per-model explained variance under its letter."""
+        out = {f.name: getattr(self, f.name).item() for f in dataclasses.fields(self) if f.name != "explained_variance_per_model"}
+        out.update({f"explained_variance_{MODEL_LETTERS[m]}": v.item() for m, v in enumerate(self.explained_variance_per_model)})
+        return out
+
+
+def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(overall, per model [n_models]) of 1 − Σ Var(x − x̂) / Σ Var(x) for x [batch, n_models, d_model]."""
+    residual_var = (x - x_hat).var(0, unbiased=False).sum(-1)
+    total_var = x.var(0, unbiased=False).sum(-1)
+    return 1 - residual_var.sum() / total_var.sum(), 1 - residual_var / total_var
+
+
+class CrossCoder(nn.Module):
+    """A crosscoder over ``n_models`` models; inputs and outputs are [batch, n_models, d_model].
+
+    ``norm_factors`` [n_models] is 1 while training on normalised activations; ``fold_norm_factors``
+    folds the factors into the weights so the crosscoder reads and writes raw activations, and keeps
+    them so that decoder norms (for the penalty, BatchTopK scores and analysis) stay in normalised units.
+    """
+
+    def __init__(self, cfg: CrossCoderConfig):
+        super().__init__()
+        if cfg.d_model is None or cfg.n_models is None:
+            raise ValueError("CrossCoderConfig needs d_model and n_models (train_crosscoder fills them from the store)")
+        self.cfg = cfg
+        W_dec = torch.randn(cfg.dict_size, cfg.n_models, cfg.d_model)
+        W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True) * cfg.dec_init_norm
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(rearrange(W_dec.clone(), "latent model d -> model d latent"))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.dict_size))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.n_models, cfg.d_model))
+        self.register_buffer("norm_factors", torch.ones(cfg.n_models))
+        self.register_buffer("threshold", torch.tensor(-1.0))  # batchtopk inference threshold; < 0: not yet learnt
+        self.register_buffer("tokens_since_fired", torch.zeros(cfg.dict_size, dtype=torch.long))
+
+    def decoder_norms(self) -> torch.Tensor:
+        """[dict_size, n_models]: ‖W_dec[i, m]‖ in normalised units."""
+        return (self.W_dec * self.norm_factors[None, :, None]).norm(dim=-1)
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """[batch, dict_size]: ReLU(x · W_enc + b_enc)."""
+        return F.relu(einsum(x, self.W_enc, "batch model d, model d latent -> batch latent") + self.b_enc)
+
+    def _select(self, pre: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Which latents stay active: the variant's one difference in the forward pass."""
+        if self.cfg.variant == "relu":
+            return pre
+        if self.training:
+            k_total = self.cfg.k * len(pre)
+            flat = scores.flatten()
+            # per-row top-m candidates first (much cheaper than a top-k over batch·dict_size); exact unless
+            # some row had all m of its candidates kept, in which case the full top-k runs instead
+            m = min(scores.shape[1], 2 * self.cfg.k)
+            candidates, columns = scores.topk(m, dim=1)
+            values, order = candidates.flatten().topk(k_total)
+            if m < scores.shape[1] and torch.bincount(order // m, minlength=len(pre)).max() >= m:
+                values, kept = flat.topk(k_total)
+            else:
+                kept = (order // m) * scores.shape[1] + columns.flatten()[order]
+            mask = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, kept, True).view_as(pre)
+            with torch.no_grad():
+                smallest = values[-1]
+                decay = self.cfg.threshold_decay
+                self.threshold.copy_(smallest if self.threshold < 0 else decay * self.threshold + (1 - decay) * smallest)
+            return pre * mask
+        if self.threshold < 0:
+            raise ValueError("this batchtopk crosscoder has no inference threshold yet: train it first")
+        return pre * (scores > self.threshold)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """[batch, n_models, d_model] -> latent activations f [batch, dict_size]."""
+        pre = self.pre_activations(x)
+        return self._select(pre, pre * self.decoder_norms().sum(-1))
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """[batch, dict_size] -> reconstruction [batch, n_models, d_model]."""
+        return einsum(f, self.W_dec, "batch latent, latent model d -> batch model d") + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def _decode_bags(self, latents: torch.Tensor, weights: torch.Tensor, offsets=None) -> torch.Tensor:
+        """Σ weights · W_dec[latents] per row (no bias), touching only the listed latents (embedding_bag).
+
+        latents and weights are [batch, k], or flat [nnz] with ``offsets`` [batch] where each row starts.
+        """
+        out = F.embedding_bag(latents, rearrange(self.W_dec, "latent model d -> latent (model d)"), offsets,
+                              mode="sum", per_sample_weights=weights)
+        return rearrange(out, "batch (model d) -> batch model d", model=self.cfg.n_models)
+
+    def _sparse_decode(self, f: torch.Tensor) -> torch.Tensor:
+        """``decode`` of a sparse f [batch, dict_size], at a cost proportional to its non-zeros."""
+        rows, latents = f.nonzero(as_tuple=True)
+        offsets = torch.searchsorted(rows, torch.arange(len(f), device=f.device))
+        return self._decode_bags(latents, f[rows, latents], offsets) + self.b_dec
+
+    def losses(self, x: torch.Tensor, l1_coeff: float | None = None) -> Losses:
+        """All loss terms on a batch x [batch, n_models, d_model]; in training mode it also updates the
+        BatchTopK threshold and the dead-latent counts."""
+        cfg = self.cfg
+        l1_coeff = cfg.l1_coeff if l1_coeff is None else l1_coeff
+        pre = self.pre_activations(x)
+        norms = self.decoder_norms().sum(-1)
+        f = self._select(pre, pre * norms)
+        sparse = cfg.variant == "batchtopk" and 8 * cfg.k <= cfg.dict_size  # sparse decode costs k / dict_size of dense
+        x_hat = self._sparse_decode(f) if sparse else self.decode(f)
+        l2_loss = (x - x_hat).pow(2).sum((1, 2)).mean()
+        l1_loss = (f * norms).sum(-1).mean()
+        active = f > 0
+        aux_loss = self._aux_loss(x - x_hat, pre) if cfg.aux_coeff > 0 else x.new_zeros(())
+        if self.training:
+            with torch.no_grad():
+                self.tokens_since_fired += len(x)
+                self.tokens_since_fired[active.any(0)] = 0
+        loss = l2_loss + cfg.aux_coeff * aux_loss + (l1_coeff * l1_loss if cfg.variant == "relu" else 0)
+        with torch.no_grad():
+            ev, ev_per_model = explained_variance(x, x_hat)
+        return Losses(loss, l2_loss, l1_loss, active.sum(-1).float().mean(), aux_loss, ev, ev_per_model)
+
+    def dead_latents(self) -> torch.Tensor:
+        """bool [dict_size]: latents that have not fired for ``dead_tokens`` training tokens."""
+        return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    def _aux_loss(self, residual: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+        """Dead latents' top-k_aux pre-activations reconstruct the residual, normalised by its variance."""
+        dead = self.dead_latents()
+        if not dead.any():
+            return residual.new_zeros(())
+        k_aux = min(self.cfg.k_aux or self.cfg.d_model // 2, int(dead.sum()))
+        values, latents = (pre * dead).topk(k_aux, dim=1)
+        residual_hat = self._decode_bags(latents, values)
+        residual = residual.detach()
+        return (residual - residual_hat).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp(min=1e-12)
+
+    def fold_norm_factors(self, factors: torch.Tensor) -> "CrossCoder":
+        """A copy that reads and writes raw activations: x_norm = x_raw · factors[m]."""
+        if not torch.equal(self.norm_factors, torch.ones_like(self.norm_factors)):
+            raise ValueError("norm factors are already folded into this crosscoder")
+        folded = CrossCoder(self.cfg).train(self.training)
+        folded.load_state_dict(self.state_dict())
+        factors = factors.to(self.W_enc)
+        with torch.no_grad():
+            folded.W_enc.mul_(factors[:, None, None])
+            folded.W_dec.div_(factors[None, :, None])
+            folded.b_dec.div_(factors[:, None])
+            folded.norm_factors.copy_(factors)
+        return folded
+
+    def save(self, directory: str | Path) -> None:
+        """``crosscoder.safetensors`` (weights and buffers) and ``cfg.json``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, directory / "crosscoder.safetensors")
+        self.cfg.save(directory / "cfg.json")
+
+    @classmethod
+    def load(cls, directory_or_hub_id: str | Path, device: str = "cpu") -> "CrossCoder":
+        """Read what ``save`` wrote, from a local directory or a Hub model repository."""
+        directory = Path(directory_or_hub_id)
+        if not directory.is_dir():
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(str(directory_or_hub_id), allow_patterns=["crosscoder.safetensors", "cfg.json"]))
+        model = cls(CrossCoderConfig.load(directory / "cfg.json"))
+        model.load_state_dict(load_file(directory / "crosscoder.safetensors", device=device))
+        return model.to(device).eval()

@@ -1,0 +1,134 @@
+"""Ground-truth paired activations from a known sparse dictionary, and scoring a crosscoder against it.
+
+Each true feature has a decoder vector per model (zero for the models it is absent from) and a kind:
+-1 for shared, m for exclusive to model m. Activations are x_m = scale_m · Σ_i a_i · dec[i, m] + noise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .analysis import relative_decoder_norms
+from .config import ConfigBase
+from .crosscoder import CrossCoder
+
+
+@dataclass
+class SyntheticConfig(ConfigBase):
+    """The ground truth's knobs."""
+
+    d_model: int = 64
+    """Activation width per model."""
+    n_models: int = 2
+    """Number of models (model 0 the base)."""
+    n_shared: int = 96
+    """Features present in every model."""
+    n_exclusive: int = 32
+    """Features exclusive to each model (this many per model)."""
+    max_rate: float = 0.04
+    """Firing probability of the most frequent feature."""
+    min_rate: float = 0.04
+    """Firing probability of the rarest feature (rates fall log-uniformly, i.e. Zipf-like, in between)."""
+    shared_cosine: float = 1.0
+    """Cosine between a shared feature's directions in model 0 and each other model."""
+    gain_change_frac: float = 0.0
+    """Fraction of shared features whose gain in the other models is ×0.5 or ×2 (still shared)."""
+    parent_prob: float = 0.0
+    """Probability that an exclusive feature fires only together with a shared parent feature."""
+    model_scales: tuple = (1.0, 4.0)
+    """Overall scale of each model's activations (the fine-tune several × larger)."""
+    noise: float = 0.01
+    """Standard deviation of Gaussian noise, relative to the mean activation norm."""
+    n_tokens: int = 100_000
+    """Rows to generate."""
+    seed: int = 0
+    """Seed of the dictionary and of the activations."""
+
+
+class GroundTruth(NamedTuple):
+    decoders: torch.Tensor
+    """[n_features, n_models, d_model] in raw units (scale and gain included)."""
+    kinds: torch.Tensor
+    """int64 [n_features]: -1 shared, m exclusive to model m."""
+    rates: torch.Tensor
+    """[n_features] firing probabilities."""
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def generate(cfg: SyntheticConfig) -> tuple[torch.Tensor, GroundTruth]:
+    """(activations float32 [n_tokens, n_models, d_model], the truth)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    n_models, d = cfg.n_models, cfg.d_model
+    kinds = torch.tensor([-1] * cfg.n_shared + [m for m in range(n_models) for _ in range(cfg.n_exclusive)])
+    n = len(kinds)
+    base_dirs = _unit(torch.randn(n, d, generator=g))
+    decoders = torch.zeros(n, n_models, d)
+    for m in range(n_models):
+        orthogonal = _unit(torch.randn(n, d, generator=g))
+        orthogonal = _unit(orthogonal - (orthogonal * base_dirs).sum(-1, keepdim=True) * base_dirs)
+        cos = 1.0 if m == 0 else cfg.shared_cosine
+        decoders[:, m] = cos * base_dirs + (1 - cos**2) ** 0.5 * orthogonal
+    gains = torch.ones(n, n_models)
+    changed = (torch.rand(n, generator=g) < cfg.gain_change_frac) & (kinds == -1)
+    gains[changed, 1:] = torch.where(torch.rand(int(changed.sum()), 1, generator=g) < 0.5, 0.5, 2.0)
+    present = (kinds[:, None] == -1) | (kinds[:, None] == torch.arange(n_models))
+    decoders = decoders * gains[..., None] * present[..., None] * torch.tensor(cfg.model_scales)[None, :, None]
+    order = torch.randperm(n, generator=g)  # which features are frequent is independent of their kind
+    rates = torch.exp(torch.linspace(np.log(cfg.max_rate), np.log(cfg.min_rate), n))[order.argsort()]
+    fires = torch.rand(cfg.n_tokens, n, generator=g) < rates
+    exclusive = (kinds >= 0).nonzero().squeeze(1)
+    with_parent = exclusive[torch.rand(len(exclusive), generator=g) < cfg.parent_prob]
+    parents = torch.randint(cfg.n_shared, (len(with_parent),), generator=g)
+    fires[:, with_parent] &= fires[:, parents] | (torch.rand(cfg.n_tokens, len(with_parent), generator=g) < 0.05)
+    magnitudes = -torch.log(torch.rand(cfg.n_tokens, n, generator=g))  # exponential, mean 1
+    codes = fires * magnitudes
+    x = torch.einsum("tf,fmd->tmd", codes, decoders)
+    x += cfg.noise * x.norm(dim=-1).mean(0)[None, :, None] / d**0.5 * torch.randn(x.shape, generator=g)
+    return x.float(), GroundTruth(decoders, kinds, rates)
+
+
+class Recovery(NamedTuple):
+    recovered: dict
+    """kind name -> fraction of its true features with a latent of max cosine >= threshold."""
+    classified: dict
+    """kind name -> fraction also labelled with the right kind by relative decoder norm."""
+    false_exclusive_rate: float
+    """Of the latents labelled exclusive (and matching a true feature), the fraction whose feature is shared."""
+
+
+def kind_name(kind: int) -> str:
+    return "shared" if kind == -1 else f"exclusive_{kind}"
+
+
+def latent_kinds(cc: CrossCoder, exclusive_share: float = 0.8) -> torch.Tensor:
+    """int64 [dict_size]: m where model m holds at least ``exclusive_share`` of the decoder norm, else -1."""
+    share, owner = relative_decoder_norms(cc).max(dim=-1)
+    return torch.where(share >= exclusive_share, owner, -1)
+
+
+@torch.no_grad()
+def score(cc: CrossCoder, truth: GroundTruth, norm_factors: torch.Tensor, cos_threshold: float = 0.9,
+          exclusive_share: float = 0.8) -> Recovery:
+    """Recovery and classification of the true features by a crosscoder trained in normalised units."""
+    learnt = (cc.W_dec * cc.norm_factors[None, :, None]).flatten(1)
+    true = (truth.decoders * norm_factors[None, :, None]).flatten(1)
+    cosine = _unit(true) @ _unit(learnt).T
+    best_cos, best_latent = cosine.max(dim=1)
+    labels = latent_kinds(cc, exclusive_share)
+    recovered, classified = {}, {}
+    for kind in truth.kinds.unique().tolist():
+        of_kind = truth.kinds == kind
+        hit = best_cos[of_kind] >= cos_threshold
+        recovered[kind_name(kind)] = hit.float().mean().item()
+        classified[kind_name(kind)] = (hit & (labels[best_latent[of_kind]] == kind)).float().mean().item()
+    latent_cos, latent_feature = cosine.max(dim=0)
+    labelled_exclusive = (labels >= 0) & (latent_cos >= cos_threshold)
+    false = (truth.kinds[latent_feature] == -1) & labelled_exclusive
+    rate = false.sum().item() / max(labelled_exclusive.sum().item(), 1)
+    return Recovery(recovered, classified, rate)

@@ -1,0 +1,171 @@
+"""The training loop: Adam, LambdaLR, λ warm-up, clipping, logging, atomic checkpoints, exact resume.
+
+A run directory holds::
+
+    cfg.json                     the TrainConfig and CrossCoderConfig of the run, and the store it reads
+    metrics.jsonl                one line of metrics every log_every steps
+    checkpoints/step_XXXXXXX/    the latest checkpoint: crosscoder.safetensors (weights, threshold, dead
+                                 counts), optimizer.pt and state.pt (loaded with weights_only=True)
+    crosscoder.safetensors       the final export (normalised space) + cfg.json + norm_factors.json
+    raw/                         the same crosscoder with the norm factors folded in: reads raw activations
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .config import CrossCoderConfig, TrainConfig
+from .crosscoder import CrossCoder
+from .normalize import load_norm_factors
+from .store import ActivationStore, write_json
+
+
+def lr_lambda(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over lr_warmup_frac, constant, linear decay to 0 over the final lr_decay_frac."""
+    warmup, decay = cfg.lr_warmup_frac * total_steps, cfg.lr_decay_frac * total_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if step >= total_steps - decay:
+        return (total_steps - step) / decay
+    return 1.0
+
+
+def l1_coeff_at(step: int, total_steps: int, cfg: TrainConfig, l1_coeff: float) -> float:
+    """λ rises linearly from 0 over the first l1_warmup_frac of the steps."""
+    warmup = cfg.l1_warmup_frac * total_steps
+    return l1_coeff * min(1.0, (step + 1) / warmup) if warmup > 0 else l1_coeff
+
+
+def store_identity(store: ActivationStore) -> dict:
+    """What a run records of its store, to refuse resuming on another one."""
+    return {k: store.meta.get(k) for k in ("models", "site", "layer", "d_model", "n_models", "n_tokens", "settings")}
+
+
+def training_batches(store: ActivationStore, cfg: TrainConfig, start_step: int):
+    """Batches for steps start_step, start_step + 1, ...: pass e over the store is shuffled with seed + e."""
+    per_pass = store.n_batches(cfg.batch_size)
+    if per_pass == 0:
+        raise ValueError(f"the store's train split ({len(store.split_range('train'))} tokens) is smaller than one batch ({cfg.batch_size})")
+    for epoch in itertools.count(start_step // per_pass):
+        first = start_step - epoch * per_pass if epoch == start_step // per_pass else 0
+        yield from store.batches(cfg.batch_size, seed=cfg.seed + epoch, start_batch=first)
+
+
+def save_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, step: int) -> None:
+    """Write checkpoints/step_N atomically (a temporary folder renamed), then drop the older ones."""
+    checkpoints = run_dir / "checkpoints"
+    tmp = checkpoints / f".tmp_step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "crosscoder.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    torch.save({"step": step, "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+    os.replace(tmp, checkpoints / f"step_{step:07d}")
+    for old in checkpoints.glob("*step_*"):
+        if old.name != f"step_{step:07d}":
+            shutil.rmtree(old)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / "checkpoints").glob("step_*"))
+    return found[-1] if found else None
+
+
+def prepare_run(cfg: TrainConfig, cc_cfg: CrossCoderConfig, store: ActivationStore, run_dir: Path) -> CrossCoderConfig:
+    """Fill the crosscoder's shape from the store, and refuse a run directory written for something else."""
+    for name in ("d_model", "n_models"):
+        given = getattr(cc_cfg, name)
+        if given is not None and given != store.meta[name]:
+            raise ValueError(f"CrossCoderConfig.{name}={given} but the store at {store.path} has {name}={store.meta[name]}")
+    cc_cfg = dataclasses.replace(cc_cfg, d_model=store.d_model, n_models=store.n_models,
+                                 k_aux=cc_cfg.k_aux or store.d_model // 2)
+    record = {"train": cfg.to_dict(), "crosscoder": cc_cfg.to_dict(), "store": str(store.path), "store_identity": store_identity(store)}
+    record["train"].pop("resume")
+    if (run_dir / "run.json").exists():
+        before = json.loads((run_dir / "run.json").read_text())
+        if not cfg.resume:
+            raise ValueError(f"{run_dir} already holds a run; pass resume=True to continue it, or another run_dir")
+        differ = [k for k in ("train", "crosscoder", "store_identity") if before[k] != record[k]]
+        if differ:
+            raise ValueError(f"cannot resume {run_dir}: its {differ} differ from this call's (a store from other "
+                             "models, or other settings); use another run_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "run.json", record)
+    return cc_cfg
+
+
+def train_crosscoder(cfg: TrainConfig, store: ActivationStore, run_dir: str | Path,
+                     cc_cfg: CrossCoderConfig = CrossCoderConfig()) -> CrossCoder:
+    """Train a crosscoder on the store's normalised activations; export it to run_dir and return it.
+
+    The store's norm factors (02_normalize) scale each model's activations to a mean norm of sqrt(d_model).
+    """
+    run_dir = Path(run_dir)
+    factors = load_norm_factors(store)
+    cc_cfg = prepare_run(cfg, cc_cfg, store, run_dir)
+    total_steps = cfg.num_tokens // cfg.batch_size
+    torch.manual_seed(cfg.seed)
+    model = CrossCoder(cc_cfg).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, total_steps, cfg))
+    start = 0
+    checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
+    if checkpoint:
+        model.load_state_dict(load_file(checkpoint / "crosscoder.safetensors"))
+        states = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+        optimizer.load_state_dict(states["optimizer"])
+        scheduler.load_state_dict(states["scheduler"])
+        state = torch.load(checkpoint / "state.pt", weights_only=True)
+        start = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+    metrics_file = run_dir / "metrics.jsonl"
+    kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= start] if checkpoint and metrics_file.exists() else []
+    metrics_file.write_text("".join(line + "\n" for line in kept))
+    run = None
+    if cfg.log_to != "none":
+        import wandb
+
+        run = wandb.init(project=cfg.wandb_project, dir=str(run_dir), mode=cfg.log_to, name=run_dir.name,
+                         config={**cfg.to_dict(), **cc_cfg.to_dict()}, resume="allow", id=run_dir.name)
+    scale = factors[None, :, None]
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="training")
+    for step, x in zip(bar, training_batches(store, cfg, start)):
+        l1_coeff = l1_coeff_at(step, total_steps, cfg, cc_cfg.l1_coeff)
+        out = model.losses(x * scale, l1_coeff=l1_coeff)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
+            metrics = {"step": step + 1, **out.metrics(), "l1_coeff": l1_coeff, "lr": scheduler.get_last_lr()[0],
+                       "dead_fraction": model.dead_latents().float().mean().item()}
+            if cc_cfg.variant == "batchtopk":
+                metrics["threshold"] = model.threshold.item()
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if run:
+                run.log(metrics, step=step + 1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3g}", L0=f"{metrics['l0_loss']:.1f}", EV=f"{metrics['explained_variance']:.3f}")
+        if (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+            save_checkpoint(run_dir, model, optimizer, scheduler, step + 1)
+    if run:
+        run.finish()
+    model.eval()
+    export(model, factors, run_dir)
+    return model
+
+
+def export(model: CrossCoder, factors: torch.Tensor, run_dir: Path) -> None:
+    """The final crosscoder in normalised units (run_dir) and with the factors folded in (run_dir/raw)."""
+    model.save(run_dir)
+    write_json(run_dir / "norm_factors.json", {"norm_factors": factors.tolist()})
+    model.fold_norm_factors(factors).save(run_dir / "raw")

@@ -1,0 +1,129 @@
+import pytest
+import torch
+
+from crosscoder_utils import CrossCoder, CrossCoderConfig
+
+
+def make(variant="relu", **kw):
+    torch.manual_seed(0)
+    return CrossCoder(CrossCoderConfig(d_model=6, n_models=2, variant=variant, **{"k": 3, "dict_size": 40, **kw}))
+
+
+def perturbed(cc):
+    with torch.no_grad():  # move away from the symmetric init so every term is non-trivial
+        for p in cc.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return cc
+
+
+def test_relu_losses_equal_a_hand_computation():
+    cc = perturbed(make("relu", l1_coeff=1.5))
+    x = torch.randn(5, 2, 6)
+    out = cc.losses(x)
+    l2 = l1 = 0.0
+    f_all, x_hat_all = [], []
+    for b in range(5):
+        pre = sum(x[b, m] @ cc.W_enc[m] for m in range(2)) + cc.b_enc
+        f = torch.clamp(pre, min=0)
+        x_hat = torch.stack([sum(f[i] * cc.W_dec[i, m] for i in range(40)) + cc.b_dec[m] for m in range(2)])
+        l2 += ((x[b] - x_hat) ** 2).sum() / 5
+        l1 += sum(f[i] * (cc.W_dec[i, 0].norm() + cc.W_dec[i, 1].norm()) for i in range(40)) / 5
+        f_all.append(f)
+        x_hat_all.append(x_hat)
+    x_hat = torch.stack(x_hat_all)
+    ev = [1 - ((x[:, m] - x_hat[:, m]).var(0, unbiased=False).sum() / x[:, m].var(0, unbiased=False).sum()) for m in range(2)]
+    ev_all = 1 - (x - x_hat).var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum()
+    torch.testing.assert_close(out.l2_loss, l2)
+    torch.testing.assert_close(out.l1_loss, l1)
+    torch.testing.assert_close(out.loss, l2 + 1.5 * l1)
+    torch.testing.assert_close(out.l0_loss, (torch.stack(f_all) > 0).sum(1).float().mean())
+    torch.testing.assert_close(out.explained_variance_A, ev[0])
+    torch.testing.assert_close(out.explained_variance_B, ev[1])
+    torch.testing.assert_close(out.explained_variance, ev_all)
+    assert out.aux_loss == 0
+
+
+def test_batchtopk_keeps_exactly_k_times_batch_by_score():
+    cc = perturbed(make("batchtopk", k=3, aux_coeff=0.0)).train()
+    x = torch.randn(16, 2, 6)
+    f = cc.encode(x)
+    pre = torch.relu(torch.einsum("bmd,mdl->bl", x, cc.W_enc) + cc.b_enc)
+    scores = pre * (cc.W_dec.norm(dim=-1).sum(-1))
+    kept = torch.zeros(16 * 40, dtype=torch.bool)
+    kept[scores.flatten().topk(3 * 16).indices] = True
+    assert (f > 0).sum() == 3 * 16
+    assert torch.equal(f > 0, kept.view(16, 40))
+    torch.testing.assert_close(f[f > 0], pre[f > 0])  # the unscaled activation is stored
+    out = cc.losses(x)
+    torch.testing.assert_close(out.loss, out.l2_loss)  # no L1 term in the BatchTopK loss
+    # rows that hold many of the batch's largest scores take the exact path too
+    x = torch.randn(16, 2, 6) * 0.01
+    x[0] *= 1000
+    f = cc.encode(x)
+    assert (f > 0).sum() == 48 and (f[0] > 0).sum() >= 6
+
+
+def test_batchtopk_threshold_agrees_with_training_selection():
+    cc = make("batchtopk", k=4, aux_coeff=0.0).train()
+    g = torch.Generator().manual_seed(1)
+    directions = torch.randn(60, 2, 6, generator=g)
+    data = lambda n: (torch.rand(n, 60, generator=g) < 0.05).float() @ directions.flatten(1)
+    optimizer = torch.optim.Adam(cc.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = cc.losses(data(256).view(-1, 2, 6)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    x = data(4096).view(-1, 2, 6)
+    train_active = cc.encode(x) > 0
+    cc.eval()
+    eval_active = cc.encode(x) > 0
+    assert abs(eval_active.sum(1).float().mean() - 4) < 0.6  # L0 at inference within 15 % of k
+    assert (train_active & eval_active).sum() / train_active.sum() > 0.9
+    # inference is per token: a token's code does not depend on its batch
+    torch.testing.assert_close(cc.encode(x[:7]), cc.encode(x)[:7])
+
+
+def test_aux_loss_touches_only_dead_latents_and_gradients_reach_everything():
+    cc = perturbed(make("batchtopk", k=2, aux_coeff=1.0, dead_tokens=8, k_aux=3)).train()
+    x = torch.randn(8, 2, 6)
+    cc.losses(x)  # 8 tokens seen: every latent that did not fire is now dead
+    dead = cc.dead_latents()
+    assert 0 < dead.sum() < 40
+    out = cc.losses(x)
+    assert out.aux_loss > 0
+    cc.zero_grad()
+    out.aux_loss.backward()
+    assert cc.W_dec.grad[~dead].abs().sum() == 0 and cc.W_dec.grad[dead].abs().sum() > 0
+    assert cc.W_enc.grad[..., ~dead].abs().sum() == 0 and cc.W_enc.grad[..., dead].abs().sum() > 0
+    cc.zero_grad()
+    cc.losses(x).loss.backward()
+    for m in range(2):
+        assert cc.W_enc.grad[m].abs().sum() > 0 and cc.W_dec.grad[:, m].abs().sum() > 0
+    assert cc.b_enc.grad.abs().sum() > 0 and cc.b_dec.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", ["relu", "batchtopk"])
+def test_sparse_decode_equals_dense_decode(variant):
+    cc = perturbed(make(variant, k=2, dict_size=64))
+    f = torch.relu(torch.randn(9, 64)) * (torch.rand(9, 64) < 0.1)
+    torch.testing.assert_close(cc._sparse_decode(f), cc.decode(f))
+
+
+@pytest.mark.parametrize("variant", ["relu", "batchtopk"])
+def test_folded_crosscoder_reads_raw_activations_and_round_trips(tmp_path, variant):
+    cc = perturbed(make(variant, k=3)).train()
+    raw = torch.randn(32, 2, 6) * torch.tensor([0.5, 7.0])[None, :, None]
+    factors = torch.tensor([2.0, 1 / 7])
+    cc.encode(torch.randn(32, 2, 6))  # learn a threshold (on other data: no score sits exactly on it)
+    cc.eval()
+    folded = cc.fold_norm_factors(factors)
+    torch.testing.assert_close(folded.encode(raw), cc.encode(raw * factors[None, :, None]))
+    torch.testing.assert_close(folded(raw), cc(raw * factors[None, :, None]) / factors[None, :, None])
+    torch.testing.assert_close(folded.decoder_norms(), cc.decoder_norms())
+    folded.save(tmp_path)
+    loaded = CrossCoder.load(tmp_path)
+    assert loaded.cfg == cc.cfg
+    torch.testing.assert_close(loaded(raw), folded(raw))
+    with pytest.raises(ValueError, match="already folded"):
+        folded.fold_norm_factors(factors)

@@ -1,0 +1,95 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from crosscoder_utils import ActivationStore, CrossCoderConfig, TrainConfig, estimate_norm_factors, train_crosscoder
+from crosscoder_utils.synthetic import SyntheticConfig, generate, score
+
+
+@pytest.fixture(scope="module")
+def ground_truth(tmp_path_factory):
+    activations, truth = generate(SyntheticConfig(n_tokens=100_000))
+    store = ActivationStore.from_arrays(tmp_path_factory.mktemp("gt") / "store", activations)
+    return store, truth, estimate_norm_factors(store, n_batches=10)
+
+
+def test_norm_factors_bring_mean_norm_to_sqrt_d(ground_truth):
+    store, _, factors = ground_truth
+    x = store.read(np.arange(len(store)))
+    assert (x.norm(dim=-1).mean(0)[1] / x.norm(dim=-1).mean(0)[0]) > 3  # the fine-tune is ~4x larger
+    torch.testing.assert_close((x * factors[None, :, None]).norm(dim=-1).mean(0), torch.full((2,), math.sqrt(64)), rtol=0.02, atol=0)
+    assert json.loads((store.path / "norm.json").read_text())["norm_factors"] == factors.tolist()
+
+
+@pytest.mark.parametrize("variant,settings", [
+    ("relu", dict(l1_coeff=2.0, lr=1e-3, num_tokens=300_000)),
+    ("batchtopk", dict(k=6, lr=3e-3, num_tokens=450_000)),
+])
+def test_each_variant_recovers_and_classifies_the_true_features(ground_truth, tmp_path, variant, settings):
+    store, truth, factors = ground_truth
+    crosscoder_fields = {k: settings.pop(k) for k in ("l1_coeff", "k") if k in settings}
+    cfg = TrainConfig(batch_size=512, lr_warmup_frac=0.05, log_to="none", log_every=50, **settings)
+    cc = train_crosscoder(cfg, store, tmp_path / variant,
+                          CrossCoderConfig(dict_size=320, variant=variant, dead_tokens=20_000, **crosscoder_fields))
+    result = score(cc, truth, factors)
+    assert min(result.recovered.values()) >= 0.9, result
+    assert min(result.classified.values()) >= 0.9, result
+    assert result.false_exclusive_rate <= 0.05, result
+
+
+TRAIN_SCRIPT = """
+import sys
+from crosscoder_utils import ActivationStore, CrossCoderConfig, TrainConfig, train_crosscoder
+cfg = TrainConfig(lr=1e-3, batch_size=256, num_tokens=600 * 256, save_every=40, log_every=10, log_to="none",
+                  lr_warmup_frac=0.1, resume=True)
+train_crosscoder(cfg, ActivationStore(sys.argv[1]), sys.argv[2],
+                 CrossCoderConfig(dict_size=256, variant="batchtopk", k=4, dead_tokens=2000))
+"""
+
+
+def test_resume_after_kill_equals_an_uninterrupted_run(ground_truth, tmp_path):
+    store = ground_truth[0]
+    run = lambda name: subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(store.path), str(tmp_path / name)],
+                                        env={**os.environ, "TQDM_DISABLE": "1"})
+    proc = run("killed")
+    while not list((tmp_path / "killed/checkpoints").glob("step_0000[1-9]*")):
+        assert proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed/crosscoder.safetensors").exists()
+    for name in ("killed", "whole"):
+        assert run(name).wait() == 0
+    resumed, whole = (load_file(tmp_path / name / "crosscoder.safetensors") for name in ("killed", "whole"))
+    for key in whole:
+        assert torch.equal(resumed[key], whole[key]), key
+    assert (tmp_path / "killed/metrics.jsonl").read_text() == (tmp_path / "whole/metrics.jsonl").read_text()
+    assert store.n_batches(256) < 600  # the run crosses into a second, reshuffled pass over the store
+
+
+def test_bad_runs_are_refused(ground_truth, tmp_path):
+    store, _, _ = ground_truth
+    cfg = TrainConfig(batch_size=256, num_tokens=2560, log_to="none")
+    bare = ActivationStore.from_arrays(tmp_path / "bare", torch.randn(600, 2, 8))
+    with pytest.raises(FileNotFoundError, match="02_normalize"):
+        train_crosscoder(cfg, bare, tmp_path / "r0")
+    with pytest.raises(ValueError, match="d_model=32 but the store .* has d_model=64"):
+        train_crosscoder(cfg, store, tmp_path / "r1", CrossCoderConfig(d_model=32, dict_size=64))
+    train_crosscoder(cfg, store, tmp_path / "r2", CrossCoderConfig(dict_size=64))
+    with pytest.raises(ValueError, match="already holds a run"):
+        train_crosscoder(cfg, store, tmp_path / "r2", CrossCoderConfig(dict_size=64))
+    estimate_norm_factors(bare, n_batches=2, batch_size=256)
+    with pytest.raises(ValueError, match="store_identity"):
+        train_crosscoder(TrainConfig(batch_size=256, num_tokens=2560, log_to="none", resume=True), bare, tmp_path / "r2",
+                         CrossCoderConfig(dict_size=64))
+    with pytest.raises(ValueError, match="unknown TrainConfig field"):
+        TrainConfig.from_dict({"learning_rate": 1.0})
