@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import CrossCoderConfig
+from .sparse_encode import sparse_encode
 
 MODEL_LETTERS = "ABCDEFGHIJ"
 
@@ -94,28 +95,30 @@ class CrossCoder(nn.Module):
         """[batch, dict_size]: ReLU(x · W_enc + b_enc)."""
         return F.relu(einsum(x, self.W_enc, "batch model d, model d latent -> batch latent") + self.b_enc)
 
+    def _batch_topk(self, scores: torch.Tensor) -> torch.Tensor:
+        """Sorted flat indices of the k·batch largest scores [batch, dict_size]; updates the threshold EMA."""
+        k_total = self.cfg.k * len(scores)
+        # per-row top-m candidates first (much cheaper than a top-k over batch·dict_size); exact unless
+        # some row had all m of its candidates kept, in which case the full top-k runs instead
+        m = min(scores.shape[1], 2 * self.cfg.k)
+        candidates, columns = scores.topk(m, dim=1)
+        values, order = candidates.flatten().topk(k_total)
+        if m < scores.shape[1] and torch.bincount(order // m, minlength=len(scores)).max() >= m:
+            values, kept = scores.flatten().topk(k_total)
+        else:
+            kept = (order // m) * scores.shape[1] + columns.flatten()[order]
+        with torch.no_grad():
+            smallest, decay = values[-1], self.cfg.threshold_decay
+            self.threshold.copy_(smallest if self.threshold < 0 else decay * self.threshold + (1 - decay) * smallest)
+        return kept.sort().values
+
     def _select(self, pre: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Which latents stay active: the variant's one difference in the forward pass."""
         if self.cfg.variant == "relu":
             return pre
         if self.training:
-            k_total = self.cfg.k * len(pre)
-            flat = scores.flatten()
-            # per-row top-m candidates first (much cheaper than a top-k over batch·dict_size); exact unless
-            # some row had all m of its candidates kept, in which case the full top-k runs instead
-            m = min(scores.shape[1], 2 * self.cfg.k)
-            candidates, columns = scores.topk(m, dim=1)
-            values, order = candidates.flatten().topk(k_total)
-            if m < scores.shape[1] and torch.bincount(order // m, minlength=len(pre)).max() >= m:
-                values, kept = flat.topk(k_total)
-            else:
-                kept = (order // m) * scores.shape[1] + columns.flatten()[order]
-            mask = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, kept, True).view_as(pre)
-            with torch.no_grad():
-                smallest = values[-1]
-                decay = self.cfg.threshold_decay
-                self.threshold.copy_(smallest if self.threshold < 0 else decay * self.threshold + (1 - decay) * smallest)
-            return pre * mask
+            mask = torch.zeros(pre.numel(), dtype=torch.bool, device=pre.device)
+            return pre * mask.index_fill_(0, self._batch_topk(scores), True).view_as(pre)
         if self.threshold < 0:
             raise ValueError("this batchtopk crosscoder has no inference threshold yet: train it first")
         return pre * (scores > self.threshold)
@@ -141,47 +144,60 @@ class CrossCoder(nn.Module):
                               mode="sum", per_sample_weights=weights)
         return rearrange(out, "batch (model d) -> batch model d", model=self.cfg.n_models)
 
-    def _sparse_decode(self, f: torch.Tensor) -> torch.Tensor:
-        """``decode`` of a sparse f [batch, dict_size], at a cost proportional to its non-zeros."""
-        rows, latents = f.nonzero(as_tuple=True)
-        offsets = torch.searchsorted(rows, torch.arange(len(f), device=f.device))
-        return self._decode_bags(latents, f[rows, latents], offsets) + self.b_dec
+    def _sparse_code(self, x: torch.Tensor, pre: torch.Tensor, rows: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """Differentiable activations [nnz] at (rows, latents), from the no-grad pre-activations."""
+        return sparse_encode(x.flatten(1), self.W_enc.flatten(0, 1), self.b_enc, rows, latents, pre[rows, latents])
 
     def losses(self, x: torch.Tensor, l1_coeff: float | None = None) -> Losses:
         """All loss terms on a batch x [batch, n_models, d_model]; in training mode it also updates the
-        BatchTopK threshold and the dead-latent counts."""
+        BatchTopK threshold and the dead-latent counts.
+
+        Training BatchTopK takes the sparse path: the selection runs on no-grad pre-activations, then only
+        the kept latents are encoded with gradients (``sparse_encode``) and decoded (``_decode_bags``)."""
         cfg = self.cfg
         l1_coeff = cfg.l1_coeff if l1_coeff is None else l1_coeff
-        pre = self.pre_activations(x)
         norms = self.decoder_norms().sum(-1)
-        f = self._select(pre, pre * norms)
-        sparse = cfg.variant == "batchtopk" and 8 * cfg.k <= cfg.dict_size  # sparse decode costs k / dict_size of dense
-        x_hat = self._sparse_decode(f) if sparse else self.decode(f)
+        if cfg.variant == "batchtopk" and self.training:
+            with torch.no_grad():
+                pre = self.pre_activations(x)
+                kept = self._batch_topk(pre * norms)
+            rows, latents = kept // cfg.dict_size, kept % cfg.dict_size
+            values = self._sparse_code(x, pre, rows, latents)
+            offsets = torch.searchsorted(rows, torch.arange(len(x), device=x.device))
+            x_hat = self._decode_bags(latents, values, offsets) + self.b_dec
+            l1_loss = (values * norms[latents]).sum() / len(x)
+            fired, l0_loss = latents[values > 0], (values > 0).sum() / len(x)
+        else:
+            pre = self.pre_activations(x)
+            f = self._select(pre, pre * norms)
+            x_hat = self.decode(f)
+            l1_loss = (f * norms).sum(-1).mean()
+            fired, l0_loss = (f > 0).any(0).nonzero().squeeze(1), (f > 0).sum(-1).float().mean()
         l2_loss = (x - x_hat).pow(2).sum((1, 2)).mean()
-        l1_loss = (f * norms).sum(-1).mean()
-        active = f > 0
-        aux_loss = self._aux_loss(x - x_hat, pre) if cfg.aux_coeff > 0 else x.new_zeros(())
+        aux_loss = self._aux_loss(x, x - x_hat, pre.detach()) if cfg.aux_coeff > 0 else x.new_zeros(())
         if self.training:
             with torch.no_grad():
                 self.tokens_since_fired += len(x)
-                self.tokens_since_fired[active.any(0)] = 0
+                self.tokens_since_fired[fired] = 0
         loss = l2_loss + cfg.aux_coeff * aux_loss + (l1_coeff * l1_loss if cfg.variant == "relu" else 0)
         with torch.no_grad():
             ev, ev_per_model = explained_variance(x, x_hat)
-        return Losses(loss, l2_loss, l1_loss, active.sum(-1).float().mean(), aux_loss, ev, ev_per_model)
+        return Losses(loss, l2_loss, l1_loss, l0_loss, aux_loss, ev, ev_per_model)
 
     def dead_latents(self) -> torch.Tensor:
         """bool [dict_size]: latents that have not fired for ``dead_tokens`` training tokens."""
         return self.tokens_since_fired >= self.cfg.dead_tokens
 
-    def _aux_loss(self, residual: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    def _aux_loss(self, x: torch.Tensor, residual: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         """Dead latents' top-k_aux pre-activations reconstruct the residual, normalised by its variance."""
         dead = self.dead_latents()
         if not dead.any():
             return residual.new_zeros(())
         k_aux = min(self.cfg.k_aux or self.cfg.d_model // 2, int(dead.sum()))
-        values, latents = (pre * dead).topk(k_aux, dim=1)
-        residual_hat = self._decode_bags(latents, values)
+        latents = (pre * dead).topk(k_aux, dim=1).indices
+        rows = torch.arange(len(x), device=x.device).repeat_interleave(k_aux)
+        values = self._sparse_code(x, pre, rows, latents.flatten())
+        residual_hat = self._decode_bags(latents, values.view(len(x), k_aux))
         residual = residual.detach()
         return (residual - residual_hat).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp(min=1e-12)
 

@@ -86,7 +86,7 @@ def generate(cfg: SyntheticConfig) -> tuple[torch.Tensor, GroundTruth]:
     with_parent = exclusive[torch.rand(len(exclusive), generator=g) < cfg.parent_prob]
     parents = torch.randint(cfg.n_shared, (len(with_parent),), generator=g)
     fires[:, with_parent] &= fires[:, parents] | (torch.rand(cfg.n_tokens, len(with_parent), generator=g) < 0.05)
-    magnitudes = -torch.log(torch.rand(cfg.n_tokens, n, generator=g))  # exponential, mean 1
+    magnitudes = torch.empty(cfg.n_tokens, n).exponential_(generator=g)  # mean 1
     codes = fires * magnitudes
     x = torch.einsum("tf,fmd->tmd", codes, decoders)
     x += cfg.noise * x.norm(dim=-1).mean(0)[None, :, None] / d**0.5 * torch.randn(x.shape, generator=g)

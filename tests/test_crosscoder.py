@@ -103,11 +103,23 @@ def test_aux_loss_touches_only_dead_latents_and_gradients_reach_everything():
     assert cc.b_enc.grad.abs().sum() > 0 and cc.b_dec.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("variant", ["relu", "batchtopk"])
-def test_sparse_decode_equals_dense_decode(variant):
-    cc = perturbed(make(variant, k=2, dict_size=64))
-    f = torch.relu(torch.randn(9, 64)) * (torch.rand(9, 64) < 0.1)
-    torch.testing.assert_close(cc._sparse_decode(f), cc.decode(f))
+def test_sparse_batchtopk_training_path_equals_the_dense_path():
+    sparse = perturbed(make("batchtopk", k=3, dict_size=64, aux_coeff=0.0)).train()
+    dense = make("batchtopk", k=3, dict_size=64, aux_coeff=0.0).train()
+    dense.load_state_dict(sparse.state_dict())
+    x = torch.randn(16, 2, 6)
+    out = sparse.losses(x)
+    out.loss.backward()
+    pre = torch.relu(torch.einsum("bmd,mdl->bl", x, dense.W_enc) + dense.b_enc)
+    scores = pre * dense.W_dec.norm(dim=-1).sum(-1)
+    mask = torch.zeros(16 * 64)
+    mask[scores.detach().flatten().topk(48).indices] = 1
+    f = pre * mask.view(16, 64)
+    x_hat = torch.einsum("bl,lmd->bmd", f, dense.W_dec) + dense.b_dec
+    ((x - x_hat) ** 2).sum((1, 2)).mean().backward()
+    torch.testing.assert_close(out.l2_loss, ((x - x_hat) ** 2).sum((1, 2)).mean())
+    for name, param in sparse.named_parameters():
+        torch.testing.assert_close(param.grad, dict(dense.named_parameters())[name].grad, msg=name)
 
 
 @pytest.mark.parametrize("variant", ["relu", "batchtopk"])
