@@ -89,7 +89,7 @@ class CrossCoder(nn.Module):
 
     def decoder_norms(self) -> torch.Tensor:
         """[dict_size, n_models]: ‖W_dec[i, m]‖ in normalised units."""
-        return (self.W_dec * self.norm_factors[None, :, None]).norm(dim=-1)
+        return self.W_dec.norm(dim=-1) * self.norm_factors
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """[batch, dict_size]: ReLU(x · W_enc + b_enc)."""

@@ -10,7 +10,11 @@ batch·dict_size·n_models·d_model (measured in bench/bench_train.py).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 class SparseEncode(torch.autograd.Function):
@@ -25,7 +29,7 @@ class SparseEncode(torch.autograd.Function):
         grad = grad_values * (values > 0)  # the ReLU's derivative
         order = latents.argsort()
         crow = torch.searchsorted(latents[order], torch.arange(W_enc.shape[1] + 1, device=x.device))
-        by_latent = torch.sparse_csr_tensor(crow, rows[order], grad[order], (W_enc.shape[1], len(x)))
+        by_latent = torch.sparse_csr_tensor(crow, rows[order], grad[order], (W_enc.shape[1], len(x)), check_invariants=False)
         grad_W = (by_latent @ x).T if ctx.needs_input_grad[1] else None
         grad_b = values.new_zeros(W_enc.shape[1]).index_add_(0, latents, grad) if ctx.needs_input_grad[2] else None
         grad_x = None

@@ -1,4 +1,5 @@
 """The notebooks run headless under papermill with small parameters, as a reviewer would run them."""
+import json
 from pathlib import Path
 
 import nbformat
@@ -47,3 +48,18 @@ def test_organism_and_collect_notebooks(collected):
     assert len(store) == 3000 and store.meta["layer"] == 1
     assert "3,000 tokens of 2 models" in outputs_text(collect_nb)
     assert (out / "store/norms.png").stat().st_size > 10_000
+
+
+def test_normalize_and_train_notebooks(collected):
+    out = collected[0]
+    normalize_nb = run_notebook("02_normalize", out, store_dir=str(out / "store"), n_batches=4, batch_size=512)
+    assert "-> factor" in outputs_text(normalize_nb)
+    run_dir = out / "run"
+    run_notebook("03_train", out, store_dir=str(out / "store"), run_dir=str(run_dir), dict_size=128,
+                 variant="batchtopk", k=8, batch_size=256, num_tokens=25_600, log_every=10, save_every=50,
+                 log_to="offline")
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 10 and metrics[-1]["l0_loss"] == 8 and "threshold" in metrics[-1]
+    assert (run_dir / "crosscoder.safetensors").exists() and (run_dir / "raw/crosscoder.safetensors").exists()
+    assert (run_dir / "training_curves.png").stat().st_size > 10_000
+    assert list((run_dir / "wandb").glob("offline-run-*"))
