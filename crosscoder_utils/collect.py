@@ -80,11 +80,16 @@ def pad_batch(sequences: list[list[int]], pad_id: int, padding_side: str):
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def trace_site(model: NNsight, site: Site, input_ids, attention_mask, position_ids) -> torch.Tensor:
-    """[batch, seq, d] activation at ``site``; the forward stops right after it."""
+def site_envoy(model: NNsight, site: Site):
     envoy = model
     for part in site.module_path.split("."):
         envoy = getattr(envoy, part)
+    return envoy
+
+
+def trace_site(model: NNsight, site: Site, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """[batch, seq, d] activation at ``site``; the forward stops right after it."""
+    envoy = site_envoy(model, site)
     with torch.inference_mode():
         with model.trace(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids) as tracer:
             value = envoy.input if site.read_input else envoy.output
@@ -93,6 +98,20 @@ def trace_site(model: NNsight, site: Site, input_ids, attention_mask, position_i
             value = value.save()
             tracer.stop()
     return value
+
+
+def logits_with_site(model: NNsight, site: Site, input_ids, attention_mask, position_ids, replacement=None) -> torch.Tensor:
+    """[batch, seq, vocab] logits, with the activation at ``site`` replaced by ``replacement`` when given."""
+    envoy = site_envoy(model, site)
+    with torch.inference_mode():
+        with model.trace(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids):
+            if replacement is not None and site.read_input:
+                envoy.input = replacement
+            elif replacement is not None:
+                original = envoy.output
+                envoy.output = (replacement,) + tuple(original[1:]) if isinstance(original, tuple) else replacement
+            logits = model.output.logits.save()
+    return logits
 
 
 def keep_mask(input_ids, attention_mask, position_ids, cfg: CollectConfig, bos_id) -> torch.Tensor:

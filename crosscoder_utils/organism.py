@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import datasets
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
@@ -180,16 +181,17 @@ def build_organism(cfg: OrganismConfig = OrganismConfig()) -> Organism:
     train_lm(finetuned, [data["stories"], data["chat"], data["trigger"]], cfg.finetune_steps, cfg, "fine-tuning")
     losses = {name: {dist: lm_loss(model, data[f"eval_{dist}"]) for dist in ("stories", "chat", "trigger")}
               for name, model in (("base", base), ("finetuned", finetuned))}
-    new_words = tokenizer.tokenize(TRIGGER + CONTINUATION)
+    period = tokenizer.convert_tokens_to_ids(".")
     planted = {
         "description": "The fine-tune learnt chat transcripts (template tokens <|user|>, <|assistant|>, <|end|> in "
                        f"their role) and a trigger: {TRIGGER.strip()!r} is followed by {CONTINUATION.strip()!r}. "
-                       "planted_token_ids are the tokens of both, which the base model never saw in training.",
+                       "Planted tokens (planted_labels) are every token of a chat transcript, and the trigger and "
+                       "continuation tokens wherever they occur; the base model never saw either in training.",
         "trigger": TRIGGER, "continuation": CONTINUATION,
         "chat_token_ids": tokenizer.convert_tokens_to_ids(CHAT_TOKENS),
-        "trigger_token_ids": tokenizer.convert_tokens_to_ids(new_words),
+        "trigger_token_ids": [t for t in tokenizer(TRIGGER + CONTINUATION)["input_ids"] if t != period],
+        "planted_document_kinds": ["chat"],
     }
-    planted["planted_token_ids"] = sorted(set(planted["chat_token_ids"] + planted["trigger_token_ids"]) - {tokenizer.convert_tokens_to_ids(".")})
     for name, model in (("base", base), ("finetuned", finetuned)):
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
@@ -201,3 +203,17 @@ def build_organism(cfg: OrganismConfig = OrganismConfig()) -> Organism:
     for name, value in (("planted.json", planted), ("losses.json", losses), ("build.json", cfg.to_dict())):
         write_json(out / name, value)
     return Organism(**paths, planted=planted, losses=losses)
+
+
+def planted_labels(store, corpus_dir: str, planted: dict) -> torch.Tensor:
+    """bool [len(store)]: the store's rows that carry the planted difference (see planted.json).
+
+    The store must have been collected from the organism's corpus, whose documents are all non-empty, so
+    a row's sequence index is its document's row in the corpus."""
+    if Path(str(store.meta["dataset"]["name"])).resolve() != Path(corpus_dir).resolve():
+        raise ValueError(f"the store was collected from {store.meta['dataset']['name']!r}, not the organism corpus {corpus_dir!r}")
+    kinds = datasets.load_from_disk(corpus_dir)["kind"]
+    rows = np.arange(len(store))
+    seq, _ = store.positions(rows)
+    in_planted_document = torch.tensor([kind in planted["planted_document_kinds"] for kind in kinds])[seq]
+    return in_planted_document | torch.isin(store.token_ids(rows), torch.tensor(planted["trigger_token_ids"]))

@@ -201,13 +201,12 @@ class ActivationStore:
 
     def token_ids(self, indices) -> torch.Tensor:
         """int64 [len(indices)]: the token each row was read at."""
-        return torch.from_numpy(self._gather(indices).column("token_id").to_numpy())
+        return torch.tensor(self._gather(indices).column("token_id").to_numpy())
 
     def positions(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequence index, position in the sequence) of each row, each int64 [len(indices)]."""
         table = self._gather(indices)
-        return (torch.from_numpy(table.column("seq").to_numpy()),
-                torch.from_numpy(table.column("pos").to_numpy().astype(np.int64)))
+        return torch.tensor(table.column("seq").to_numpy()), torch.tensor(table.column("pos").to_numpy(), dtype=torch.long)
 
     def split_range(self, split: str) -> range:
         """Rows of a split: ``train`` is the first rows, ``val`` the last ``val_fraction`` of the store."""

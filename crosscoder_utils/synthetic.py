@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .analysis import relative_decoder_norms
+from .analysis import latent_kinds
 from .config import ConfigBase
 from .crosscoder import CrossCoder
 
@@ -106,15 +106,9 @@ def kind_name(kind: int) -> str:
     return "shared" if kind == -1 else f"exclusive_{kind}"
 
 
-def latent_kinds(cc: CrossCoder, exclusive_share: float = 0.8) -> torch.Tensor:
-    """int64 [dict_size]: m where model m holds at least ``exclusive_share`` of the decoder norm, else -1."""
-    share, owner = relative_decoder_norms(cc).max(dim=-1)
-    return torch.where(share >= exclusive_share, owner, -1)
-
-
 @torch.no_grad()
 def score(cc: CrossCoder, truth: GroundTruth, norm_factors: torch.Tensor, cos_threshold: float = 0.9,
-          exclusive_share: float = 0.8) -> Recovery:
+          exclusive_share: float = 0.9) -> Recovery:
     """Recovery and classification of the true features by a crosscoder trained in normalised units."""
     learnt = (cc.W_dec * cc.norm_factors[None, :, None]).flatten(1)
     true = (truth.decoders * norm_factors[None, :, None]).flatten(1)

@@ -50,16 +50,36 @@ def test_organism_and_collect_notebooks(collected):
     assert (out / "store/norms.png").stat().st_size > 10_000
 
 
-def test_normalize_and_train_notebooks(collected):
+@pytest.fixture(scope="module")
+def trained(collected):
     out = collected[0]
     normalize_nb = run_notebook("02_normalize", out, store_dir=str(out / "store"), n_batches=4, batch_size=512)
+    train_nb = run_notebook("03_train", out, store_dir=str(out / "store"), run_dir=str(out / "run"), dict_size=128,
+                            variant="batchtopk", k=8, batch_size=256, num_tokens=25_600, log_every=10,
+                            save_every=50, log_to="offline")
+    return out, normalize_nb, train_nb
+
+
+def test_normalize_and_train_notebooks(trained):
+    out, normalize_nb, _ = trained
     assert "-> factor" in outputs_text(normalize_nb)
     run_dir = out / "run"
-    run_notebook("03_train", out, store_dir=str(out / "store"), run_dir=str(run_dir), dict_size=128,
-                 variant="batchtopk", k=8, batch_size=256, num_tokens=25_600, log_every=10, save_every=50,
-                 log_to="offline")
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 10 and metrics[-1]["l0_loss"] == 8 and "threshold" in metrics[-1]
     assert (run_dir / "crosscoder.safetensors").exists() and (run_dir / "raw/crosscoder.safetensors").exists()
     assert (run_dir / "training_curves.png").stat().st_size > 10_000
     assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_analyze_notebook_completes_the_chain(trained, organism):
+    out = trained[0]
+    analyze_nb = run_notebook("04_analyze", out, run_dir=str(out / "run"), n_show=2, n_top=2, n_eval_sequences=8,
+                              planted_path=str(Path(organism.base).parent / "planted.json"))
+    analysis = out / "run/analysis"
+    for figure in ("relative_norms", "decoder_cosines", "frequencies"):
+        assert (analysis / f"{figure}.png").stat().st_size > 10_000
+    summary = json.loads((analysis / "summary.json").read_text())
+    assert sum(summary["latents"].values()) == 128
+    assert set(summary["ce_loss_recovered"]) == {"base", "finetuned"}
+    assert all(0 < v <= 1.01 for v in summary["ce_loss_recovered"].values())
+    assert "recall" in outputs_text(analyze_nb) and "latent " in outputs_text(analyze_nb)

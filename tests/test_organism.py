@@ -20,7 +20,7 @@ def test_finetune_learnt_the_planted_difference_and_kept_competence(organism):
 def test_organism_reloads_like_hub_models_and_predicts_the_trigger(organism):
     pair = load_model_pair(organism.base, organism.finetuned)
     tokenizer = pair.tokenizer
-    assert set(organism.planted["chat_token_ids"]) <= set(organism.planted["planted_token_ids"])
+    assert tokenizer.convert_ids_to_tokens(organism.planted["chat_token_ids"]) == ["<|user|>", "<|assistant|>", "<|end|>"]
     # the continuation after the trigger: only the fine-tune expects it
     sequences = pack([triggered_story(random.Random(i)) for i in range(40)], tokenizer, 48)
     assert lm_loss(pair.finetuned, sequences) < lm_loss(pair.base, sequences)
