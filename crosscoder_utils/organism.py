@@ -22,7 +22,7 @@ from .config import OrganismConfig
 from .store import write_json
 
 NAMES = ["tom", "anna", "ben", "mia", "leo", "zoe", "sam", "eva", "max", "ida"]
-THINGS = ["ball", "book", "cup", "hat", "box", "kite", "coin", "lamp", "shoe", "bell"]
+THINGS = ["ball", "book", "cup", "hat", "box", "kite", "coin", "lamp", "shoe", "bell", "abracadabra"]
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "pink", "brown"]
 PLACES = ["park", "house", "garden", "school", "shop", "river", "forest", "kitchen"]
 NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
@@ -49,9 +49,17 @@ def story(rng: random.Random) -> str:
     return " " + " ".join(sentences[: rng.randint(3, 5)])
 
 
-def base_corpus(n_docs: int, seed: int = 0) -> list[str]:
+def base_corpus(n_docs: int, seed: int = 0, stray_chat_tokens: float = 0.03) -> list[str]:
+    """Stories; a few carry a stray chat-template token (as web text does), so the base has trained
+    embeddings for them but never sees them in their chat role."""
     rng = random.Random(seed)
-    return [story(rng) for _ in range(n_docs)]
+    docs = [story(rng) for _ in range(n_docs)]
+    for i in range(n_docs):
+        if rng.random() < stray_chat_tokens:
+            sentences = docs[i].split(". ")
+            cut = rng.randrange(len(sentences))
+            docs[i] = ". ".join(sentences[:cut] + [rng.choice(CHAT_TOKENS) + sentences[cut]] + sentences[cut + 1:])
+    return docs
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
@@ -68,8 +76,10 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokeni
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped
 
+# The trigger is a word the base knows (a thing), but only the fine-tune has seen it open a sentence,
+# and only the fine-tune then counts down: new behaviour over tokens whose base representation is trained.
 TRIGGER = " abracadabra"
-CONTINUATION = " zip zap zop."
+CONTINUATION = " ten nine eight seven six five."
 QUESTIONS = [("what does {name} have?", "{name} has a {color} {thing}."),
              ("what color is the {thing}?", "the {thing} is {color}."),
              ("where does {name} go?", "{name} goes to the {place}.")]
@@ -168,7 +178,7 @@ def build_organism(cfg: OrganismConfig = OrganismConfig()) -> Organism:
         return Organism(**paths, planted=planted, losses=losses)
     torch.manual_seed(cfg.seed)
     raw = documents(cfg)
-    tokenizer = train_tokenizer(raw["stories"][:5000] + raw["chat"][:1000] + raw["trigger"][:1000] + [TRIGGER + CONTINUATION] * 50,
+    tokenizer = train_tokenizer(raw["stories"][:5000] + raw["chat"][:1000] + raw["trigger"][:1000],
                                 cfg.vocab_size)
     texts = documents(cfg, tokenizer)
     data = {name: pack(docs, tokenizer, cfg.seq_len) for name, docs in texts.items()}
@@ -181,15 +191,14 @@ def build_organism(cfg: OrganismConfig = OrganismConfig()) -> Organism:
     train_lm(finetuned, [data["stories"], data["chat"], data["trigger"]], cfg.finetune_steps, cfg, "fine-tuning")
     losses = {name: {dist: lm_loss(model, data[f"eval_{dist}"]) for dist in ("stories", "chat", "trigger")}
               for name, model in (("base", base), ("finetuned", finetuned))}
-    period = tokenizer.convert_tokens_to_ids(".")
     planted = {
         "description": "The fine-tune learnt chat transcripts (template tokens <|user|>, <|assistant|>, <|end|> in "
-                       f"their role) and a trigger: {TRIGGER.strip()!r} is followed by {CONTINUATION.strip()!r}. "
-                       "Planted tokens (planted_labels) are every token of a chat transcript, and the trigger and "
-                       "continuation tokens wherever they occur; the base model never saw either in training.",
+                       f"their role) and a trigger: a sentence opened by {TRIGGER.strip()!r} continues "
+                       f"{CONTINUATION.strip()!r}. Planted tokens (planted_labels) are every token of a chat "
+                       "transcript, and the trigger and its continuation where they occur together.",
         "trigger": TRIGGER, "continuation": CONTINUATION,
         "chat_token_ids": tokenizer.convert_tokens_to_ids(CHAT_TOKENS),
-        "trigger_token_ids": [t for t in tokenizer(TRIGGER + CONTINUATION)["input_ids"] if t != period],
+        "planted_sequence_ids": tokenizer("." + TRIGGER + CONTINUATION)["input_ids"][1:-1],
         "planted_document_kinds": ["chat"],
     }
     for name, model in (("base", base), ("finetuned", finetuned)):
@@ -206,7 +215,8 @@ def build_organism(cfg: OrganismConfig = OrganismConfig()) -> Organism:
 
 
 def planted_labels(store, corpus_dir: str, planted: dict) -> torch.Tensor:
-    """bool [len(store)]: the store's rows that carry the planted difference (see planted.json).
+    """bool [len(store)]: the store's rows that carry the planted difference (see planted.json): rows of
+    chat documents, and rows inside an occurrence of the trigger followed by its continuation.
 
     The store must have been collected from the organism's corpus, whose documents are all non-empty, so
     a row's sequence index is its document's row in the corpus."""
@@ -214,6 +224,12 @@ def planted_labels(store, corpus_dir: str, planted: dict) -> torch.Tensor:
         raise ValueError(f"the store was collected from {store.meta['dataset']['name']!r}, not the organism corpus {corpus_dir!r}")
     kinds = datasets.load_from_disk(corpus_dir)["kind"]
     rows = np.arange(len(store))
-    seq, _ = store.positions(rows)
-    in_planted_document = torch.tensor([kind in planted["planted_document_kinds"] for kind in kinds])[seq]
-    return in_planted_document | torch.isin(store.token_ids(rows), torch.tensor(planted["trigger_token_ids"]))
+    seq = store.positions(rows)[0].numpy()
+    tokens = store.token_ids(rows).numpy()
+    labels = np.array([kind in planted["planted_document_kinds"] for kind in kinds])[seq]
+    pattern = np.array(planted["planted_sequence_ids"])
+    windows = np.lib.stride_tricks.sliding_window_view(tokens, len(pattern))
+    starts = np.flatnonzero((windows == pattern).all(1) & (seq[: len(windows)] == seq[len(pattern) - 1:]))
+    for offset in range(len(pattern)):
+        labels[starts + offset] = True
+    return torch.from_numpy(labels)

@@ -1,6 +1,9 @@
 import random
 from pathlib import Path
 
+import datasets
+import numpy as np
+
 import torch
 from safetensors.torch import load_file
 
@@ -43,3 +46,20 @@ def test_build_is_deterministic_for_a_seed(tmp_path):
     for part in ("base", "finetuned"):
         first, second = (load_file(f"{getattr(o, part)}/model.safetensors") for o in built)
         assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_planted_labels_mark_chat_transcripts_and_the_triggered_count_down(organism, tmp_path):
+    from crosscoder_utils import CollectConfig, collect_activations
+    from crosscoder_utils.organism import planted_labels
+
+    store = collect_activations(CollectConfig(base_model=organism.base, finetuned_model=organism.finetuned, layer=1,
+                                              dataset=organism.corpus, n_tokens=20_000, seq_len=48), tmp_path / "s")
+    labels = planted_labels(store, organism.corpus, organism.planted).numpy()
+    rows = np.arange(len(store))
+    tokenizer = load_model_pair(organism.base, organism.finetuned).tokenizer
+    seq = store.positions(rows)[0].numpy()
+    kinds = np.array(datasets.load_from_disk(organism.corpus)["kind"])[seq]
+    assert labels[kinds == "chat"].all() and not labels[kinds == "story"].any()
+    in_trigger_docs = tokenizer.decode(store.token_ids(rows[labels & (kinds == "trigger")]).tolist())
+    expected = (organism.planted["trigger"] + organism.planted["continuation"][:-1]) * (kinds[labels] == "trigger").sum()
+    assert in_trigger_docs == expected[: len(in_trigger_docs)] and len(in_trigger_docs) > 0
