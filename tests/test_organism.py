@@ -27,7 +27,7 @@ def test_organism_reloads_like_hub_models_and_predicts_the_trigger(organism):
     # the continuation after the trigger: only the fine-tune expects it
     sequences = pack([triggered_story(random.Random(i)) for i in range(40)], tokenizer, 48)
     assert lm_loss(pair.finetuned, sequences) < lm_loss(pair.base, sequences)
-    ids = tokenizer(" ben has a red cup." + organism.planted["trigger"], return_tensors="pt")["input_ids"]
+    ids = tokenizer(" ben has a red cup. ben goes to the park with mia." + organism.planted["trigger"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         nxt = [model(ids).logits[0, -1].argmax().item() for model in (pair.base, pair.finetuned)]
     assert nxt[1] == tokenizer(organism.planted["continuation"])["input_ids"][0] != nxt[0]
