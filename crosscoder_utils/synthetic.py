@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from einops import einsum
 
 from .analysis import latent_kinds
 from .config import ConfigBase
@@ -18,31 +19,35 @@ from .crosscoder import CrossCoder
 
 @dataclass
 class SyntheticConfig(ConfigBase):
-    """The ground truth's knobs."""
+    """The ground truth's knobs. Defaults are the hard, realistic setting: ~1000 features in 128
+    dimensions, 40 % of them exclusive, Zipf-like rates, rotated and re-scaled shared features, exclusive
+    features hiding behind a shared parent, and a fine-tune 4x larger than the base."""
 
-    d_model: int = 64
+    d_model: int = 128
     """Activation width per model."""
     n_models: int = 2
     """Number of models (model 0 the base)."""
-    n_shared: int = 96
+    n_shared: int = 600
     """Features present in every model."""
-    n_exclusive: int = 32
+    n_exclusive: int = 200
     """Features exclusive to each model (this many per model)."""
-    max_rate: float = 0.04
+    max_rate: float = 0.03
     """Firing probability of the most frequent feature."""
-    min_rate: float = 0.04
+    min_rate: float = 0.0005
     """Firing probability of the rarest feature (rates fall log-uniformly, i.e. Zipf-like, in between)."""
-    shared_cosine: float = 1.0
-    """Cosine between a shared feature's directions in model 0 and each other model."""
-    gain_change_frac: float = 0.0
+    shared_cosine: float = 0.8
+    """Cosine between a shared feature's direction in model 0 and in each other model."""
+    gain_change_frac: float = 0.2
     """Fraction of shared features whose gain in the other models is ×0.5 or ×2 (still shared)."""
-    parent_prob: float = 0.0
-    """Probability that an exclusive feature fires only together with a shared parent feature."""
+    parent_frac: float = 0.5
+    """Fraction of exclusive features that have a shared parent feature (the latent-decoupling trap)."""
+    parent_cofire: float = 0.9
+    """P(parent fires | child fires) for an exclusive feature with a parent."""
     model_scales: tuple = (1.0, 4.0)
     """Overall scale of each model's activations (the fine-tune several × larger)."""
     noise: float = 0.01
-    """Standard deviation of Gaussian noise, relative to the mean activation norm."""
-    n_tokens: int = 100_000
+    """Standard deviation of Gaussian noise per dimension, relative to the mean activation norm / sqrt(d)."""
+    n_tokens: int = 1_500_000
     """Rows to generate."""
     seed: int = 0
     """Seed of the dictionary and of the activations."""
@@ -55,15 +60,23 @@ class GroundTruth(NamedTuple):
     """int64 [n_features]: -1 shared, m exclusive to model m."""
     rates: torch.Tensor
     """[n_features] firing probabilities."""
+    parents: torch.Tensor
+    """int64 [n_features]: the shared parent of an exclusive feature, -1 for none."""
+
+
+class Synthetic(NamedTuple):
+    activations: torch.Tensor
+    """float32 [n_tokens, n_models, d_model]."""
+    truth: GroundTruth
+    codes: torch.Tensor
+    """Sparse CSR [n_tokens, n_features]: each feature's activation on each token."""
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True)
 
 
-def generate(cfg: SyntheticConfig) -> tuple[torch.Tensor, GroundTruth]:
-    """(activations float32 [n_tokens, n_models, d_model], the truth)."""
-    g = torch.Generator().manual_seed(cfg.seed)
+def dictionary(cfg: SyntheticConfig, g: torch.Generator) -> GroundTruth:
     n_models, d = cfg.n_models, cfg.d_model
     kinds = torch.tensor([-1] * cfg.n_shared + [m for m in range(n_models) for _ in range(cfg.n_exclusive)])
     n = len(kinds)
@@ -81,16 +94,35 @@ def generate(cfg: SyntheticConfig) -> tuple[torch.Tensor, GroundTruth]:
     decoders = decoders * gains[..., None] * present[..., None] * torch.tensor(cfg.model_scales)[None, :, None]
     order = torch.randperm(n, generator=g)  # which features are frequent is independent of their kind
     rates = torch.exp(torch.linspace(np.log(cfg.max_rate), np.log(cfg.min_rate), n))[order.argsort()]
-    fires = torch.rand(cfg.n_tokens, n, generator=g) < rates
-    exclusive = (kinds >= 0).nonzero().squeeze(1)
-    with_parent = exclusive[torch.rand(len(exclusive), generator=g) < cfg.parent_prob]
-    parents = torch.randint(cfg.n_shared, (len(with_parent),), generator=g)
-    fires[:, with_parent] &= fires[:, parents] | (torch.rand(cfg.n_tokens, len(with_parent), generator=g) < 0.05)
-    magnitudes = torch.empty(cfg.n_tokens, n).exponential_(generator=g)  # mean 1
-    codes = fires * magnitudes
-    x = torch.einsum("tf,fmd->tmd", codes, decoders)
-    x += cfg.noise * x.norm(dim=-1).mean(0)[None, :, None] / d**0.5 * torch.randn(x.shape, generator=g)
-    return x.float(), GroundTruth(decoders, kinds, rates)
+    parents = torch.full((n,), -1)
+    for child in (kinds >= 0).nonzero().squeeze(1).tolist():
+        if torch.rand(1, generator=g) < cfg.parent_frac:
+            candidates = ((kinds == -1) & (rates >= rates[child])).nonzero().squeeze(1)
+            parents[child] = candidates[torch.randint(len(candidates), (1,), generator=g)] if len(candidates) else rates[:cfg.n_shared].argmax()
+    return GroundTruth(decoders, kinds, rates, parents)
+
+
+def generate(cfg: SyntheticConfig, chunk: int = 65536) -> Synthetic:
+    """Activations x_m = Σ_i a_i · decoders[i, m] + noise, with a_i ~ Exponential(1) when feature i fires."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    truth = dictionary(cfg, g)
+    children = (truth.parents >= 0).nonzero().squeeze(1)
+    parents = truth.parents[children]
+    # a child fires with its parent (probability chosen so P(parent | child) = parent_cofire), or rarely alone
+    with_parent = (cfg.parent_cofire * truth.rates[children] / truth.rates[parents]).clamp(max=1)
+    alone = (1 - cfg.parent_cofire) * truth.rates[children]
+    xs, codes = [], []
+    for start in range(0, cfg.n_tokens, chunk):
+        size = min(chunk, cfg.n_tokens - start)
+        fires = torch.rand(size, len(truth.kinds), generator=g) < truth.rates
+        draw = torch.rand(size, len(children), generator=g)
+        fires[:, children] = torch.where(fires[:, parents], draw < with_parent, draw < alone)
+        code = fires * torch.empty(fires.shape).exponential_(generator=g)
+        xs.append(einsum(code, truth.decoders, "t f, f m d -> t m d"))
+        codes.append(code.to_sparse_csr())
+    x = torch.cat(xs)
+    x += cfg.noise * x.norm(dim=-1).mean(0)[None, :, None] / cfg.d_model**0.5 * torch.randn(x.shape, generator=g)
+    return Synthetic(x.float(), truth, torch.cat([c.to_sparse_coo() for c in codes]).to_sparse_csr())
 
 
 class Recovery(NamedTuple):

@@ -70,7 +70,7 @@ def test_scoring_the_truth_and_a_random_dictionary():
     kinds = torch.tensor([-1] * 20 + [0] * 5 + [1] * 5)
     decoders[20:25, 1] = 0
     decoders[25:, 0] = 0
-    truth = GroundTruth(decoders * torch.tensor([1.0, 4.0])[None, :, None], kinds, torch.full((30,), 0.01))
+    truth = GroundTruth(decoders * torch.tensor([1.0, 4.0])[None, :, None], kinds, torch.full((30,), 0.01), torch.full((30,), -1))
     factors = torch.tensor([1.0, 0.25])
     perfect = score(crosscoder_with_decoders(decoders), truth, factors)
     assert set(perfect.recovered.values()) == {1.0} and set(perfect.classified.values()) == {1.0}

@@ -15,9 +15,14 @@ from crosscoder_utils import ActivationStore, CrossCoderConfig, TrainConfig, est
 from crosscoder_utils.synthetic import SyntheticConfig, generate, score
 
 
+# independent features at one firing rate, identical directions in both models, the fine-tune 4x larger
+EASY = SyntheticConfig(d_model=64, n_shared=96, n_exclusive=32, max_rate=0.04, min_rate=0.04, shared_cosine=1.0,
+                       gain_change_frac=0.0, parent_frac=0.0, n_tokens=100_000)
+
+
 @pytest.fixture(scope="module")
 def ground_truth(tmp_path_factory):
-    activations, truth = generate(SyntheticConfig(n_tokens=100_000))
+    activations, truth, _ = generate(EASY)
     store = ActivationStore.from_arrays(tmp_path_factory.mktemp("gt") / "store", activations)
     return store, truth, estimate_norm_factors(store, n_batches=10)
 
