@@ -8,11 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from einops import einsum
 
-from .analysis import latent_kinds
+from .analysis import latent_kinds, relative_decoder_norms, save_figure
 from .config import ConfigBase
 from .crosscoder import CrossCoder
 
@@ -132,6 +133,8 @@ class Recovery(NamedTuple):
     """kind name -> fraction also labelled with the right kind by relative decoder norm."""
     false_exclusive_rate: float
     """Of the latents labelled exclusive (and matching a true feature), the fraction whose feature is shared."""
+    latent_feature: torch.Tensor
+    """int64 [dict_size]: each latent's best-matching true feature, -1 where the cosine is below threshold."""
 
 
 def kind_name(kind: int) -> str:
@@ -141,7 +144,9 @@ def kind_name(kind: int) -> str:
 @torch.no_grad()
 def score(cc: CrossCoder, truth: GroundTruth, norm_factors: torch.Tensor, cos_threshold: float = 0.9,
           exclusive_share: float = 0.9) -> Recovery:
-    """Recovery and classification of the true features by a crosscoder trained in normalised units."""
+    """Recovery and classification of the true features by a crosscoder trained in normalised units.
+
+    Cosines compare decoder vectors with all models concatenated, both in normalised units."""
     learnt = (cc.W_dec * cc.norm_factors[None, :, None]).flatten(1)
     true = (truth.decoders * norm_factors[None, :, None]).flatten(1)
     cosine = _unit(true) @ _unit(learnt).T
@@ -154,7 +159,28 @@ def score(cc: CrossCoder, truth: GroundTruth, norm_factors: torch.Tensor, cos_th
         recovered[kind_name(kind)] = hit.float().mean().item()
         classified[kind_name(kind)] = (hit & (labels[best_latent[of_kind]] == kind)).float().mean().item()
     latent_cos, latent_feature = cosine.max(dim=0)
-    labelled_exclusive = (labels >= 0) & (latent_cos >= cos_threshold)
-    false = (truth.kinds[latent_feature] == -1) & labelled_exclusive
+    latent_feature = torch.where(latent_cos >= cos_threshold, latent_feature, -1)
+    labelled_exclusive = (labels >= 0) & (latent_feature >= 0)
+    false = labelled_exclusive & (truth.kinds[latent_feature] == -1)
     rate = false.sum().item() / max(labelled_exclusive.sum().item(), 1)
-    return Recovery(recovered, classified, rate)
+    return Recovery(recovered, classified, rate, latent_feature)
+
+
+def plot_relative_norms_by_truth(cc: CrossCoder, truth: GroundTruth, recovery: Recovery, exclusive_share: float = 0.9,
+                                 path=None):
+    """The relative-norm histogram, each latent coloured by the kind of the true feature it matches."""
+    relative = relative_decoder_norms(cc)[:, 1].numpy()
+    matched = recovery.latent_feature
+    true_kind = torch.where(matched >= 0, truth.kinds[matched.clamp(min=0)], -2)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bins = np.linspace(0, 1, 51)
+    groups = [(-1, "shared"), (0, "base-only"), (1, "finetuned-only"), (-2, "matches no true feature")]
+    ax.hist([relative[(true_kind == kind).numpy()] for kind, _ in groups], bins=bins, stacked=True,
+            label=[f"true {label}" if kind > -2 else label for kind, label in groups],
+            color=["tab:gray", "tab:blue", "tab:red", "0.85"])
+    for edge in (1 - exclusive_share, exclusive_share):
+        ax.axvline(edge, color="k", ls="--", lw=0.8)
+    ax.set(yscale="log", xlabel="relative decoder norm ‖d_ft‖ / (‖d_base‖ + ‖d_ft‖)", ylabel="latents",
+           title=f"relative norms by true kind (false exclusives: {recovery.false_exclusive_rate:.1%})")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

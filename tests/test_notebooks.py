@@ -83,3 +83,14 @@ def test_analyze_notebook_completes_the_chain(trained, organism):
     assert set(summary["ce_loss_recovered"]) == {"base", "finetuned"}
     assert all(0 < v <= 1.01 for v in summary["ce_loss_recovered"].values())
     assert "recall" in outputs_text(analyze_nb) and "latent " in outputs_text(analyze_nb)
+
+
+def test_ground_truth_notebook(tmp_path):
+    run_dir = tmp_path / "gt"
+    notebook = run_notebook("05_ground_truth", tmp_path, run_dir=str(run_dir), d_model=32, n_shared=60, n_exclusive=20,
+                            n_tokens=40_000, dict_size=160, num_tokens=40_000, batch_size=512)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["recovered"]) == {"shared", "exclusive_0", "exclusive_1"}
+    assert all(0 <= v <= 1 for v in summary["classified"].values())
+    assert (run_dir / "relative_norms_by_truth.png").stat().st_size > 10_000
+    assert "false exclusives" in outputs_text(notebook)
