@@ -204,6 +204,9 @@ class TrainConfig(ConfigBase):
     """Gradient clipping norm."""
     seed: int = 0
     """Seed of the initialisation and of the data order."""
+    init: str = "random"
+    """``random``: random unit decoder directions (A1-style); ``data``: decoder directions from centred
+    activations of sampled tokens, b_dec at the mean activation (see train.data_init)."""
     log_every: int = 100
     """Steps between logged metrics."""
     save_every: int = 1000
@@ -217,6 +220,7 @@ class TrainConfig(ConfigBase):
 
     def __post_init__(self):
         _check_choice("log_to", self.log_to, ("offline", "online", "none"))
+        _check_choice("init", self.init, ("random", "data"))
         for name in ("batch_size", "num_tokens", "log_every", "save_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

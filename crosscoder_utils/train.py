@@ -19,12 +19,13 @@ import shutil
 from pathlib import Path
 
 import torch
+from einops import rearrange
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import CrossCoderConfig, TrainConfig
 from .crosscoder import CrossCoder
-from .normalize import load_norm_factors
+from .normalize import load_norm_factors, sample_rows
 from .store import ActivationStore, write_json
 
 
@@ -33,7 +34,7 @@ def lr_lambda(step: int, total_steps: int, cfg: TrainConfig) -> float:
     warmup, decay = cfg.lr_warmup_frac * total_steps, cfg.lr_decay_frac * total_steps
     if step < warmup:
         return (step + 1) / warmup
-    if step >= total_steps - decay:
+    if decay > 0 and step >= total_steps - decay:
         return (total_steps - step) / decay
     return 1.0
 
@@ -57,6 +58,18 @@ def training_batches(store: ActivationStore, cfg: TrainConfig, start_step: int):
     for epoch in itertools.count(start_step // per_pass):
         first = start_step - epoch * per_pass if epoch == start_step // per_pass else 0
         yield from store.batches(cfg.batch_size, seed=cfg.seed + epoch, start_batch=first)
+
+
+@torch.no_grad()
+def data_init(model: CrossCoder, x: torch.Tensor) -> None:
+    """Decoder vectors from centred activations of distinct tokens (each model's half from the same token,
+    so a latent starts where real paired activations lie), each scaled to dec_init_norm; the encoder is
+    the decoder's transpose; b_dec is the mean activation. x: [>= dict_size, n_models, d_model] normalised."""
+    mean = x.mean(0)
+    rows = (x[: model.cfg.dict_size] - mean).clone()
+    model.W_dec.copy_(rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-6) * model.cfg.dec_init_norm)
+    model.W_enc.copy_(rearrange(model.W_dec, "latent model d -> model d latent"))
+    model.b_dec.copy_(mean)
 
 
 def save_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, step: int) -> None:
@@ -114,6 +127,8 @@ def train_crosscoder(cfg: TrainConfig, store: ActivationStore, run_dir: str | Pa
     total_steps = cfg.num_tokens // cfg.batch_size
     torch.manual_seed(cfg.seed)
     model = CrossCoder(cc_cfg).train()
+    if cfg.init == "data":
+        data_init(model, sample_rows(store, cc_cfg.dict_size + 4096, seed=cfg.seed) * factors[None, :, None])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, total_steps, cfg))
     start = 0

@@ -98,3 +98,17 @@ def test_bad_runs_are_refused(ground_truth, tmp_path):
                          CrossCoderConfig(dict_size=64))
     with pytest.raises(ValueError, match="unknown TrainConfig field"):
         TrainConfig.from_dict({"learning_rate": 1.0})
+
+
+def test_data_init_starts_from_paired_activations(ground_truth, tmp_path):
+    store, _, factors = ground_truth
+    cfg = TrainConfig(batch_size=256, num_tokens=256, lr=0.0, log_to="none", init="data", lr_decay_frac=0.0)
+    cc = train_crosscoder(cfg, store, tmp_path / "run", CrossCoderConfig(dict_size=64))
+    torch.testing.assert_close(cc.decoder_norms(), torch.full((64, 2), 0.08))
+    torch.testing.assert_close(cc.W_enc, cc.W_dec.permute(1, 2, 0))
+    x = store.read(np.arange(len(store))) * factors[None, :, None]
+    torch.testing.assert_close(cc.b_dec, x.mean(0), atol=0.05 * x.std().item(), rtol=0)  # a sample's mean
+    centred = torch.nn.functional.normalize(x - x.mean(0), dim=-1)
+    cosines = torch.einsum("lmd,tmd->mlt", torch.nn.functional.normalize(cc.W_dec, dim=-1), centred)
+    best, token = cosines.max(dim=-1)
+    assert (best > 0.99).all() and torch.equal(token[0], token[1])  # each latent starts on one real token, in both models
