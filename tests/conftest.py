@@ -13,6 +13,11 @@ CONFIGS = {
                                                              intermediate_size=2 * d, vocab_size=vocab),
     "llama": lambda d, vocab: transformers.LlamaConfig(num_hidden_layers=2, hidden_size=d, num_attention_heads=2,
                                                         num_key_value_heads=1, intermediate_size=2 * d, vocab_size=vocab),
+    "qwen2": lambda d, vocab: transformers.Qwen2Config(num_hidden_layers=2, hidden_size=d, num_attention_heads=2,
+                                                        num_key_value_heads=1, intermediate_size=2 * d, vocab_size=vocab),
+    "gemma2": lambda d, vocab: transformers.Gemma2Config(num_hidden_layers=2, hidden_size=d, num_attention_heads=2,
+                                                          num_key_value_heads=1, head_dim=d // 2,
+                                                          intermediate_size=2 * d, vocab_size=vocab),
 }
 
 

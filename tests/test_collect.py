@@ -15,8 +15,10 @@ from crosscoder_utils import ActivationStore, Buffer, CollectConfig, collect_act
 from crosscoder_utils.collect import iter_activations, tokenize
 from crosscoder_utils.organism import train_tokenizer
 
+# written out here, independently of models.ARCHITECTURES; Gemma-2's branches pass through a post-norm
 BRANCH = {"gpt2": ("transformer.h", "attn", "mlp"), "gpt_neox": ("gpt_neox.layers", "attention", "mlp"),
-          "llama": ("model.layers", "self_attn", "mlp")}
+          "llama": ("model.layers", "self_attn", "mlp"), "qwen2": ("model.layers", "self_attn", "mlp"),
+          "gemma2": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm")}
 
 
 def reference(model_dir, site, layer, texts, tokenizer):
@@ -42,6 +44,7 @@ def reference(model_dir, site, layer, texts, tokenizer):
     ("gpt2", "resid_post", 0, "left"), ("gpt2", "resid_pre", 1, "right"), ("gpt2", "mlp_out", 1, "left"),
     ("gpt_neox", "attn_out", 0, "right"), ("gpt_neox", "resid_post", 0, "left"),
     ("llama", "resid_pre", 1, "left"), ("llama", "mlp_out", 0, "right"), ("llama", "attn_out", 1, "left"),
+    ("qwen2", "resid_post", 0, "left"), ("gemma2", "resid_pre", 1, "left"), ("gemma2", "mlp_out", 0, "right"),
 ])
 def test_store_equals_plain_forward(make_model, tokenizer, tmp_path, arch, site, layer, padding_side):
     base, finetuned = make_model(arch, seed=0), make_model(arch, seed=1)
