@@ -26,6 +26,7 @@ RECIPES = {  # name: (TrainConfig fields, CrossCoderConfig fields)
     "batchtopk plain (k 8, lr 1e-3)": (dict(lr=1e-3), dict(variant="batchtopk", k=8)),
     "batchtopk k 8, lr 5e-3": (dict(lr=5e-3), dict(variant="batchtopk", k=8)),
     "batchtopk k 8, lr 5e-3, data init": (dict(lr=5e-3, init="data"), dict(variant="batchtopk", k=8)),
+    "batchtopk k 8, lr 5e-3, k 64->8": (dict(lr=5e-3, k_anneal_from=64), dict(variant="batchtopk", k=8)),
 }
 
 

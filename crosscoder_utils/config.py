@@ -202,6 +202,10 @@ class TrainConfig(ConfigBase):
     """Fraction of the steps over which λ rises linearly from 0 to l1_coeff."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
+    k_anneal_from: int | None = None
+    """batchtopk: start with this k and lower it linearly to the crosscoder's k over k_anneal_frac; None: off."""
+    k_anneal_frac: float = 0.1
+    """Fraction of the steps over which k is annealed."""
     seed: int = 0
     """Seed of the initialisation and of the data order."""
     init: str = "random"

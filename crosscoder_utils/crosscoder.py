@@ -95,12 +95,13 @@ class CrossCoder(nn.Module):
         """[batch, dict_size]: ReLU(x · W_enc + b_enc)."""
         return F.relu(einsum(x, self.W_enc, "batch model d, model d latent -> batch latent") + self.b_enc)
 
-    def _batch_topk(self, scores: torch.Tensor) -> torch.Tensor:
+    def _batch_topk(self, scores: torch.Tensor, k: int | None = None) -> torch.Tensor:
         """Sorted flat indices of the k·batch largest scores [batch, dict_size]; updates the threshold EMA."""
-        k_total = self.cfg.k * len(scores)
+        k = k or self.cfg.k
+        k_total = k * len(scores)
         # per-row top-m candidates first (much cheaper than a top-k over batch·dict_size); exact unless
         # some row had all m of its candidates kept, in which case the full top-k runs instead
-        m = min(scores.shape[1], 2 * self.cfg.k)
+        m = min(scores.shape[1], 2 * k)
         candidates, columns = scores.topk(m, dim=1)
         values, order = candidates.flatten().topk(k_total)
         if m < scores.shape[1] and torch.bincount(order // m, minlength=len(scores)).max() >= m:
@@ -148,9 +149,9 @@ class CrossCoder(nn.Module):
         """Differentiable activations [nnz] at (rows, latents), from the no-grad pre-activations."""
         return sparse_encode(x.flatten(1), self.W_enc.flatten(0, 1), self.b_enc, rows, latents, pre[rows, latents])
 
-    def losses(self, x: torch.Tensor, l1_coeff: float | None = None) -> Losses:
+    def losses(self, x: torch.Tensor, l1_coeff: float | None = None, k: int | None = None) -> Losses:
         """All loss terms on a batch x [batch, n_models, d_model]; in training mode it also updates the
-        BatchTopK threshold and the dead-latent counts.
+        BatchTopK threshold and the dead-latent counts. ``l1_coeff`` and ``k`` override the config's (schedules).
 
         Training BatchTopK takes the sparse path: the selection runs on no-grad pre-activations, then only
         the kept latents are encoded with gradients (``sparse_encode``) and decoded (``_decode_bags``)."""
@@ -160,7 +161,7 @@ class CrossCoder(nn.Module):
         if cfg.variant == "batchtopk" and self.training:
             with torch.no_grad():
                 pre = self.pre_activations(x)
-                kept = self._batch_topk(pre * norms)
+                kept = self._batch_topk(pre * norms, k)
             rows, latents = kept // cfg.dict_size, kept % cfg.dict_size
             values = self._sparse_code(x, pre, rows, latents)
             offsets = torch.searchsorted(rows, torch.arange(len(x), device=x.device))

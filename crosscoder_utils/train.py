@@ -45,6 +45,14 @@ def l1_coeff_at(step: int, total_steps: int, cfg: TrainConfig, l1_coeff: float) 
     return l1_coeff * min(1.0, (step + 1) / warmup) if warmup > 0 else l1_coeff
 
 
+def k_at(step: int, total_steps: int, cfg: TrainConfig, k: int) -> int:
+    """k falls linearly from k_anneal_from to k over the first k_anneal_frac of the steps (when set)."""
+    span = cfg.k_anneal_frac * total_steps
+    if cfg.k_anneal_from is None or step >= span:
+        return k
+    return round(cfg.k_anneal_from + (k - cfg.k_anneal_from) * step / span)
+
+
 def store_identity(store: ActivationStore) -> dict:
     """What a run records of its store, to refuse resuming on another one."""
     return {k: store.meta.get(k) for k in ("models", "site", "layer", "d_model", "n_models", "n_tokens", "settings")}
@@ -154,7 +162,7 @@ def train_crosscoder(cfg: TrainConfig, store: ActivationStore, run_dir: str | Pa
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="training")
     for step, x in zip(bar, training_batches(store, cfg, start)):
         l1_coeff = l1_coeff_at(step, total_steps, cfg, cc_cfg.l1_coeff)
-        out = model.losses(x * scale, l1_coeff=l1_coeff)
+        out = model.losses(x * scale, l1_coeff=l1_coeff, k=k_at(step, total_steps, cfg, cc_cfg.k))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()

@@ -139,3 +139,9 @@ def test_folded_crosscoder_reads_raw_activations_and_round_trips(tmp_path, varia
     torch.testing.assert_close(loaded(raw), folded(raw))
     with pytest.raises(ValueError, match="already folded"):
         folded.fold_norm_factors(factors)
+
+
+def test_batchtopk_k_can_be_overridden_for_annealing():
+    cc = perturbed(make("batchtopk", k=2, aux_coeff=0.0)).train()
+    x = torch.randn(16, 2, 6)
+    assert cc.losses(x).l0_loss == 2 and cc.losses(x, k=5).l0_loss == 5

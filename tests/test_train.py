@@ -112,3 +112,11 @@ def test_data_init_starts_from_paired_activations(ground_truth, tmp_path):
     cosines = torch.einsum("lmd,tmd->mlt", torch.nn.functional.normalize(cc.W_dec, dim=-1), centred)
     best, token = cosines.max(dim=-1)
     assert (best > 0.99).all() and torch.equal(token[0], token[1])  # each latent starts on one real token, in both models
+
+
+def test_k_annealing_schedule():
+    from crosscoder_utils.train import k_at
+
+    cfg = TrainConfig(k_anneal_from=40, k_anneal_frac=0.5, num_tokens=100 * 4096)
+    assert [k_at(step, 100, cfg, 8) for step in (0, 25, 49, 50, 99)] == [40, 24, 9, 8, 8]
+    assert k_at(0, 100, TrainConfig(), 8) == 8
