@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from crosscoder_utils import ActivationStore, CollectConfig, collect_activations, load_model_pair
-from crosscoder_utils.collect import load_texts, pad_batch, tokenize
+from crosscoder_utils.collect import pad_batch, tokenize
 from crosscoder_utils.organism import base_corpus, train_tokenizer
 
 

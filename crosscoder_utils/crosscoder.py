@@ -10,7 +10,6 @@ The variants differ only in ``_select`` (which latents stay active) and in the s
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -26,12 +26,6 @@ import torch
 from datasets.table import InMemoryTable
 from einops import rearrange
 
-STORAGE = {  # storage dtype -> (torch dtype written, how stored bits are read back as that dtype)
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.int16,  # datasets has no bfloat16: its bits are kept, bit-exact, as int16
-}
-
 
 def write_json(path: Path, value: dict) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
@@ -42,7 +36,8 @@ def write_json(path: Path, value: dict) -> None:
 
 def to_storage(activations: torch.Tensor, dtype: str) -> np.ndarray:
     """[n, n_models, d_model] float -> [n, n_models * d_model] numpy in the storage dtype."""
-    stored = activations.to(torch.bfloat16).view(torch.int16) if dtype == "bfloat16" else activations.to(STORAGE[dtype])
+    # datasets has no bfloat16: its bits are kept, bit-exact, as int16
+    stored = activations.to(torch.bfloat16).view(torch.int16) if dtype == "bfloat16" else activations.to(getattr(torch, dtype))
     return rearrange(stored, "n model d -> n (model d)").cpu().numpy()
 
 

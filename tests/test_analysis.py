@@ -1,5 +1,4 @@
 """Analysis functions against independent computations on small, known crosscoders."""
-import numpy as np
 import pytest
 import torch
 
