@@ -121,7 +121,10 @@ class Organism(NamedTuple):
 def documents(cfg: OrganismConfig, tokenizer=None) -> dict[str, list[str]]:
     """The texts of each distribution: pretraining stories, fine-tuning mix, held-out sets, collection corpus."""
     rng = random.Random(cfg.seed)
-    render = (lambda messages: tokenizer.apply_chat_template(messages, tokenize=False)) if tokenizer else str
+    if tokenizer:
+        render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False)
+    else:  # before the tokenizer exists (to train it): the words of the transcript
+        render = lambda messages: "".join(message["content"] for message in messages)
     n_eval = 200
     texts = {"stories": base_corpus(cfg.n_docs, cfg.seed)}
     texts["chat"] = [render(chat(rng)) for _ in range(cfg.n_docs // 4 + n_eval)]
