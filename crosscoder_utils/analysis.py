@@ -104,7 +104,7 @@ class LatentStatistics(NamedTuple):
 def latent_statistics(batches: Iterator[Batch]) -> LatentStatistics:
     fired = max_act = None
     n, l0 = 0, 0.0
-    residual = total = sum_x = sum_x2 = None
+    sums = None  # Σ err, Σ err², Σ x, Σ x² per model and dimension, for Σ Var = Σ (E[v²] − E[v]²)
     for batch in batches:
         active = batch.f > 0
         fired = active.sum(0) if fired is None else fired + active.sum(0)
@@ -112,12 +112,12 @@ def latent_statistics(batches: Iterator[Batch]) -> LatentStatistics:
         max_act = top if max_act is None else torch.maximum(max_act, top)
         l0 += active.sum().item()
         n += len(batch.f)
-        err = (batch.x - batch.x_hat).double()
-        # streaming variances: Σ Var = Σ E[v²] − E[v]²
-        stats = [err.sum(0), err.pow(2).sum(0), batch.x.double().sum(0), batch.x.double().pow(2).sum(0)]
-        residual, total, sum_x, sum_x2 = stats if residual is None else [a + b for a, b in zip((residual, total, sum_x, sum_x2), stats)]
-    var_err = (total / n - (residual / n) ** 2).sum(-1)
-    var_x = (sum_x2 / n - (sum_x / n) ** 2).sum(-1)
+        err, x = (batch.x - batch.x_hat).double(), batch.x.double()
+        new = [err.sum(0), err.pow(2).sum(0), x.sum(0), x.pow(2).sum(0)]
+        sums = new if sums is None else [a + b for a, b in zip(sums, new)]
+    err_sum, err_sq, x_sum, x_sq = sums
+    var_err = (err_sq / n - (err_sum / n) ** 2).sum(-1)
+    var_x = (x_sq / n - (x_sum / n) ** 2).sum(-1)
     return LatentStatistics(fired.float() / n, max_act, (1 - var_err / var_x).float(), l0 / n, n)
 
 

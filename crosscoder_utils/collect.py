@@ -56,8 +56,8 @@ def load_texts(dataset: str | list, split: str, text_column: str, tokenizer) -> 
     return column
 
 
-def tokenize(texts: Iterable[str], tokenizer, seq_len: int) -> Iterator[list[int]]:
-    """Token ids of each non-empty text, BOS first where the tokenizer has one, truncated to seq_len."""
+def tokenize(texts: Iterable[str], tokenizer, seq_len: int | None) -> Iterator[list[int]]:
+    """Token ids of each non-empty text, BOS first where the tokenizer has one, truncated to seq_len (None: whole)."""
     bos = tokenizer.bos_token_id
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]

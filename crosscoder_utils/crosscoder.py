@@ -193,7 +193,7 @@ class CrossCoder(nn.Module):
         dead = self.dead_latents()
         if not dead.any():
             return residual.new_zeros(())
-        k_aux = min(self.cfg.k_aux or self.cfg.d_model // 2, int(dead.sum()))
+        k_aux = min(self.cfg.k_aux, int(dead.sum()))
         latents = (pre * dead).topk(k_aux, dim=1).indices
         rows = torch.arange(len(x), device=x.device).repeat_interleave(k_aux)
         values = self._sparse_code(x, pre, rows, latents.flatten())

@@ -5,6 +5,7 @@ Everything is built offline from a corpus this module generates, deterministical
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import random
@@ -18,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from .collect import tokenize
 from .config import OrganismConfig
 from .store import write_json
 
@@ -137,10 +139,7 @@ def documents(cfg: OrganismConfig, tokenizer=None) -> dict[str, list[str]]:
 
 def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     """int64 [n_sequences, seq_len]: the documents, each starting with BOS, concatenated and cut."""
-    stream = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        stream += ids if ids[:1] == [tokenizer.bos_token_id] else [tokenizer.bos_token_id] + ids
+    stream = list(itertools.chain.from_iterable(tokenize(texts, tokenizer, seq_len=None)))
     n = len(stream) // seq_len
     return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
 

@@ -120,10 +120,10 @@ def generate(cfg: SyntheticConfig, chunk: int = 65536) -> Synthetic:
         fires[:, children] = torch.where(fires[:, parents], draw < with_parent, draw < alone)
         code = fires * torch.empty(fires.shape).exponential_(generator=g)
         xs.append(einsum(code, truth.decoders, "t f, f m d -> t m d"))
-        codes.append(code.to_sparse_csr())
+        codes.append(code.to_sparse())
     x = torch.cat(xs)
     x += cfg.noise * x.norm(dim=-1).mean(0)[None, :, None] / cfg.d_model**0.5 * torch.randn(x.shape, generator=g)
-    return Synthetic(x.float(), truth, torch.cat([c.to_sparse_coo() for c in codes]).to_sparse_csr())
+    return Synthetic(x.float(), truth, torch.cat(codes).to_sparse_csr())
 
 
 class Recovery(NamedTuple):

@@ -2,10 +2,10 @@
 
 A run directory holds::
 
-    cfg.json                     the TrainConfig and CrossCoderConfig of the run, and the store it reads
+    run.json                     the TrainConfig and CrossCoderConfig of the run, and the store it reads
     metrics.jsonl                one line of metrics every log_every steps
     checkpoints/step_XXXXXXX/    the latest checkpoint: crosscoder.safetensors (weights, threshold, dead
-                                 counts), optimizer.pt and state.pt (loaded with weights_only=True)
+                                 counts) + cfg.json, optimizer.pt and state.pt (loaded with weights_only=True)
     crosscoder.safetensors       the final export (normalised space) + cfg.json + norm_factors.json
     raw/                         the same crosscoder with the norm factors folded in: reads raw activations
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from einops import rearrange
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .config import CrossCoderConfig, TrainConfig
@@ -86,7 +86,7 @@ def save_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, step
     tmp = checkpoints / f".tmp_step_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "crosscoder.safetensors")
+    model.save(tmp)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     torch.save({"step": step, "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
     os.replace(tmp, checkpoints / f"step_{step:07d}")
@@ -106,8 +106,7 @@ def prepare_run(cfg: TrainConfig, cc_cfg: CrossCoderConfig, store: ActivationSto
         given = getattr(cc_cfg, name)
         if given is not None and given != store.meta[name]:
             raise ValueError(f"CrossCoderConfig.{name}={given} but the store at {store.path} has {name}={store.meta[name]}")
-    cc_cfg = dataclasses.replace(cc_cfg, d_model=store.d_model, n_models=store.n_models,
-                                 k_aux=cc_cfg.k_aux or store.d_model // 2)
+    cc_cfg = dataclasses.replace(cc_cfg, d_model=store.d_model, n_models=store.n_models)  # __post_init__ fills k_aux
     record = {"train": cfg.to_dict(), "crosscoder": cc_cfg.to_dict(), "store": str(store.path), "store_identity": store_identity(store)}
     record["train"].pop("resume")
     if (run_dir / "run.json").exists():
