@@ -288,10 +288,15 @@ def save_figure(fig, path: str | Path | None):
 
 
 def plot_relative_norms(cc: CrossCoder, exclusive_share: float = 0.9, model_names=("base", "finetuned"), path=None):
-    """Histogram of ‖d_1‖ / (‖d_0‖ + ‖d_1‖) with the base-only / shared / fine-tuned-only bands."""
+    """Histogram of ‖d_1‖ / (‖d_0‖ + ‖d_1‖) with the base-only / shared / fine-tuned-only bands; designated
+    shared latents and each model's dedicated latents (when the crosscoder has them) stacked as their own groups."""
     relative = relative_decoder_norms(cc)[:, 1].numpy()
+    groups = [((~cc.tied & (cc.owner == -1)), "free latents", "0.4"), (cc.tied, "designated shared", "tab:green")]
+    groups += [(cc.owner == m, f"dedicated to {name}", color) for m, (name, color) in enumerate(zip(model_names, ("navy", "darkred")))]
+    groups = [(mask.numpy(), label, color) for mask, label, color in groups if mask.any()]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.hist(relative, bins=np.linspace(0, 1, 51), color="0.4")
+    ax.hist([relative[mask] for mask, _, _ in groups], bins=np.linspace(0, 1, 51), stacked=True,
+            color=[color for _, _, color in groups], label=[label for _, label, _ in groups] if len(groups) > 1 else None)
     low, high = 1 - exclusive_share, exclusive_share
     counts = kind_counts(latent_kinds(cc, exclusive_share), list(model_names))
     ax.axvspan(0, low, color="tab:blue", alpha=0.15, label=f"{model_names[0]}-only: {counts[f'{model_names[0]}-only']}")

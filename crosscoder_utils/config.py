@@ -167,6 +167,18 @@ class CrossCoderConfig(ConfigBase):
     """A latent that has not fired for this many tokens counts as dead."""
     threshold_decay: float = 0.99
     """EMA decay of the ``batchtopk`` inference threshold (the smallest kept score of each batch)."""
+    n_shared_latents: int = 0
+    """Designated shared latents (Anthropic's 2025 crosscoder model-diffing update): the first this many
+    latents have one decoder vector for every model (tied, in normalised units) and a sparsity cost
+    scaled by ``shared_penalty_ratio``, so the other latents are free to become cleanly exclusive."""
+    shared_penalty_ratio: float = 0.15
+    """λ_shared / λ for the designated shared latents (the update suggests 0.1-0.2). ``relu``: their L1
+    term is multiplied by it; ``batchtopk``: they compete in the same top-k with their score divided by it,
+    i.e. they are kept above ratio × the threshold (the top-k analogue of a cheaper penalty)."""
+    n_dedicated: int = 0
+    """Dedicated latents per model (Dedicated Feature Crosscoders, Jiralerspong & Bricken 2026): after the
+    designated shared ones, model m owns the next n_dedicated latents; their encoder and decoder weights
+    for every other model are structurally zero, so they can only read and write model m."""
 
     def __post_init__(self):
         _check_choice("variant", self.variant, ("relu", "batchtopk"))
@@ -174,6 +186,12 @@ class CrossCoderConfig(ConfigBase):
             raise ValueError(f"n_models must be at least 2, got {self.n_models}")
         if self.dict_size <= 0 or self.k <= 0:
             raise ValueError(f"dict_size and k must be positive, got {self.dict_size} and {self.k}")
+        if self.n_shared_latents < 0 or self.n_dedicated < 0 or not 0 < self.shared_penalty_ratio <= 1:
+            raise ValueError("n_shared_latents and n_dedicated must be >= 0 and shared_penalty_ratio in (0, 1], got "
+                             f"{self.n_shared_latents}, {self.n_dedicated}, {self.shared_penalty_ratio}")
+        if self.n_models is not None and self.n_shared_latents + self.n_models * self.n_dedicated > self.dict_size:
+            raise ValueError(f"n_shared_latents + n_models · n_dedicated = {self.n_shared_latents + self.n_models * self.n_dedicated} "
+                             f"latents exceed dict_size={self.dict_size}")
         if self.aux_coeff is None:
             self.aux_coeff = 1 / 32 if self.variant == "batchtopk" else 0.0
         if self.k_aux is None and self.d_model is not None:
@@ -206,6 +224,10 @@ class TrainConfig(ConfigBase):
     """batchtopk: start with this k and lower it linearly to the crosscoder's k over k_anneal_frac; None: off."""
     k_anneal_frac: float = 0.1
     """Fraction of the steps over which k is annealed."""
+    resample_every: int | None = None
+    """Every this many steps during the first half of the run, re-initialise the dead latents (silent for
+    the crosscoder's ``dead_tokens``) towards the batch's worst-reconstructed tokens (see
+    train.resample_dead_latents); None: off."""
     seed: int = 0
     """Seed of the initialisation and of the data order."""
     init: str = "random"
@@ -228,5 +250,7 @@ class TrainConfig(ConfigBase):
         for name in ("batch_size", "num_tokens", "log_every", "save_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.resample_every is not None and self.resample_every <= 0:
+            raise ValueError(f"resample_every must be positive or None, got {self.resample_every}")
         if self.num_tokens < self.batch_size:
             raise ValueError(f"num_tokens ({self.num_tokens}) is less than one batch ({self.batch_size})")

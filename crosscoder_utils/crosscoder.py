@@ -34,7 +34,8 @@ class Losses:
     l2_loss: torch.Tensor
     """Squared error summed over models and d_model, mean over the batch."""
     l1_loss: torch.Tensor
-    """Σ_i f_i Σ_m ‖W_dec[i, m]‖, mean over the batch (logged for every variant)."""
+    """Σ_i f_i Σ_m ‖W_dec[i, m]‖ (× shared_penalty_ratio for designated shared latents), mean over the
+    batch (logged for every variant)."""
     l0_loss: torch.Tensor
     """Mean number of active latents per token."""
     aux_loss: torch.Tensor
@@ -78,6 +79,7 @@ class CrossCoder(nn.Module):
         self.cfg = cfg
         W_dec = torch.randn(cfg.dict_size, cfg.n_models, cfg.d_model)
         W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True) * cfg.dec_init_norm
+        W_dec[: cfg.n_shared_latents] = W_dec[: cfg.n_shared_latents, :1].clone()  # tied: one vector per latent
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(rearrange(W_dec.clone(), "latent model d -> model d latent"))
         self.b_enc = nn.Parameter(torch.zeros(cfg.dict_size))
@@ -85,6 +87,37 @@ class CrossCoder(nn.Module):
         self.register_buffer("norm_factors", torch.ones(cfg.n_models))
         self.register_buffer("threshold", torch.tensor(-1.0))  # batchtopk inference threshold; < 0: not yet learnt
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.dict_size, dtype=torch.long))
+        # the partition (derived from cfg, so not saved): designated shared latents first, then each model's
+        # dedicated latents; owner -1 = any model, m = dedicated to model m
+        tied = torch.arange(cfg.dict_size) < cfg.n_shared_latents
+        dedicated = torch.arange(cfg.dict_size) - cfg.n_shared_latents
+        owner = torch.where((dedicated >= 0) & (dedicated < cfg.n_models * cfg.n_dedicated),
+                            dedicated.div(max(cfg.n_dedicated, 1), rounding_mode="floor"), -1)
+        self.register_buffer("tied", tied, persistent=False)
+        self.register_buffer("owner", owner, persistent=False)
+        self.register_buffer("penalty", torch.where(tied, cfg.shared_penalty_ratio, 1.0), persistent=False)
+        mask = ((owner[:, None] == -1) | (owner[:, None] == torch.arange(cfg.n_models))).float()
+        self.register_buffer("decoder_mask", mask[..., None], persistent=False)
+        self.register_buffer("encoder_mask", rearrange(mask, "latent model -> model 1 latent"), persistent=False)
+        if cfg.n_shared_latents or cfg.n_dedicated:
+            self.apply_partition_()
+            # gradients projected the same way keep the constraint exact under Adam: a weight whose gradient
+            # is always 0 never moves, and tied copies with equal gradients get equal moments and updates
+            self.W_dec.register_hook(self._partitioned)
+            self.W_enc.register_hook(lambda grad: grad * self.encoder_mask)
+
+    def _partitioned(self, W: torch.Tensor) -> torch.Tensor:
+        """W [dict_size, n_models, d_model] with the dedicated latents' other-model rows zeroed and the
+        designated shared latents' rows replaced by their mean over models."""
+        W = W * self.decoder_mask
+        return torch.where(self.tied[:, None, None], W.mean(1, keepdim=True), W)
+
+    @torch.no_grad()
+    def apply_partition_(self) -> None:
+        """Project the weights onto the partition (in training, where the norm factors are 1): after any
+        direct write to W_dec or W_enc, such as data initialisation or resampling."""
+        self.W_dec.copy_(self._partitioned(self.W_dec))
+        self.W_enc.mul_(self.encoder_mask)
 
     def decoder_norms(self) -> torch.Tensor:
         """[dict_size, n_models]: ‖W_dec[i, m]‖ in normalised units."""
@@ -123,10 +156,15 @@ class CrossCoder(nn.Module):
             raise ValueError("this batchtopk crosscoder has no inference threshold yet: train it first")
         return pre * (scores > self.threshold)
 
+    def selection_weights(self) -> torch.Tensor:
+        """[dict_size]: BatchTopK ranks f_i times this, Σ_m ‖W_dec[i, m]‖ (divided by shared_penalty_ratio for
+        the designated shared latents)."""
+        return self.decoder_norms().sum(-1) / self.penalty
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """[batch, n_models, d_model] -> latent activations f [batch, dict_size]."""
         pre = self.pre_activations(x)
-        return self._select(pre, pre * self.decoder_norms().sum(-1))
+        return self._select(pre, pre * self.selection_weights())
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """[batch, dict_size] -> reconstruction [batch, n_models, d_model]."""
@@ -156,22 +194,22 @@ class CrossCoder(nn.Module):
         the kept latents are encoded with gradients (``sparse_encode``) and decoded (``_decode_bags``)."""
         cfg = self.cfg
         l1_coeff = cfg.l1_coeff if l1_coeff is None else l1_coeff
-        norms = self.decoder_norms().sum(-1)
+        penalties = self.decoder_norms().sum(-1) * self.penalty
         if cfg.variant == "batchtopk" and self.training:
             with torch.no_grad():
                 pre = self.pre_activations(x)
-                kept = self._batch_topk(pre * norms, k)
+                kept = self._batch_topk(pre * self.selection_weights(), k)
             rows, latents = kept // cfg.dict_size, kept % cfg.dict_size
             values = self._sparse_code(x, pre, rows, latents)
             offsets = torch.searchsorted(rows, torch.arange(len(x), device=x.device))
             x_hat = self._decode_bags(latents, values, offsets) + self.b_dec
-            l1_loss = (values * norms[latents]).sum() / len(x)
+            l1_loss = (values * penalties[latents]).sum() / len(x)
             fired, l0_loss = latents[values > 0], (values > 0).sum() / len(x)
         else:
             pre = self.pre_activations(x)
-            f = self._select(pre, pre * norms)
+            f = self._select(pre, pre * self.selection_weights())
             x_hat = self.decode(f)
-            l1_loss = (f * norms).sum(-1).mean()
+            l1_loss = (f * penalties).sum(-1).mean()
             fired, l0_loss = (f > 0).any(0).nonzero().squeeze(1), (f > 0).sum(-1).float().mean()
         l2_loss = (x - x_hat).pow(2).sum((1, 2)).mean()
         aux_loss = self._aux_loss(x, x - x_hat, pre.detach()) if cfg.aux_coeff > 0 else x.new_zeros(())

@@ -78,6 +78,41 @@ def data_init(model: CrossCoder, x: torch.Tensor) -> None:
     model.W_dec.copy_(rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-6) * model.cfg.dec_init_norm)
     model.W_enc.copy_(rearrange(model.W_dec, "latent model d -> model d latent"))
     model.b_dec.copy_(mean)
+    model.apply_partition_()
+
+
+@torch.no_grad()
+def resample_dead_latents(model: CrossCoder, optimizer: torch.optim.Adam, x: torch.Tensor) -> int:
+    """Re-initialise dead latents towards badly reconstructed tokens; returns how many were resampled.
+
+    After Anthropic's resampling (Towards Monosemanticity, 2023), with one change: a dead latent's decoder
+    takes the direction of a token's *residual* x − x̂ rather than of x itself (what is unexplained, as the
+    auxiliary loss also targets), tokens drawn with probability ∝ squared error. All models' parts keep the
+    residual's proportions (so a residual living in one model starts an exclusive latent), scaled to the
+    norm a random latent starts with; the encoder is the decoder direction at 0.2 × the mean encoder norm of
+    the live latents; b_enc and the latents' Adam moments are zeroed. x: [batch, n_models, d_model]."""
+    dead = model.dead_latents().nonzero().squeeze(1)
+    if len(dead) == 0 or len(dead) == model.cfg.dict_size:
+        return 0
+    was_training = model.training
+    residual = x - model.eval()(x)
+    model.train(was_training)
+    error = residual.pow(2).sum((1, 2))
+    rows = torch.multinomial(error / error.sum(), len(dead), replacement=len(dead) > len(x))
+    direction = residual[rows].flatten(1)
+    direction = direction / direction.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    n_models = model.cfg.n_models
+    model.W_dec[dead] = rearrange(direction * model.cfg.dec_init_norm * n_models**0.5, "latent (model d) -> latent model d", model=n_models)
+    alive_norm = model.W_enc.flatten(0, 1)[:, model.tokens_since_fired < model.cfg.dead_tokens].norm(dim=0).mean()
+    model.W_enc[:, :, dead] = rearrange(direction * 0.2 * alive_norm, "latent (model d) -> model d latent", model=n_models)
+    model.b_enc[dead] = 0
+    model.apply_partition_()
+    model.tokens_since_fired[dead] = 0
+    for param, dim in ((model.W_dec, 0), (model.W_enc, 2), (model.b_enc, 0)):
+        for moment in optimizer.state[param].values():
+            if moment.dim():
+                moment.index_fill_(dim, dead, 0)
+    return len(dead)
 
 
 def save_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, step: int) -> None:
@@ -167,6 +202,8 @@ def train_crosscoder(cfg: TrainConfig, store: ActivationStore, run_dir: str | Pa
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if cfg.resample_every and (step + 1) % cfg.resample_every == 0 and step + 1 <= total_steps // 2:
+            resample_dead_latents(model, optimizer, x * scale)
         if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
             metrics = {"step": step + 1, **out.metrics(), "l1_coeff": l1_coeff, "lr": scheduler.get_last_lr()[0],
                        "dead_fraction": model.dead_latents().float().mean().item()}

@@ -145,3 +145,57 @@ def test_batchtopk_k_can_be_overridden_for_annealing():
     cc = perturbed(make("batchtopk", k=2, aux_coeff=0.0)).train()
     x = torch.randn(16, 2, 6)
     assert cc.losses(x).l0_loss == 2 and cc.losses(x, k=5).l0_loss == 5
+
+
+PARTITION = dict(n_shared_latents=6, n_dedicated=5, shared_penalty_ratio=0.2)  # tied 0-5, model 0: 6-10, model 1: 11-15
+
+
+@pytest.mark.parametrize("variant", ["relu", "batchtopk"])
+def test_partition_constraints_stay_exact_through_adam_steps(variant):
+    cc = make(variant, aux_coeff=1.0, dead_tokens=32, **PARTITION).train()
+    start = cc.W_dec.detach().clone()
+    optimizer = torch.optim.Adam(cc.parameters(), lr=1e-2)
+    for _ in range(30):
+        x = torch.randn(16, 2, 6) * torch.tensor([1.0, 3.0])[None, :, None]
+        cc.losses(x).loss.backward()
+        torch.nn.utils.clip_grad_norm_(cc.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert variant == "relu" or cc.dead_latents().any()  # the auxiliary loss took part
+    assert torch.equal(cc.W_dec[:6, 0], cc.W_dec[:6, 1]) and not torch.equal(cc.W_dec[:6], start[:6])
+    for model, latents in ((0, slice(6, 11)), (1, slice(11, 16))):
+        other = 1 - model
+        assert (cc.W_dec[latents, other] == 0).all() and (cc.W_enc[other, :, latents] == 0).all()
+        assert not torch.equal(cc.W_dec[latents, model], start[latents, model])
+    assert cc.owner[:16].tolist() == [-1] * 6 + [0] * 5 + [1] * 5 and (cc.owner[16:] == -1).all()
+
+
+def test_designated_shared_latents_cost_less_in_both_variants():
+    x = torch.randn(16, 2, 6)
+    relu = make("relu", l1_coeff=1.0, **PARTITION)
+    weight = torch.ones(40)
+    weight[:6] = 0.2
+    f = relu.encode(x)
+    torch.testing.assert_close(relu.losses(x).l1_loss, (f * relu.W_dec.norm(dim=-1).sum(-1) * weight).sum(-1).mean())
+    batchtopk = make("batchtopk", k=3, **PARTITION).train()
+    pre = batchtopk.pre_activations(x)
+    kept = torch.zeros(16 * 40, dtype=torch.bool)
+    kept[(pre * batchtopk.W_dec.norm(dim=-1).sum(-1) / weight).flatten().topk(48).indices] = True
+    assert torch.equal(batchtopk.encode(x) > 0, kept.view(16, 40))
+
+
+@pytest.mark.parametrize("variant", ["relu", "batchtopk"])
+def test_without_shared_or_dedicated_latents_losses_and_gradients_equal_the_plain_variant(variant):
+    plain = perturbed(make(variant, aux_coeff=1.0, dead_tokens=8)).train()
+    zero = make(variant, aux_coeff=1.0, dead_tokens=8, n_shared_latents=0, n_dedicated=0, shared_penalty_ratio=0.5).train()
+    zero.load_state_dict(plain.state_dict())
+    for _ in range(2):  # the second step has dead latents, so the auxiliary loss is compared too
+        x = torch.randn(16, 2, 6)
+        a, b = plain.losses(x), zero.losses(x)
+        a.loss.backward()
+        b.loss.backward()
+        for name in ("loss", "l1_loss", "aux_loss"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        for (name, p), q in zip(plain.named_parameters(), zero.parameters()):
+            assert torch.equal(p.grad, q.grad), name
+    assert variant == "relu" or b.aux_loss > 0

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from crosscoder_utils import ActivationStore, CrossCoderConfig, TrainConfig, estimate_norm_factors, train_crosscoder
+from crosscoder_utils import ActivationStore, CrossCoder, CrossCoderConfig, TrainConfig, estimate_norm_factors, train_crosscoder
+from crosscoder_utils.analysis import latent_kinds
 from crosscoder_utils.synthetic import SyntheticConfig, generate, score
 
 
@@ -120,3 +121,52 @@ def test_k_annealing_schedule():
     cfg = TrainConfig(k_anneal_from=40, k_anneal_frac=0.5, num_tokens=100 * 4096)
     assert [k_at(step, 100, cfg, 8) for step in (0, 25, 49, 50, 99)] == [40, 24, 9, 8, 8]
     assert k_at(0, 100, TrainConfig(), 8) == 8
+
+
+def test_resampling_moves_only_dead_latents_towards_the_residual():
+    from crosscoder_utils.train import resample_dead_latents
+
+    torch.manual_seed(0)
+    cc = CrossCoder(CrossCoderConfig(d_model=8, n_models=2, dict_size=32, dead_tokens=100)).train()
+    optimizer = torch.optim.Adam(cc.parameters(), lr=1e-2)
+    x = torch.randn(64, 2, 8)
+    x[:, 0] *= 0.01  # the residual lives almost only in model 1
+    cc.losses(x).loss.backward()
+    optimizer.step()
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[3, 7, 20]] = True
+    cc.tokens_since_fired.copy_(torch.where(dead, 100, 0))
+    before = {name: p.detach().clone() for name, p in cc.named_parameters()}
+    residual = x - cc.eval()(x)
+    cc.train()
+    assert resample_dead_latents(cc, optimizer, x) == 3
+    assert torch.equal(cc.W_dec[~dead], before["W_dec"][~dead]) and torch.equal(cc.W_enc[..., ~dead], before["W_enc"][..., ~dead])
+    cosines = torch.nn.functional.normalize(cc.W_dec[dead].flatten(1), dim=1) @ torch.nn.functional.normalize(residual.flatten(1), dim=1).T
+    assert torch.allclose(cosines.max(dim=1).values, torch.ones(3))  # each is one token's residual direction
+    torch.testing.assert_close(cc.W_dec[dead].flatten(1).norm(dim=1), torch.full((3,), 0.08 * 2**0.5))
+    assert (cc.decoder_norms()[dead, 1] / cc.decoder_norms()[dead].sum(1) > 0.9).all()  # starts model-1 exclusive
+    assert torch.equal(cc.b_enc[dead], torch.zeros(3)) and not cc.dead_latents().any()
+    for param in (cc.W_dec, cc.b_enc):
+        assert (optimizer.state[param]["exp_avg"][dead] == 0).all() and (optimizer.state[param]["exp_avg"][~dead] != 0).any()
+    assert (optimizer.state[cc.W_enc]["exp_avg_sq"][..., dead] == 0).all()
+
+
+def test_partition_survives_resume_and_export(ground_truth, tmp_path):
+    store, _, factors = ground_truth
+    cfg = dict(batch_size=256, num_tokens=40 * 256, save_every=25, log_to="none", init="data", resample_every=10)
+    cc_cfg = CrossCoderConfig(dict_size=96, variant="batchtopk", k=4, n_shared_latents=16, n_dedicated=8, dead_tokens=1000)
+    whole = train_crosscoder(TrainConfig(**cfg), store, tmp_path / "run", cc_cfg)
+    (tmp_path / "run/crosscoder.safetensors").unlink()
+    resumed = train_crosscoder(TrainConfig(**cfg, resume=True), store, tmp_path / "run", cc_cfg)  # from step 25
+    assert torch.equal(resumed.W_dec, whole.W_dec)
+    exported = CrossCoder.load(tmp_path / "run")
+    raw = CrossCoder.load(tmp_path / "run/raw")
+    for cc in (resumed, exported):
+        assert torch.equal(cc.W_dec[:16, 0], cc.W_dec[:16, 1])
+    torch.testing.assert_close(raw.W_dec[:16, 0] * factors[0], raw.W_dec[:16, 1] * factors[1])  # tied in normalised units
+    for cc in (resumed, exported, raw):
+        assert (cc.W_dec[16:24, 1] == 0).all() and (cc.W_dec[24:32, 0] == 0).all()
+        assert (cc.W_enc[1, :, 16:24] == 0).all() and (cc.W_enc[0, :, 24:32] == 0).all()
+        assert cc.W_dec[16:32].abs().sum() > 0
+    kinds = latent_kinds(raw)
+    assert (kinds[16:24] == 0).all() and (kinds[24:32] == 1).all() and (kinds[:16] == -1).all()
