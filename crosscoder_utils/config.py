@@ -156,7 +156,8 @@ class CrossCoderConfig(ConfigBase):
     k: int = 100
     """Mean active latents per token for ``batchtopk``."""
     l1_coeff: float = 2.0
-    """λ of the L1 penalty Σ_i f_i Σ_m ‖W_dec[i, m]‖ (``relu``; 0 turns it off)."""
+    """λ of the L1 penalty Σ_i f_i Σ_m ‖W_dec[i, m]‖ (``relu``, and designated shared latents of
+    ``batchtopk``; 0 turns it off)."""
     dec_init_norm: float = 0.08
     """Norm of every per-model decoder vector at initialisation (the encoder starts as its transpose)."""
     aux_coeff: float | None = None
@@ -169,12 +170,14 @@ class CrossCoderConfig(ConfigBase):
     """EMA decay of the ``batchtopk`` inference threshold (the smallest kept score of each batch)."""
     n_shared_latents: int = 0
     """Designated shared latents (Anthropic's 2025 crosscoder model-diffing update): the first this many
-    latents have one decoder vector for every model (tied, in normalised units) and a sparsity cost
-    scaled by ``shared_penalty_ratio``, so the other latents are free to become cleanly exclusive."""
+    latents have one decoder vector for every model (tied, in normalised units) and an L1 penalty reduced
+    to ``shared_penalty_ratio`` · λ, so they may be denser and the other latents are free to become cleanly
+    exclusive. ``batchtopk``: they sit outside the top-k (k·batch is spent on the other latents), active
+    wherever their ReLU is, and only they pay an L1 (ratio · l1_coeff). Measured alternatives on the
+    ground truth (bench/RESULTS.md): ranked in the same top-k with their score divided by the ratio, they
+    took the whole budget; outside the top-k without a penalty, they turned dense and the rest died."""
     shared_penalty_ratio: float = 0.15
-    """λ_shared / λ for the designated shared latents (the update suggests 0.1-0.2). ``relu``: their L1
-    term is multiplied by it; ``batchtopk``: they compete in the same top-k with their score divided by it,
-    i.e. they are kept above ratio × the threshold (the top-k analogue of a cheaper penalty)."""
+    """λ_shared / λ of the designated shared latents (the update suggests 0.1-0.2)."""
     n_dedicated: int = 0
     """Dedicated latents per model (Dedicated Feature Crosscoders, Jiralerspong & Bricken 2026): after the
     designated shared ones, model m owns the next n_dedicated latents; their encoder and decoder weights
@@ -200,10 +203,15 @@ class CrossCoderConfig(ConfigBase):
 
 @dataclass
 class TrainConfig(ConfigBase):
-    """How 03_train optimises a crosscoder. Defaults follow the open Gemma-2-2B crosscoder replication."""
+    """How 03_train optimises a crosscoder. Defaults follow the open Gemma-2-2B crosscoder replication, with
+    the learning rate scaled to the run's length (and measured on the synthetic ground truth)."""
 
-    lr: float = 5e-5
-    """Adam learning rate."""
+    lr: float | None = None
+    """Adam learning rate; None: ``lr_steps_product`` / total steps, at most 1e-2 (see resolved_lr)."""
+    lr_steps_product: float = 5.0
+    """With lr=None, learning rate × number of steps: Adam moves a weight by about lr per step, so a run's
+    reach is about lr × steps. The open Gemma-2-2B replication's 5e-5 × ~100k steps (400M tokens, batch
+    4096) is 5; on the synthetic ground truth runs of 600 to 6000 steps do best near this product too."""
     beta1: float = 0.9
     """Adam beta1."""
     beta2: float = 0.999
@@ -243,6 +251,10 @@ class TrainConfig(ConfigBase):
     """wandb mode: ``offline`` (default, synced later with ``wandb sync``), ``online``, or ``none``."""
     wandb_project: str = "crosscoder"
     """wandb project name."""
+
+    def resolved_lr(self) -> float:
+        """The learning rate this run uses: ``lr``, or with lr=None ``lr_steps_product`` / steps (≤ 1e-2)."""
+        return self.lr if self.lr is not None else min(1e-2, self.lr_steps_product / (self.num_tokens // self.batch_size))
 
     def __post_init__(self):
         _check_choice("log_to", self.log_to, ("offline", "online", "none"))

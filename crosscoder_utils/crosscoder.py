@@ -30,12 +30,12 @@ class Losses:
     """What ``CrossCoder.losses`` returns; every field a scalar tensor unless said otherwise."""
 
     loss: torch.Tensor
-    """What is minimised: l2_loss + λ·l1_loss (relu) + aux_coeff·aux_loss."""
+    """What is minimised: l2_loss + λ·(L1 penalty) + aux_coeff·aux_loss. The L1 penalty is l1_loss for
+    relu and 0 for batchtopk, with designated shared latents' terms scaled by shared_penalty_ratio."""
     l2_loss: torch.Tensor
     """Squared error summed over models and d_model, mean over the batch."""
     l1_loss: torch.Tensor
-    """Σ_i f_i Σ_m ‖W_dec[i, m]‖ (× shared_penalty_ratio for designated shared latents), mean over the
-    batch (logged for every variant)."""
+    """Σ_i f_i Σ_m ‖W_dec[i, m]‖, mean over the batch (logged for every variant)."""
     l0_loss: torch.Tensor
     """Mean number of active latents per token."""
     aux_loss: torch.Tensor
@@ -95,7 +95,10 @@ class CrossCoder(nn.Module):
                             dedicated.div(max(cfg.n_dedicated, 1), rounding_mode="floor"), -1)
         self.register_buffer("tied", tied, persistent=False)
         self.register_buffer("owner", owner, persistent=False)
-        self.register_buffer("penalty", torch.where(tied, cfg.shared_penalty_ratio, 1.0), persistent=False)
+        # each latent's weight in the L1 term: relu 1, batchtopk 0 (its sparsity is the top-k); designated
+        # shared latents shared_penalty_ratio in both
+        ordinary = 1.0 if cfg.variant == "relu" else 0.0
+        self.register_buffer("penalty", torch.where(tied, cfg.shared_penalty_ratio, ordinary), persistent=False)
         mask = ((owner[:, None] == -1) | (owner[:, None] == torch.arange(cfg.n_models))).float()
         self.register_buffer("decoder_mask", mask[..., None], persistent=False)
         self.register_buffer("encoder_mask", rearrange(mask, "latent model -> model 1 latent"), persistent=False)
@@ -127,9 +130,12 @@ class CrossCoder(nn.Module):
         """[batch, dict_size]: ReLU(x · W_enc + b_enc)."""
         return F.relu(einsum(x, self.W_enc, "batch model d, model d latent -> batch latent") + self.b_enc)
 
-    def _batch_topk(self, scores: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        """Sorted flat indices of the k·batch largest scores [batch, dict_size]; updates the threshold EMA."""
+    def _batch_topk(self, pre: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """Sorted flat indices of the kept entries of pre [batch, dict_size]: the k·batch largest scores
+        f_i·Σ_m ‖W_dec[i, m]‖ among the ordinary latents, plus every active designated shared latent (they
+        sit outside the top-k budget, see CrossCoderConfig.n_shared_latents); updates the threshold EMA."""
         k = k or self.cfg.k
+        scores = pre * self.selection_weights()
         k_total = k * len(scores)
         # per-row top-m candidates first (much cheaper than a top-k over batch·dict_size); exact unless
         # some row had all m of its candidates kept, in which case the full top-k runs instead
@@ -143,28 +149,31 @@ class CrossCoder(nn.Module):
         with torch.no_grad():
             smallest, decay = values[-1], self.cfg.threshold_decay
             self.threshold.copy_(smallest if self.threshold < 0 else decay * self.threshold + (1 - decay) * smallest)
+        n_tied = self.cfg.n_shared_latents
+        if n_tied:
+            rows, latents = (pre[:, :n_tied] > 0).nonzero(as_tuple=True)
+            kept = torch.cat([kept[kept % scores.shape[1] >= n_tied], rows * scores.shape[1] + latents])
         return kept.sort().values
 
-    def _select(self, pre: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def _select(self, pre: torch.Tensor) -> torch.Tensor:
         """Which latents stay active: the variant's one difference in the forward pass."""
         if self.cfg.variant == "relu":
             return pre
         if self.training:
             mask = torch.zeros(pre.numel(), dtype=torch.bool, device=pre.device)
-            return pre * mask.index_fill_(0, self._batch_topk(scores), True).view_as(pre)
+            return pre * mask.index_fill_(0, self._batch_topk(pre), True).view_as(pre)
         if self.threshold < 0:
             raise ValueError("this batchtopk crosscoder has no inference threshold yet: train it first")
-        return pre * (scores > self.threshold)
+        return pre * ((pre * self.selection_weights() > self.threshold) | self.tied)
 
     def selection_weights(self) -> torch.Tensor:
-        """[dict_size]: BatchTopK ranks f_i times this, Σ_m ‖W_dec[i, m]‖ (divided by shared_penalty_ratio for
-        the designated shared latents)."""
-        return self.decoder_norms().sum(-1) / self.penalty
+        """[dict_size]: BatchTopK ranks f_i times this, Σ_m ‖W_dec[i, m]‖ (0 for the designated shared
+        latents, which bypass the ranking)."""
+        return self.decoder_norms().sum(-1) * ~self.tied
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """[batch, n_models, d_model] -> latent activations f [batch, dict_size]."""
-        pre = self.pre_activations(x)
-        return self._select(pre, pre * self.selection_weights())
+        return self._select(self.pre_activations(x))
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """[batch, dict_size] -> reconstruction [batch, n_models, d_model]."""
@@ -194,22 +203,25 @@ class CrossCoder(nn.Module):
         the kept latents are encoded with gradients (``sparse_encode``) and decoded (``_decode_bags``)."""
         cfg = self.cfg
         l1_coeff = cfg.l1_coeff if l1_coeff is None else l1_coeff
-        penalties = self.decoder_norms().sum(-1) * self.penalty
+        norms = self.decoder_norms().sum(-1)
+        penalties = norms * self.penalty
         if cfg.variant == "batchtopk" and self.training:
             with torch.no_grad():
                 pre = self.pre_activations(x)
-                kept = self._batch_topk(pre * self.selection_weights(), k)
+                kept = self._batch_topk(pre, k)
             rows, latents = kept // cfg.dict_size, kept % cfg.dict_size
             values = self._sparse_code(x, pre, rows, latents)
             offsets = torch.searchsorted(rows, torch.arange(len(x), device=x.device))
             x_hat = self._decode_bags(latents, values, offsets) + self.b_dec
-            l1_loss = (values * penalties[latents]).sum() / len(x)
+            l1_loss = (values * norms[latents]).sum() / len(x)
+            penalty = (values * penalties[latents]).sum() / len(x)
             fired, l0_loss = latents[values > 0], (values > 0).sum() / len(x)
         else:
             pre = self.pre_activations(x)
-            f = self._select(pre, pre * self.selection_weights())
+            f = self._select(pre)
             x_hat = self.decode(f)
-            l1_loss = (f * penalties).sum(-1).mean()
+            l1_loss = (f * norms).sum(-1).mean()
+            penalty = (f * penalties).sum(-1).mean()
             fired, l0_loss = (f > 0).any(0).nonzero().squeeze(1), (f > 0).sum(-1).float().mean()
         l2_loss = (x - x_hat).pow(2).sum((1, 2)).mean()
         aux_loss = self._aux_loss(x, x - x_hat, pre.detach()) if cfg.aux_coeff > 0 else x.new_zeros(())
@@ -217,7 +229,7 @@ class CrossCoder(nn.Module):
             with torch.no_grad():
                 self.tokens_since_fired += len(x)
                 self.tokens_since_fired[fired] = 0
-        loss = l2_loss + cfg.aux_coeff * aux_loss + (l1_coeff * l1_loss if cfg.variant == "relu" else 0)
+        loss = l2_loss + cfg.aux_coeff * aux_loss + l1_coeff * penalty
         with torch.no_grad():
             ev, ev_per_model = explained_variance(x, x_hat)
         return Losses(loss, l2_loss, l1_loss, l0_loss, aux_loss, ev, ev_per_model)

@@ -171,7 +171,7 @@ def train_crosscoder(cfg: TrainConfig, store: ActivationStore, run_dir: str | Pa
     model = CrossCoder(cc_cfg).train()
     if cfg.init == "data":
         data_init(model, sample_rows(store, cc_cfg.dict_size + 4096, seed=cfg.seed) * factors[None, :, None])
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.resolved_lr(), betas=(cfg.beta1, cfg.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, total_steps, cfg))
     start = 0
     checkpoint = latest_checkpoint(run_dir) if cfg.resume else None

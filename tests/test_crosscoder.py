@@ -170,18 +170,29 @@ def test_partition_constraints_stay_exact_through_adam_steps(variant):
     assert cc.owner[:16].tolist() == [-1] * 6 + [0] * 5 + [1] * 5 and (cc.owner[16:] == -1).all()
 
 
-def test_designated_shared_latents_cost_less_in_both_variants():
+def test_designated_shared_latents_cost_less_or_bypass_the_top_k():
     x = torch.randn(16, 2, 6)
     relu = make("relu", l1_coeff=1.0, **PARTITION)
     weight = torch.ones(40)
     weight[:6] = 0.2
     f = relu.encode(x)
-    torch.testing.assert_close(relu.losses(x).l1_loss, (f * relu.W_dec.norm(dim=-1).sum(-1) * weight).sum(-1).mean())
+    out = relu.losses(x)
+    torch.testing.assert_close(out.loss - out.l2_loss, (f * relu.W_dec.norm(dim=-1).sum(-1) * weight).sum(-1).mean())
     batchtopk = make("batchtopk", k=3, **PARTITION).train()
     pre = batchtopk.pre_activations(x)
-    kept = torch.zeros(16 * 40, dtype=torch.bool)
-    kept[(pre * batchtopk.W_dec.norm(dim=-1).sum(-1) / weight).flatten().topk(48).indices] = True
-    assert torch.equal(batchtopk.encode(x) > 0, kept.view(16, 40))
+    kept = torch.zeros(16, 40, dtype=torch.bool)
+    ordinary = torch.zeros(16 * 34, dtype=torch.bool)
+    ordinary[(pre[:, 6:] * batchtopk.W_dec[6:].norm(dim=-1).sum(-1)).flatten().topk(48).indices] = True
+    kept[:, 6:] = ordinary.view(16, 34)
+    kept[:, :6] = pre[:, :6] > 0  # the designated shared latents are active wherever their ReLU is
+    assert kept[:, :6].any()
+    assert torch.equal(batchtopk.encode(x) > 0, kept)
+    out = batchtopk.losses(x, l1_coeff=1.0)  # the sparse training path keeps the same entries
+    assert out.l0_loss == kept.sum() / 16
+    f = batchtopk.encode(x)  # only the designated shared latents pay an L1, at the reduced ratio
+    torch.testing.assert_close(out.loss - out.l2_loss, (f[:, :6] * batchtopk.W_dec[:6].norm(dim=-1).sum(-1) * 0.2).sum(-1).mean())
+    batchtopk.eval()
+    assert torch.equal(batchtopk.encode(x)[:, :6] > 0, pre[:, :6] > 0)
 
 
 @pytest.mark.parametrize("variant", ["relu", "batchtopk"])
