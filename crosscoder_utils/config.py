@@ -208,10 +208,11 @@ class TrainConfig(ConfigBase):
 
     lr: float | None = None
     """Adam learning rate; None: ``lr_steps_product`` / total steps, at most 1e-2 (see resolved_lr)."""
-    lr_steps_product: float = 5.0
-    """With lr=None, learning rate × number of steps: Adam moves a weight by about lr per step, so a run's
-    reach is about lr × steps. The open Gemma-2-2B replication's 5e-5 × ~100k steps (400M tokens, batch
-    4096) is 5; on the synthetic ground truth runs of 600 to 6000 steps do best near this product too."""
+    lr_steps_product: float = 10.0
+    """With lr=None, learning rate × number of steps. Adam moves a weight by about lr per step, so a run's
+    reach is about lr × steps: on the synthetic ground truth (d 128) the best one-pass (1,465 steps) and
+    four-pass (5,860 steps) learning rates both sit near a product of 7-10 (bench/RESULTS.md). At the
+    open Gemma-2-2B replication's ~100k steps (400M tokens, batch 4096) this gives 1e-4; it used 5e-5."""
     beta1: float = 0.9
     """Adam beta1."""
     beta2: float = 0.999
