@@ -5,7 +5,15 @@ from .crosscoder import CrossCoder
 from .models import load_model_pair
 from .normalize import estimate_norm_factors
 from .store import ActivationStore, Buffer
-from .train import train_crosscoder
 
 __all__ = ["load_model_pair", "collect_activations", "ActivationStore", "Buffer", "estimate_norm_factors",
            "CrossCoder", "CrossCoderConfig", "train_crosscoder", "CollectConfig", "TrainConfig", "OrganismConfig"]
+
+
+def __getattr__(name: str):
+    # imported on first use, so that `python -m crosscoder_utils.train` runs that module only once
+    if name == "train_crosscoder":
+        from .train import train_crosscoder
+
+        return train_crosscoder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

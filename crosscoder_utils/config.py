@@ -242,6 +242,8 @@ class TrainConfig(ConfigBase):
     init: str = "random"
     """``random``: random unit decoder directions (A1-style); ``data``: decoder directions from centred
     activations of sampled tokens, b_dec at the mean activation (see train.data_init)."""
+    device: str = "auto"
+    """Device of the crosscoder: ``auto`` picks cuda when available (under torchrun, the local rank's GPU)."""
     log_every: int = 100
     """Steps between logged metrics."""
     save_every: int = 1000

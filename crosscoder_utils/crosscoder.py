@@ -19,6 +19,7 @@ from einops import einsum, rearrange
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import distributed
 from .config import CrossCoderConfig
 from .sparse_encode import sparse_encode
 
@@ -131,29 +132,30 @@ class CrossCoder(nn.Module):
         return F.relu(einsum(x, self.W_enc, "batch model d, model d latent -> batch latent") + self.b_enc)
 
     def _batch_topk(self, pre: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        """Sorted flat indices of the kept entries of pre [batch, dict_size]: the k·batch largest scores
-        f_i·Σ_m ‖W_dec[i, m]‖ among the ordinary latents, plus every active designated shared latent (they
-        sit outside the top-k budget, see CrossCoderConfig.n_shared_latents); updates the threshold EMA."""
+        """Sorted flat indices of the kept entries of pre [batch, dict_size]: the scores
+        f_i·Σ_m ‖W_dec[i, m]‖ of the ordinary latents at or above the k·B-th largest of the global batch
+        (all ranks together, B rows in all), plus every active designated shared latent (they sit outside
+        the top-k budget, see CrossCoderConfig.n_shared_latents); updates the threshold EMA with that value."""
         k = k or self.cfg.k
         scores = pre * self.selection_weights()
-        k_total = k * len(scores)
-        # per-row top-m candidates first (much cheaper than a top-k over batch·dict_size); exact unless
-        # some row had all m of its candidates kept, in which case the full top-k runs instead
+        k_total = k * len(scores) * distributed.world_size()
+        # the k·B-th largest score from each row's top-m candidates (all ranks' gathered), which is much
+        # cheaper than a top-k over B·dict_size; exact unless some row had all m candidates at or above
+        # it, and then m doubles until it is
         m = min(scores.shape[1], 2 * k)
-        candidates, columns = scores.topk(m, dim=1)
-        values, order = candidates.flatten().topk(k_total)
-        if m < scores.shape[1] and torch.bincount(order // m, minlength=len(scores)).max() >= m:
-            values, kept = scores.flatten().topk(k_total)
-        else:
-            kept = (order // m) * scores.shape[1] + columns.flatten()[order]
+        while True:
+            candidates = scores.topk(m, dim=1).values
+            kth = distributed.all_gather_cat(candidates.flatten()).topk(k_total).values[-1]
+            undecided = torch.tensor(int(m < scores.shape[1] and kth > 0 and bool((candidates[:, -1] >= kth).any())))
+            if not distributed.all_reduce(undecided.to(scores.device), "max"):
+                break
+            m = min(scores.shape[1], 2 * m)
         with torch.no_grad():
-            smallest, decay = values[-1], self.cfg.threshold_decay
-            self.threshold.copy_(smallest if self.threshold < 0 else decay * self.threshold + (1 - decay) * smallest)
-        n_tied = self.cfg.n_shared_latents
-        if n_tied:
-            rows, latents = (pre[:, :n_tied] > 0).nonzero(as_tuple=True)
-            kept = torch.cat([kept[kept % scores.shape[1] >= n_tied], rows * scores.shape[1] + latents])
-        return kept.sort().values
+            decay = self.cfg.threshold_decay
+            self.threshold.copy_(kth if self.threshold < 0 else decay * self.threshold + (1 - decay) * kth)
+        kept = (scores >= kth) & (scores > 0)  # a zero score adds nothing to the reconstruction
+        kept[:, : self.cfg.n_shared_latents] = pre[:, : self.cfg.n_shared_latents] > 0
+        return kept.flatten().nonzero().squeeze(1)
 
     def _select(self, pre: torch.Tensor) -> torch.Tensor:
         """Which latents stay active: the variant's one difference in the forward pass."""
@@ -227,8 +229,9 @@ class CrossCoder(nn.Module):
         aux_loss = self._aux_loss(x, x - x_hat, pre.detach()) if cfg.aux_coeff > 0 else x.new_zeros(())
         if self.training:
             with torch.no_grad():
-                self.tokens_since_fired += len(x)
-                self.tokens_since_fired[fired] = 0
+                fired_anywhere = torch.zeros(cfg.dict_size, dtype=torch.int32, device=x.device).index_fill_(0, fired, 1)
+                self.tokens_since_fired += len(x) * distributed.world_size()
+                self.tokens_since_fired[distributed.all_reduce(fired_anywhere, "max").bool()] = 0
         loss = l2_loss + cfg.aux_coeff * aux_loss + l1_coeff * penalty
         with torch.no_grad():
             ev, ev_per_model = explained_variance(x, x_hat)
@@ -248,8 +251,13 @@ class CrossCoder(nn.Module):
         rows = torch.arange(len(x), device=x.device).repeat_interleave(k_aux)
         values = self._sparse_code(x, pre, rows, latents.flatten())
         residual_hat = self._decode_bags(latents, values.view(len(x), k_aux))
+        # the residual's variance over the global batch (all ranks), and this rank's share of the error
+        # scaled by the world size, so that the ranks' average (DDP) is the single-process loss
         residual = residual.detach()
-        return (residual - residual_hat).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp(min=1e-12)
+        sums = distributed.all_reduce(torch.stack([residual.double().sum(0), residual.double().pow(2).sum(0)]))
+        n_total = len(x) * distributed.world_size()
+        variance_sum = (sums[1] - sums[0].pow(2) / n_total).sum().float().clamp(min=1e-12)
+        return (residual - residual_hat).pow(2).sum() * distributed.world_size() / variance_sum
 
     def fold_norm_factors(self, factors: torch.Tensor) -> "CrossCoder":
         """A copy that reads and writes raw activations: x_norm = x_raw · factors[m]."""

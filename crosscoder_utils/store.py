@@ -226,15 +226,18 @@ class ActivationStore:
             window = np.concatenate([np.arange(s, min(s + chunk_rows, rows.stop)) for s in starts[w:w + window_chunks]])
             yield rng.permutation(window)
 
-    def batches(self, batch_size: int, seed: int = 0, split: str = "train", start_batch: int = 0) -> Iterator[torch.Tensor]:
+    def batches(self, batch_size: int, seed: int = 0, split: str = "train", start_batch: int = 0,
+                part: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:
         """One pass of shuffled float32 [batch, n_models, d_model] batches (an incomplete last batch is dropped).
 
         ``start_batch`` skips that many batches without reading them, so a resumed run sees exactly the
-        batches an uninterrupted one would.
+        batches an uninterrupted one would. ``part=(rank, world_size)`` reads only that rank's share of
+        each batch (disjoint rows; the shares of all ranks together are the batch).
         """
+        rank, world = part
         for number, indices in enumerate(index_batches(self.shuffled_indices(split, seed), batch_size)):
             if number >= start_batch:
-                yield self.read(np.sort(indices))  # sorted: reads stay in order on disk
+                yield self.read(np.array_split(np.sort(indices), world)[rank])  # sorted: reads stay in order on disk
 
     def n_batches(self, batch_size: int, split: str = "train") -> int:
         return len(self.split_range(split)) // batch_size

@@ -21,8 +21,11 @@ from pathlib import Path
 import torch
 from einops import rearrange
 from safetensors.torch import load_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import CrossCoderConfig, TrainConfig
 from .crosscoder import CrossCoder
 from .normalize import load_norm_factors, sample_rows
@@ -58,14 +61,15 @@ def store_identity(store: ActivationStore) -> dict:
     return {k: store.meta.get(k) for k in ("models", "site", "layer", "d_model", "n_models", "n_tokens", "settings")}
 
 
-def training_batches(store: ActivationStore, cfg: TrainConfig, start_step: int):
-    """Batches for steps start_step, start_step + 1, ...: pass e over the store is shuffled with seed + e."""
+def training_batches(store: ActivationStore, cfg: TrainConfig, start_step: int, part: tuple[int, int] = (0, 1)):
+    """Batches for steps start_step, start_step + 1, ...: pass e over the store is shuffled with seed + e;
+    ``part=(rank, world_size)``: this rank's share of each batch."""
     per_pass = store.n_batches(cfg.batch_size)
     if per_pass == 0:
         raise ValueError(f"the store's train split ({len(store.split_range('train'))} tokens) is smaller than one batch ({cfg.batch_size})")
     for epoch in itertools.count(start_step // per_pass):
         first = start_step - epoch * per_pass if epoch == start_step // per_pass else 0
-        yield from store.batches(cfg.batch_size, seed=cfg.seed + epoch, start_batch=first)
+        yield from store.batches(cfg.batch_size, seed=cfg.seed + epoch, start_batch=first, part=part)
 
 
 @torch.no_grad()
@@ -143,7 +147,8 @@ def prepare_run(cfg: TrainConfig, cc_cfg: CrossCoderConfig, store: ActivationSto
             raise ValueError(f"CrossCoderConfig.{name}={given} but the store at {store.path} has {name}={store.meta[name]}")
     cc_cfg = dataclasses.replace(cc_cfg, d_model=store.d_model, n_models=store.n_models)  # __post_init__ fills k_aux
     record = {"train": cfg.to_dict(), "crosscoder": cc_cfg.to_dict(), "store": str(store.path), "store_identity": store_identity(store)}
-    record["train"].pop("resume")
+    for name in ("resume", "device"):  # how a run is continued, not what it is
+        record["train"].pop(name)
     if (run_dir / "run.json").exists():
         before = json.loads((run_dir / "run.json").read_text())
         if not cfg.resume:
@@ -152,9 +157,22 @@ def prepare_run(cfg: TrainConfig, cc_cfg: CrossCoderConfig, store: ActivationSto
         if differ:
             raise ValueError(f"cannot resume {run_dir}: its {differ} differ from this call's (a store from other "
                              "models, or other settings); use another run_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "run.json", record)
+    distributed.barrier()  # every rank has checked before rank 0 writes
+    if distributed.rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "run.json", record)
     return cc_cfg
+
+
+class Objective(nn.Module):
+    """The crosscoder's losses as a forward pass, so DistributedDataParallel can wrap them."""
+
+    def __init__(self, model: CrossCoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, l1_coeff: float, k: int):
+        return self.model.losses(x, l1_coeff=l1_coeff, k=k)
 
 
 def train_crosscoder(cfg: TrainConfig, store: ActivationStore, run_dir: str | Path,
@@ -162,64 +180,85 @@ def train_crosscoder(cfg: TrainConfig, store: ActivationStore, run_dir: str | Pa
     """Train a crosscoder on the store's normalised activations; export it to run_dir and return it.
 
     The store's norm factors (02_normalize) scale each model's activations to a mean norm of sqrt(d_model).
+    Under torchrun (N processes) every rank trains on its 1/N of each global batch of ``batch_size``
+    rows with DistributedDataParallel; what the algorithm computes over the batch (the BatchTopK
+    selection and threshold, the dead-latent counts, the auxiliary loss's normalisation, resampling) is
+    global, so the result is single-process training's. Rank 0 logs, checkpoints and exports.
     """
     run_dir = Path(run_dir)
+    device = distributed.init_from_env(cfg.device)
+    rank, world = distributed.rank(), distributed.world_size()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} does not split evenly over {world} processes")
     factors = load_norm_factors(store)
     cc_cfg = prepare_run(cfg, cc_cfg, store, run_dir)
     total_steps = cfg.num_tokens // cfg.batch_size
     torch.manual_seed(cfg.seed)
-    model = CrossCoder(cc_cfg).train()
+    model = CrossCoder(cc_cfg).to(device).train()
     if cfg.init == "data":
-        data_init(model, sample_rows(store, cc_cfg.dict_size + 4096, seed=cfg.seed) * factors[None, :, None])
+        data_init(model, (sample_rows(store, cc_cfg.dict_size + 4096, seed=cfg.seed) * factors[None, :, None]).to(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.resolved_lr(), betas=(cfg.beta1, cfg.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, total_steps, cfg))
     start = 0
     checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
     if checkpoint:
-        model.load_state_dict(load_file(checkpoint / "crosscoder.safetensors"))
-        states = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+        model.load_state_dict(load_file(checkpoint / "crosscoder.safetensors", device=str(device)))
+        states = torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location=device)
         optimizer.load_state_dict(states["optimizer"])
         scheduler.load_state_dict(states["scheduler"])
         state = torch.load(checkpoint / "state.pt", weights_only=True)
         start = state["step"]
         torch.set_rng_state(state["torch_rng"])
-    metrics_file = run_dir / "metrics.jsonl"
-    kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= start] if checkpoint and metrics_file.exists() else []
-    metrics_file.write_text("".join(line + "\n" for line in kept))
-    run = None
-    if cfg.log_to != "none":
-        import wandb
+    objective = Objective(model)
+    if world > 1:
+        objective = DistributedDataParallel(objective, forward_sync_buffers=False,
+                                            device_ids=[device] if device.startswith("cuda") else None)
+    metrics_file, run = run_dir / "metrics.jsonl", None
+    if rank == 0:
+        kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= start] if checkpoint and metrics_file.exists() else []
+        metrics_file.write_text("".join(line + "\n" for line in kept))
+        if cfg.log_to != "none":
+            import wandb
 
-        run = wandb.init(project=cfg.wandb_project, dir=str(run_dir), mode=cfg.log_to, name=run_dir.name,
-                         config={**cfg.to_dict(), **cc_cfg.to_dict()}, resume="allow", id=run_dir.name)
-    scale = factors[None, :, None]
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="training")
-    for step, x in zip(bar, training_batches(store, cfg, start)):
+            run = wandb.init(project=cfg.wandb_project, dir=str(run_dir), mode=cfg.log_to, name=run_dir.name,
+                             config={**cfg.to_dict(), **cc_cfg.to_dict()}, resume="allow", id=run_dir.name)
+    scale = factors[None, :, None].to(device)
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="training",
+               **({"disable": True} if rank > 0 else {}))  # the TQDM_DISABLE variable still works on rank 0
+    for step, x in zip(bar, training_batches(store, cfg, start, part=(rank, world))):
+        x = x.to(device, non_blocking=True) * scale
         l1_coeff = l1_coeff_at(step, total_steps, cfg, cc_cfg.l1_coeff)
-        out = model.losses(x * scale, l1_coeff=l1_coeff, k=k_at(step, total_steps, cfg, cc_cfg.k))
+        out = objective(x, l1_coeff, k_at(step, total_steps, cfg, cc_cfg.k))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if cfg.resample_every and (step + 1) % cfg.resample_every == 0 and step + 1 <= total_steps // 2:
-            resample_dead_latents(model, optimizer, x * scale)
+            resample_dead_latents(model, optimizer, distributed.all_gather_cat(x))
         if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
-            metrics = {"step": step + 1, **out.metrics(), "l1_coeff": l1_coeff, "lr": scheduler.get_last_lr()[0],
+            values = out.metrics()  # averaged over the ranks
+            values = dict(zip(values, (distributed.all_reduce(torch.tensor(list(values.values()), device=device)) / world).tolist()))
+            metrics = {"step": step + 1, **values, "l1_coeff": l1_coeff, "lr": scheduler.get_last_lr()[0],
                        "dead_fraction": model.dead_latents().float().mean().item()}
             if cc_cfg.variant == "batchtopk":
                 metrics["threshold"] = model.threshold.item()
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if run:
-                run.log(metrics, step=step + 1)
+            if rank == 0:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                if run:
+                    run.log(metrics, step=step + 1)
             bar.set_postfix(loss=f"{metrics['loss']:.3g}", L0=f"{metrics['l0_loss']:.1f}", EV=f"{metrics['explained_variance']:.3f}")
         if (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(run_dir, model, optimizer, scheduler, step + 1)
+            if rank == 0:
+                save_checkpoint(run_dir, model, optimizer, scheduler, step + 1)
+            distributed.barrier()
     if run:
         run.finish()
     model.eval()
-    export(model, factors, run_dir)
+    if rank == 0:
+        export(model, factors, run_dir)
+    distributed.barrier()
     return model
 
 
@@ -228,3 +267,25 @@ def export(model: CrossCoder, factors: torch.Tensor, run_dir: Path) -> None:
     model.save(run_dir)
     write_json(run_dir / "norm_factors.json", {"norm_factors": factors.tolist()})
     model.fold_norm_factors(factors).save(run_dir / "raw")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m crosscoder_utils.train STORE RUN_DIR [--train JSON] [--crosscoder JSON]``, alone or under
+    ``torchrun --nproc_per_node N`` (one process per GPU; multi-node with torchrun's --nnodes and
+    --rdzv-endpoint). The JSON objects hold TrainConfig and CrossCoderConfig fields."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m crosscoder_utils.train", description=main.__doc__)
+    parser.add_argument("store", help="activation store directory (collected and normalised)")
+    parser.add_argument("run_dir", help="run directory (checkpoints, metrics, export)")
+    parser.add_argument("--train", default="{}", help="TrainConfig fields as a JSON object")
+    parser.add_argument("--crosscoder", default="{}", help="CrossCoderConfig fields as a JSON object")
+    args = parser.parse_args(argv)
+    train_crosscoder(TrainConfig.from_dict(json.loads(args.train)), ActivationStore(args.store), args.run_dir,
+                     CrossCoderConfig.from_dict(json.loads(args.crosscoder)))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

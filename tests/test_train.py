@@ -170,3 +170,34 @@ def test_partition_survives_resume_and_export(ground_truth, tmp_path):
         assert cc.W_dec[16:32].abs().sum() > 0
     kinds = latent_kinds(raw)
     assert (kinds[16:24] == 0).all() and (kinds[24:32] == 1).all() and (kinds[:16] == -1).all()
+
+
+DISTRIBUTED = [
+    ("relu", dict(lr=2e-3, init="data", resample_every=4), dict(dict_size=96, dead_tokens=1024, n_shared_latents=8, n_dedicated=8)),
+    ("batchtopk", dict(lr=2e-3, k_anneal_from=16, resample_every=4), dict(dict_size=96, variant="batchtopk", k=4, dead_tokens=1024,
+                                                                           n_shared_latents=8, n_dedicated=8)),
+]
+
+
+@pytest.mark.parametrize("name,train_fields,cc_fields", DISTRIBUTED, ids=[d[0] for d in DISTRIBUTED])
+def test_two_process_ddp_equals_single_process_training(ground_truth, tmp_path, name, train_fields, cc_fields):
+    store = ground_truth[0]
+    train_fields = dict(batch_size=512, num_tokens=24 * 512, log_every=6, save_every=10, log_to="none", **train_fields)
+    single = train_crosscoder(TrainConfig(**train_fields), store, tmp_path / "single", CrossCoderConfig(**cc_fields))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "crosscoder_utils.train", str(store.path), str(tmp_path / "ddp"),
+               "--train", json.dumps(train_fields), "--crosscoder", json.dumps(cc_fields)]
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, check=True, env=env)
+    ddp = CrossCoder.load(tmp_path / "ddp")
+    assert single.dead_latents().any() or name == "relu"
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(ddp.state_dict()[key], value, rtol=1e-3, atol=1e-4, msg=key)  # float reassociation only
+    # as if killed after its step-20 checkpoint (the export removed): two processes resume to the same weights
+    (tmp_path / "ddp/crosscoder.safetensors").unlink()
+    subprocess.run(command[:-4] + ["--train", json.dumps({**train_fields, "resume": True})] + command[-2:], check=True, env=env)
+    resumed = CrossCoder.load(tmp_path / "ddp")
+    for key, value in ddp.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    logged = [json.loads(line)["step"] for line in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()]
+    assert logged == [6, 12, 18, 24]
