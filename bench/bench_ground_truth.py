@@ -28,6 +28,7 @@ RECIPES = {  # name: (TrainConfig fields, CrossCoderConfig fields); everything e
     "batchtopk defaults (k 8)": ({}, dict(variant="batchtopk", k=8)),
     "batchtopk, k 64->8": (dict(k_anneal_from=64), dict(variant="batchtopk", k=8)),
     "batchtopk, k 64->8, resampling": (dict(k_anneal_from=64, resample_every=250), dict(variant="batchtopk", k=8)),
+    "batchtopk, k 64->8, data init": (dict(k_anneal_from=64, init="data"), dict(variant="batchtopk", k=8)),
     "batchtopk, 100 designated shared": ({}, dict(variant="batchtopk", k=8, n_shared_latents=100)),
     "batchtopk, 200 dedicated per model": ({}, dict(variant="batchtopk", k=8, n_dedicated=200)),
     "batchtopk, 200 dedicated, k 64->8": (dict(k_anneal_from=64), dict(variant="batchtopk", k=8, n_dedicated=200)),

@@ -11,6 +11,7 @@ import torch
 from nnsight import NNsight
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import CollectConfig
 from .models import PROBE_TEXT, ModelPair, Site, load_model_pair, resolve_site
 from .store import ActivationStore, StoreWriter
@@ -124,23 +125,27 @@ def keep_mask(input_ids, attention_mask, position_ids, cfg: CollectConfig, bos_i
     return keep
 
 
-def iter_activations(pair: ModelPair, cfg: CollectConfig, skip_sequences: int = 0) -> Iterator[ActivationBatch]:
-    """Kept tokens of each batch of ``batch_size`` sequences, both models on the same ids."""
+def iter_activations(pair: ModelPair, cfg: CollectConfig, skip_sequences: int = 0,
+                     part: tuple[int, int] = (0, 1)) -> Iterator[ActivationBatch]:
+    """Kept tokens of each batch of ``batch_size`` sequences, both models on the same ids.
+
+    ``part=(rank, world_size)``: only the blocks of ``seqs_per_shard`` sequences (counted from
+    ``skip_sequences``) that fall to this rank, round robin; the sequence numbers stay global."""
+    rank, world = part
     sites = [resolve_site(model, cfg.site, cfg.layer) for model in (pair.base, pair.finetuned)]
     traced = [NNsight(model) for model in (pair.base, pair.finetuned)]
     tokenizer = pair.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     device = pair.base.device
-    sequences = tokenize(load_texts(cfg.dataset, cfg.split, cfg.text_column, tokenizer), tokenizer, cfg.seq_len)
-    sequences = itertools.islice(sequences, skip_sequences, None)
-    for batch_number in itertools.count():
-        batch = list(itertools.islice(sequences, cfg.batch_size))
-        if not batch:
-            return
-        ids, mask, pos = pad_batch(batch, pad_id, cfg.padding_side)
+    sequences = enumerate(tokenize(load_texts(cfg.dataset, cfg.split, cfg.text_column, tokenizer), tokenizer, cfg.seq_len))
+    mine = ((i, ids) for i, ids in itertools.islice(sequences, skip_sequences, None)
+            if (i - skip_sequences) // cfg.seqs_per_shard % world == rank)
+    while batch := list(itertools.islice(mine, cfg.batch_size)):
+        numbers, batch = zip(*batch)
+        ids, mask, pos = pad_batch(list(batch), pad_id, cfg.padding_side)
         acts = torch.stack([trace_site(m, s, ids.to(device), mask.to(device), pos.to(device)) for m, s in zip(traced, sites)], dim=2)
         keep = keep_mask(ids, mask, pos, cfg, tokenizer.bos_token_id)
-        seq = skip_sequences + batch_number * cfg.batch_size + torch.arange(len(batch))[:, None].expand_as(ids)
+        seq = torch.tensor(numbers)[:, None].expand_as(ids)
         yield ActivationBatch(acts[keep.to(device)].cpu(), ids[keep], seq[keep], pos[keep])
 
 
@@ -169,43 +174,55 @@ def collect_activations(cfg: CollectConfig, store_dir: str | Path, pair: ModelPa
 
     A store already complete with the same settings is returned as it is; one with other settings is
     refused. ``pair`` may be passed to reuse loaded models (it must be the models ``cfg`` names).
+
+    Under torchrun (N processes, one per GPU) each rank takes every N-th block of ``seqs_per_shard``
+    sequences and writes its shards into the same store; after each round of N blocks the token counts
+    are shared, the block that crosses ``n_tokens`` is cut there, and rank 0 records the progress and
+    writes the meta. The store equals a single process's, and a run resumes with any number of processes.
     """
+    device = distributed.init_from_env(cfg.device)
+    rank, world = distributed.rank(), distributed.world_size()
     settings = {k: v for k, v in cfg.to_dict().items() if k != "device"}
     if pair is None:
-        pair = load_model_pair(cfg.base_model, cfg.finetuned_model, cfg.model_dtype, cfg.device,
+        pair = load_model_pair(cfg.base_model, cfg.finetuned_model, cfg.model_dtype, device,
                                cfg.trust_remote_code, cfg.revision)
     d_model = preflight(pair, cfg)
-    writer = StoreWriter(store_dir, settings, n_models=2, d_model=d_model, dtype=cfg.dtype)
+    for turn in range(2):  # rank 0 first: it clears what a killed run left; then the others open the same progress
+        if (rank == 0) == (turn == 0):
+            writer = StoreWriter(store_dir, settings, n_models=2, d_model=d_model, dtype=cfg.dtype)
+        distributed.barrier()
     if writer.complete:
         return ActivationStore(store_dir)
-    progress, parts = writer.progress, []
-
-    def write_parts():
-        rows = (torch.cat(column)[: cfg.n_tokens - progress["n_tokens"]] for column in zip(*parts))
-        writer.write_shard(*rows, n_sequences=len(parts) * cfg.batch_size)
-        parts.clear()
-
-    bar = tqdm(total=cfg.n_tokens, initial=progress["n_tokens"], unit="tok", desc="collecting")
-    held = 0  # tokens in parts
-    for number, batch in enumerate(iter_activations(pair, cfg, skip_sequences=progress["n_sequences"]), start=1):
-        bar.update(min(len(batch.token_ids), cfg.n_tokens - progress["n_tokens"] - held))
-        parts.append(batch)
-        held += len(batch.token_ids)
-        full = progress["n_tokens"] + held >= cfg.n_tokens
-        if full or number % (cfg.seqs_per_shard // cfg.batch_size) == 0:
-            write_parts()
-            held = 0
-        if full:
+    progress = writer.progress
+    start_block = progress["n_blocks"]
+    batches = iter_activations(pair, cfg, skip_sequences=start_block * cfg.seqs_per_shard, part=(rank, world))
+    bar = tqdm(total=cfg.n_tokens, initial=progress["n_tokens"], unit="tok", desc="collecting",
+               **({"disable": True} if rank > 0 else {}))
+    for round_number in itertools.count():
+        block = start_block + round_number * world + rank
+        parts = list(itertools.islice(batches, cfg.seqs_per_shard // cfg.batch_size))
+        counts = distributed.all_gather_cat(torch.tensor([sum(len(b.token_ids) for b in parts), len(parts)], device=device)[None]).cpu()
+        # the blocks of this round in order; the one that crosses n_tokens is cut there
+        keep = max(0, min(int(counts[rank, 0]), cfg.n_tokens - progress["n_tokens"] - int(counts[:rank, 0].sum())))
+        rows = [torch.cat(column)[:keep] for column in zip(*parts)] or [torch.empty(0)] * 4
+        stats = distributed.all_reduce(writer.write_shard(*rows, block=block).to(device)).cpu()
+        if rank == 0:
+            writer.record(stats, n_blocks=start_block + (round_number + 1) * world)
+        else:
+            progress["n_tokens"] += int(stats[-2])
+        bar.update(int(stats[-2]))
+        if progress["n_tokens"] >= cfg.n_tokens or counts[:, 1].sum() == 0:
             break
-    if parts:
-        write_parts()
     bar.close()
-    if progress["n_tokens"] < cfg.n_tokens:
+    if progress["n_tokens"] < cfg.n_tokens and rank == 0:
         warnings.warn(f"the dataset ran out after {progress['n_tokens']} tokens of the {cfg.n_tokens} asked for")
     exclusions = {"bos": cfg.exclude_bos, "first_n": cfg.exclude_first_n, "token_ids": cfg.exclude_token_ids}
     dataset = cfg.dataset if isinstance(cfg.dataset, str) else f"<list of {len(cfg.dataset)} texts>"
-    return writer.finish(
-        models=list(pair.names), revisions=[cfg.revision, cfg.revision], site=cfg.site, layer=cfg.layer,
-        d_model=d_model, n_models=2, exclusions=exclusions, val_fraction=cfg.val_fraction,
-        dataset={"name": dataset, "split": cfg.split, "text_column": cfg.text_column}, seq_len=cfg.seq_len,
-    )
+    if rank == 0:
+        writer.finish(
+            models=list(pair.names), revisions=[cfg.revision, cfg.revision], site=cfg.site, layer=cfg.layer,
+            d_model=d_model, n_models=2, exclusions=exclusions, val_fraction=cfg.val_fraction,
+            dataset={"name": dataset, "split": cfg.split, "text_column": cfg.text_column}, seq_len=cfg.seq_len,
+        )
+    distributed.barrier()
+    return ActivationStore(store_dir)

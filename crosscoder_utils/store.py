@@ -3,8 +3,8 @@
 Layout of a store directory::
 
     meta.json                written last: its presence means the store is complete
-    progress.json            collection progress (settings, shards and statistics so far), for resuming
-    shards/shard_00000/ ...  HF datasets (``save_to_disk``), one row per token:
+    progress.json            collection progress (settings, blocks done, statistics so far), for resuming
+    shards/shard_00000/ ...  HF datasets (``save_to_disk``), one row per token; shard b holds block b:
                              acts      flat fixed-length list of n_models * d_model values
                              token_id  int64, seq int64 (sequence index), pos int32 (position in it)
 
@@ -49,14 +49,19 @@ def from_storage(flat: np.ndarray, dtype: str, n_models: int) -> torch.Tensor:
 
 
 class StoreWriter:
-    """Appends rows to a store in complete shards and keeps running per-model statistics.
+    """Writes a store in complete shards and keeps running per-model statistics.
 
+    Shard b holds block b of the collection (``seqs_per_shard`` sequences, or ``shard_size`` rows); a
+    block whose every token was excluded writes no shard. ``write_shard`` writes one shard and returns
+    its statistics; ``record`` adds statistics to progress.json once every block up to ``n_blocks`` is
+    written (under torchrun, ranks write their blocks side by side and rank 0 records).
     ``settings`` identify what is being written; an existing directory with other settings is refused,
     so a store is never mixed from two collections.
     """
 
     def __init__(self, path: str | Path, settings: dict, n_models: int, d_model: int, dtype: str):
         self.path, self.settings, self.dtype = Path(path), settings, dtype
+        self.n_models, self.d_model = n_models, d_model
         self.shards = self.path / "shards"
         progress_file = self.path / "progress.json"
         if (self.path / "meta.json").exists() or progress_file.exists():
@@ -73,23 +78,26 @@ class StoreWriter:
             raise ValueError(f"{self.path} exists and is not an activation store; pass an empty or new store_dir")
         else:
             self.progress = {
-                "settings": settings, "n_shards": 0, "n_sequences": 0, "n_tokens": 0,
+                "settings": settings, "n_blocks": 0, "n_shards": 0, "n_tokens": 0,
                 "sum": np.zeros((n_models, d_model)).tolist(), "sum_norm": [0.0] * n_models,
             }
         for shard in self.shards.glob("*shard_*"):  # shards a killed run did not finish or did not record
-            if shard.name.startswith(".tmp_") or int(shard.name[-5:]) >= self.progress["n_shards"]:
+            if shard.name.startswith(".tmp_") or int(shard.name[-5:]) >= self.progress["n_blocks"]:
                 shutil.rmtree(shard)
         self.shards.mkdir(parents=True, exist_ok=True)
+        if not progress_file.exists():  # from now on the directory is recognisably this store
+            write_json(progress_file, self.progress)
 
     @property
     def complete(self) -> bool:
         return (self.path / "meta.json").exists()
 
-    def write_shard(self, activations: torch.Tensor, token_ids, seq, pos, n_sequences: int) -> None:
-        """Write one shard of rows: activations [n, n_models, d_model]; token_ids, seq, pos [n]."""
-        if len(activations) == 0:  # every token of these sequences was excluded: only count them
-            self.progress["n_sequences"] += n_sequences
-            return write_json(self.path / "progress.json", self.progress)
+    def write_shard(self, activations: torch.Tensor, token_ids, seq, pos, block: int) -> torch.Tensor:
+        """Write block ``block``'s rows: activations [n, n_models, d_model]; token_ids, seq, pos [n].
+        Returns its statistics as float64 [n_models·d_model sums, n_models norm sums, n_tokens, n_shards]."""
+        stats = torch.zeros(self.n_models * self.d_model + self.n_models + 2, dtype=torch.float64)
+        if len(activations) == 0:  # every token of this block was excluded
+            return stats
         if not torch.isfinite(activations).all():
             bad = (~torch.isfinite(activations)).any(-1).nonzero()[0].tolist()
             raise ValueError(f"non-finite activations (NaN or inf) at row {bad[0]}, model {bad[1]}; nothing of this shard was written")
@@ -100,18 +108,22 @@ class StoreWriter:
             "seq": pa.array(np.asarray(seq, dtype=np.int64)),
             "pos": pa.array(np.asarray(pos, dtype=np.int32)),
         })
-        name = f"shard_{self.progress['n_shards']:05d}"
+        name = f"shard_{block:05d}"
         datasets.disable_progress_bars()
         datasets.Dataset(InMemoryTable(table)).save_to_disk(str(self.shards / f".tmp_{name}"))
         datasets.enable_progress_bars()
         os.replace(self.shards / f".tmp_{name}", self.shards / name)
-        acts64 = activations.double()
-        progress = self.progress
-        progress["sum"] = (np.array(progress["sum"]) + acts64.sum(0).cpu().numpy()).tolist()
-        progress["sum_norm"] = (np.array(progress["sum_norm"]) + acts64.norm(dim=-1).sum(0).cpu().numpy()).tolist()
-        progress["n_tokens"] += len(activations)
-        progress["n_sequences"] += n_sequences
-        progress["n_shards"] += 1
+        acts64 = activations.double().cpu()
+        return torch.cat([acts64.sum(0).flatten(), acts64.norm(dim=-1).sum(0), torch.tensor([len(activations), 1.0])])
+
+    def record(self, stats: torch.Tensor, n_blocks: int) -> None:
+        """Add the statistics of written shards to progress.json: blocks before ``n_blocks`` are done."""
+        progress, nd = self.progress, self.n_models * self.d_model
+        progress["sum"] = (np.array(progress["sum"]) + stats[:nd].view(self.n_models, self.d_model).numpy()).tolist()
+        progress["sum_norm"] = (np.array(progress["sum_norm"]) + stats[nd:-2].numpy()).tolist()
+        progress["n_tokens"] += int(stats[-2])
+        progress["n_shards"] += int(stats[-1])
+        progress["n_blocks"] = n_blocks
         write_json(self.path / "progress.json", progress)
 
     def finish(self, **meta) -> "ActivationStore":
@@ -170,9 +182,10 @@ class ActivationStore:
         if writer.complete:
             raise ValueError(f"{path} already holds a complete store; pass a new path")
         rows = np.arange(n)
-        for start in range(writer.progress["n_tokens"], n, shard_size):
-            part = slice(start, start + shard_size)
-            writer.write_shard(activations[part], token_ids[part], rows[part], np.zeros_like(rows[part]), 0)
+        for block in range(writer.progress["n_blocks"], -(-n // shard_size)):
+            part = slice(block * shard_size, (block + 1) * shard_size)
+            stats = writer.write_shard(activations[part], token_ids[part], rows[part], np.zeros_like(rows[part]), block)
+            writer.record(stats, n_blocks=block + 1)
         return writer.finish(**meta)
 
     def __len__(self) -> int:

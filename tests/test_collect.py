@@ -98,15 +98,28 @@ import sys
 from crosscoder_utils import CollectConfig, collect_activations
 from conftest import TEXTS
 cfg = CollectConfig(base_model=sys.argv[1], finetuned_model=sys.argv[2], layer=1, dataset=TEXTS * 40,
-                    n_tokens=10**6, seq_len=24, batch_size=4, seqs_per_shard=8)
+                    n_tokens=int(sys.argv[4]), seq_len=24, batch_size=4, seqs_per_shard=8)
 collect_activations(cfg, sys.argv[3])
 """
 
 
-def test_killed_collection_resumes_to_the_same_store(make_model, tmp_path):
+def assert_same_store(a: ActivationStore, b: ActivationStore):
+    rows = np.arange(len(b))
+    assert len(a) == len(b) and a.meta["n_shards"] == b.meta["n_shards"]
+    assert torch.equal(a.read(rows), b.read(rows)) and torch.equal(a.token_ids(rows), b.token_ids(rows))
+    assert all(torch.equal(x, y) for x, y in zip(a.positions(rows), b.positions(rows)))
+    assert a.meta["mean_norm"] == pytest.approx(b.meta["mean_norm"], rel=1e-9)
+
+
+def test_killed_collection_resumes_to_the_same_store_with_two_processes(make_model, tmp_path):
+    """Killed single-process, resumed under torchrun with 2 processes (gloo): the single-process store."""
     base, finetuned = make_model(), make_model(seed=1)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.path.dirname(__file__)])}
-    proc = subprocess.Popen([sys.executable, "-c", COLLECT_SCRIPT, base, finetuned, str(tmp_path / "killed")], env=env)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.path.dirname(__file__)]), "TQDM_DISABLE": "1"}
+    (tmp_path / "collect.py").write_text(COLLECT_SCRIPT)
+    command = lambda name, n_tokens, processes=1: (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1
+        else [sys.executable]) + [str(tmp_path / "collect.py"), base, finetuned, str(tmp_path / name), str(n_tokens)]
+    proc = subprocess.Popen(command("killed", 10**6), env=env)
     while not (tmp_path / "killed/shards/shard_00003").exists():
         assert proc.poll() is None, "the collection ended before it could be killed"
         time.sleep(0.005)
@@ -115,14 +128,14 @@ def test_killed_collection_resumes_to_the_same_store(make_model, tmp_path):
     assert not (tmp_path / "killed/meta.json").exists()
     with pytest.raises(FileNotFoundError, match="interrupted"):
         ActivationStore(tmp_path / "killed")
-    for name in ("killed", "whole"):
-        subprocess.run([sys.executable, "-c", COLLECT_SCRIPT, base, finetuned, str(tmp_path / name)], env=env, check=True)
-    resumed, whole = ActivationStore(tmp_path / "killed"), ActivationStore(tmp_path / "whole")
-    rows = np.arange(len(whole))
-    assert len(resumed) == len(whole)
-    assert torch.equal(resumed.read(rows), whole.read(rows))
-    assert all(torch.equal(a, b) for a, b in zip(resumed.positions(rows), whole.positions(rows)))
-    assert resumed.meta["mean_norm"] == pytest.approx(whole.meta["mean_norm"], rel=1e-9)
+    subprocess.run(command("killed", 10**6, processes=2), env=env, check=True)
+    subprocess.run(command("whole", 10**6), env=env, check=True)
+    assert_same_store(ActivationStore(tmp_path / "killed"), ActivationStore(tmp_path / "whole"))
+    # a token budget that ends inside a round of blocks: the crossing block is cut where one process cuts it
+    for name, processes in (("budget_1", 1), ("budget_2", 2)):
+        subprocess.run(command(name, 301, processes), env=env, check=True)
+    assert len(ActivationStore(tmp_path / "budget_1")) == 301
+    assert_same_store(ActivationStore(tmp_path / "budget_2"), ActivationStore(tmp_path / "budget_1"))
 
 
 def test_bad_inputs_are_refused_before_compute(make_model, tokenizer, tmp_path):
