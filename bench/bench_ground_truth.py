@@ -16,19 +16,19 @@ from pathlib import Path
 from crosscoder_utils import ActivationStore, CrossCoderConfig, TrainConfig, estimate_norm_factors, train_crosscoder
 from crosscoder_utils.synthetic import SyntheticConfig, generate, score
 
-PLAIN = dict(lr=1e-3, lr_decay_frac=0.0, l1_warmup_frac=0.0)
+PLAIN = dict(lr=1e-3, lr_decay_frac=0.0, l1_warmup_frac=0.0, init="random")
 RECIPES = {  # name: (TrainConfig fields, CrossCoderConfig fields); everything else at the library defaults
     "relu plain (lr 1e-3 constant)": (PLAIN, dict(variant="relu")),
     "relu defaults": ({}, dict(variant="relu")),
     "relu defaults, resampling": (dict(resample_every=250), dict(variant="relu")),
-    "relu defaults, data init": (dict(init="data"), dict(variant="relu")),
+    "relu defaults, random init": (dict(init="random"), dict(variant="relu")),
     "relu, 100 designated shared": ({}, dict(variant="relu", n_shared_latents=100)),
     "relu, 200 dedicated per model": ({}, dict(variant="relu", n_dedicated=200)),
     "batchtopk plain (k 8, lr 1e-3 constant)": (PLAIN, dict(variant="batchtopk", k=8)),
     "batchtopk defaults (k 8)": ({}, dict(variant="batchtopk", k=8)),
     "batchtopk, k 64->8": (dict(k_anneal_from=64), dict(variant="batchtopk", k=8)),
     "batchtopk, k 64->8, resampling": (dict(k_anneal_from=64, resample_every=250), dict(variant="batchtopk", k=8)),
-    "batchtopk, k 64->8, data init": (dict(k_anneal_from=64, init="data"), dict(variant="batchtopk", k=8)),
+    "batchtopk, k 64->8, random init": (dict(k_anneal_from=64, init="random"), dict(variant="batchtopk", k=8)),
     "batchtopk, 100 designated shared": ({}, dict(variant="batchtopk", k=8, n_shared_latents=100)),
     "batchtopk, 200 dedicated per model": ({}, dict(variant="batchtopk", k=8, n_dedicated=200)),
     "batchtopk, 200 dedicated, k 64->8": (dict(k_anneal_from=64), dict(variant="batchtopk", k=8, n_dedicated=200)),

@@ -239,9 +239,10 @@ class TrainConfig(ConfigBase):
     train.resample_dead_latents); None: off."""
     seed: int = 0
     """Seed of the initialisation and of the data order."""
-    init: str = "random"
-    """``random``: random unit decoder directions (A1-style); ``data``: decoder directions from centred
-    activations of sampled tokens, b_dec at the mean activation (see train.data_init)."""
+    init: str = "data"
+    """``data``: decoder directions from centred activations of sampled tokens, b_dec at the mean activation
+    (see train.data_init; measured 1-3 points better recovery on the ground truth); ``random``: random
+    unit decoder directions (A1-style)."""
     device: str = "auto"
     """Device of the crosscoder: ``auto`` picks cuda when available (under torchrun, the local rank's GPU)."""
     log_every: int = 100

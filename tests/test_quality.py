@@ -28,7 +28,7 @@ def mean_exclusive(values: dict) -> float:
 def test_defaults_recover_most_features_and_beat_the_plain_recipe(medium):
     train, defaults = medium
     # the plain recipe: A1-style random init, constant lr (1e-3, ~3x the literature's 5e-5 x steps budget), no λ warm-up
-    plain = train("plain", TrainConfig(**ONE_PASS, lr=1e-3, lr_decay_frac=0.0, l1_warmup_frac=0.0), CrossCoderConfig(**SIZE))
+    plain = train("plain", TrainConfig(**ONE_PASS, lr=1e-3, lr_decay_frac=0.0, l1_warmup_frac=0.0, init="random"), CrossCoderConfig(**SIZE))
     assert min(defaults.classified.values()) >= 0.8, defaults
     assert defaults.false_exclusive_rate <= 0.02, defaults
     for kind in defaults.recovered:
