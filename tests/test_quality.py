@@ -2,7 +2,6 @@
 exclusive features co-firing with shared parents, a 4x larger fine-tune): the project's defaults against
 the plain recipe, and a dedicated partition against the same batchtopk crosscoder without one."""
 import pytest
-import torch
 
 from crosscoder_utils import ActivationStore, CrossCoderConfig, TrainConfig, estimate_norm_factors, train_crosscoder
 from crosscoder_utils.synthetic import SyntheticConfig, generate, score
