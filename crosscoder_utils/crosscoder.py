@@ -144,7 +144,7 @@ class CrossCoder(nn.Module):
         # it, and then m doubles until it is
         m = min(scores.shape[1], 2 * k)
         while True:
-            candidates = scores.topk(m, dim=1).values
+            candidates, columns = scores.topk(m, dim=1)
             kth = distributed.all_gather_cat(candidates.flatten()).topk(k_total).values[-1]
             undecided = torch.tensor(int(m < scores.shape[1] and kth > 0 and bool((candidates[:, -1] >= kth).any())))
             if not distributed.all_reduce(undecided.to(scores.device), "max"):
@@ -153,9 +153,10 @@ class CrossCoder(nn.Module):
         with torch.no_grad():
             decay = self.cfg.threshold_decay
             self.threshold.copy_(kth if self.threshold < 0 else decay * self.threshold + (1 - decay) * kth)
-        kept = (scores >= kth) & (scores > 0)  # a zero score adds nothing to the reconstruction
-        kept[:, : self.cfg.n_shared_latents] = pre[:, : self.cfg.n_shared_latents] > 0
-        return kept.flatten().nonzero().squeeze(1)
+        rows, slots = ((candidates >= kth) & (candidates > 0)).nonzero(as_tuple=True)  # a zero score adds nothing
+        tied_rows, tied_latents = (pre[:, : self.cfg.n_shared_latents] > 0).nonzero(as_tuple=True)
+        kept = torch.cat([rows * scores.shape[1] + columns[rows, slots], tied_rows * scores.shape[1] + tied_latents])
+        return kept.sort().values
 
     def _select(self, pre: torch.Tensor) -> torch.Tensor:
         """Which latents stay active: the variant's one difference in the forward pass."""
