@@ -210,3 +210,20 @@ def test_without_shared_or_dedicated_latents_losses_and_gradients_equal_the_plai
         for (name, p), q in zip(plain.named_parameters(), zero.parameters()):
             assert torch.equal(p.grad, q.grad), name
     assert variant == "relu" or b.aux_loss > 0
+
+
+def test_partition_with_three_models():
+    torch.manual_seed(0)
+    cc = CrossCoder(CrossCoderConfig(d_model=6, n_models=3, dict_size=30, n_shared_latents=3, n_dedicated=2)).train()
+    assert cc.owner[:9].tolist() == [-1] * 3 + [0, 0, 1, 1, 2, 2]
+    optimizer = torch.optim.Adam(cc.parameters(), lr=1e-2)
+    for _ in range(5):
+        cc.losses(torch.randn(16, 3, 6)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.equal(cc.W_dec[:3, 0], cc.W_dec[:3, 1]) and torch.equal(cc.W_dec[:3, 0], cc.W_dec[:3, 2])
+    for model in range(3):
+        mine = slice(3 + 2 * model, 5 + 2 * model)
+        others = [m for m in range(3) if m != model]
+        assert (cc.W_dec[mine][:, others] == 0).all() and (cc.W_enc[others][:, :, mine] == 0).all()
+        assert (cc.W_dec[mine, model] != 0).any()
