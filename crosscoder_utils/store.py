@@ -81,6 +81,11 @@ class StoreWriter:
                 "settings": settings, "n_blocks": 0, "n_shards": 0, "n_tokens": 0,
                 "sum": np.zeros((n_models, d_model)).tolist(), "sum_norm": [0.0] * n_models,
             }
+        if self.complete:
+            return
+        if "n_blocks" not in self.progress:
+            raise ValueError(f"{self.path} holds an interrupted collection by an older version of this project, "
+                             "which cannot be resumed; delete it to start over")
         for shard in self.shards.glob("*shard_*"):  # shards a killed run did not finish or did not record
             if shard.name.startswith(".tmp_") or int(shard.name[-5:]) >= self.progress["n_blocks"]:
                 shutil.rmtree(shard)
