@@ -206,8 +206,6 @@ class CrossCoder(nn.Module):
         the kept latents are encoded with gradients (``sparse_encode``) and decoded (``_decode_bags``)."""
         cfg = self.cfg
         l1_coeff = cfg.l1_coeff if l1_coeff is None else l1_coeff
-        norms = self.decoder_norms().sum(-1)
-        penalties = norms * self.penalty
         if cfg.variant == "batchtopk" and self.training:
             with torch.no_grad():
                 pre = self.pre_activations(x)
@@ -216,23 +214,25 @@ class CrossCoder(nn.Module):
             values = self._sparse_code(x, pre, rows, latents)
             offsets = torch.searchsorted(rows, torch.arange(len(x), device=x.device))
             x_hat = self._decode_bags(latents, values, offsets) + self.b_dec
-            l1_loss = (values * norms[latents]).sum() / len(x)
-            penalty = (values * penalties[latents]).sum() / len(x)
-            fired, l0_loss = latents[values > 0], (values > 0).sum() / len(x)
+            activity = torch.zeros(cfg.dict_size, dtype=values.dtype, device=x.device).index_add(0, latents, values)
+            l0_loss = (values > 0).sum() / len(x)
         else:
             pre = self.pre_activations(x)
             f = self._select(pre)
             x_hat = self.decode(f)
-            l1_loss = (f * norms).sum(-1).mean()
-            penalty = (f * penalties).sum(-1).mean()
-            fired, l0_loss = (f > 0).any(0).nonzero().squeeze(1), (f > 0).sum(-1).float().mean()
+            activity = f.sum(0)
+            l0_loss = (f > 0).sum(-1).float().mean()
+        # activity [dict_size]: each latent's activations summed over the batch
+        norms = self.decoder_norms().sum(-1)
+        l1_loss = (activity * norms).sum() / len(x)
+        penalty = (activity * norms * self.penalty).sum() / len(x)
         l2_loss = (x - x_hat).pow(2).sum((1, 2)).mean()
         aux_loss = self._aux_loss(x, x - x_hat, pre.detach()) if cfg.aux_coeff > 0 else x.new_zeros(())
         if self.training:
             with torch.no_grad():
-                fired_anywhere = torch.zeros(cfg.dict_size, dtype=torch.int32, device=x.device).index_fill_(0, fired, 1)
+                fired_anywhere = distributed.all_reduce((activity > 0).int(), "max").bool()
                 self.tokens_since_fired += len(x) * distributed.world_size()
-                self.tokens_since_fired[distributed.all_reduce(fired_anywhere, "max").bool()] = 0
+                self.tokens_since_fired[fired_anywhere] = 0
         loss = l2_loss + cfg.aux_coeff * aux_loss + l1_coeff * penalty
         with torch.no_grad():
             ev, ev_per_model = explained_variance(x, x_hat)
