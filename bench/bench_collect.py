@@ -2,10 +2,14 @@
 
 1. collect_activations (nnsight traces of both models, exclusions, shard writes) against a plain
    transformers forward of both models on the same padded batches (target: >= 90 %).
-2. ActivationStore.batches() against random batches from a raw numpy memmap of the same data (target: >= 50 %).
+2. ActivationStore.batches() against random batches from a raw numpy memmap of the same data (target: >= 50 %),
+   from local disk and streamed over HTTP from a server on localhost (another process).
 
 Run: .venv/bin/python bench/bench_collect.py
 """
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -74,15 +78,26 @@ def bench_reading(root: Path, n=400_000, n_models=2, d_model=256, batch_size=409
         for _ in range(n_batches):
             torch.from_numpy(raw[np.sort(rng.integers(0, n, batch_size))])
 
-    def store_pass():
+    def store_pass(store):
         for _, batch in zip(range(n_batches), store.batches(batch_size, seed=int(rng.integers(1000)))):
             pass
 
-    memmap, ours = (min(timed(run) for _ in range(3)) for run in (memmap_pass, store_pass))
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2)
+    try:  # a fresh streamed store each time: every pass downloads its shards
+        runs = (memmap_pass, lambda: store_pass(store), lambda: store_pass(ActivationStore(f"http://127.0.0.1:{port}/read_store")))
+        memmap, ours, streamed = (min(timed(run) for _ in range(3)) for run in runs)
+    finally:
+        server.terminate()
     tokens = n_batches * batch_size
     print(f"reading: {n:,} rows of [{n_models}, {d_model}] float32, batches of {batch_size}")
-    print(f"  raw numpy memmap, random rows: {tokens / memmap:12,.0f} tok/s")
-    print(f"  ActivationStore.batches():     {tokens / ours:12,.0f} tok/s   ratio {memmap / ours:.2f}x (target >= 0.50)")
+    print(f"  raw numpy memmap, random rows:      {tokens / memmap:12,.0f} tok/s")
+    print(f"  ActivationStore.batches():          {tokens / ours:12,.0f} tok/s   ratio {memmap / ours:.2f}x (target >= 0.50)")
+    print(f"  the same, streamed over HTTP:       {tokens / streamed:12,.0f} tok/s   ratio {memmap / streamed:.2f}x")
 
 
 if __name__ == "__main__":

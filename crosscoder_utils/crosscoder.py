@@ -10,6 +10,7 @@ The variants differ only in ``_select`` (which latents stay active) and in the s
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,6 +281,18 @@ class CrossCoder(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, directory / "crosscoder.safetensors")
         self.cfg.save(directory / "cfg.json")
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None) -> str:
+        """Upload what ``save`` writes to a Hub model repo; ``CrossCoder.load(repo_id)`` reads it back."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as directory:
+            self.save(directory)
+            api.upload_folder(repo_id=repo_id, folder_path=directory,
+                              commit_message=f"{self.cfg.variant} crosscoder, {self.cfg.dict_size} latents")
+        return repo_id
 
     @classmethod
     def load(cls, directory_or_hub_id: str | Path, device: str = "cpu") -> "CrossCoder":

@@ -1,7 +1,6 @@
 """Norm scale factors: one scalar per model so that the mean activation norm becomes sqrt(d_model)."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -10,14 +9,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .store import ActivationStore, write_json
+from .store import ActivationStore
 
 
 def sample_rows(store: ActivationStore, n_rows: int, seed: int = 0, split: str = "train") -> torch.Tensor:
-    """float32 [n, n_models, d_model]: up to ``n_rows`` rows of a split drawn at random."""
-    rows = store.split_range(split)
-    indices = np.random.default_rng(seed).choice(np.arange(rows.start, rows.stop), min(n_rows, len(rows)), replace=False)
-    return store.read(np.sort(indices))
+    """float32 [n, n_models, d_model]: up to ``n_rows`` random rows of a split, from the first shuffled
+    windows of shards (so a streamed store downloads only those shards)."""
+    indices, have = [], 0
+    for window in store.shuffled_indices(split, seed):
+        if have >= n_rows:
+            break
+        indices.append(window)
+        have += len(window)
+    return store.read(np.sort(np.concatenate(indices)[:n_rows]))
 
 
 def estimate_norm_factors(store: ActivationStore, n_batches: int = 100, batch_size: int = 4096, seed: int = 0) -> torch.Tensor:
@@ -32,15 +36,15 @@ def estimate_norm_factors(store: ActivationStore, n_batches: int = 100, batch_si
         norms.append(batch.norm(dim=-1).mean(0))
     mean_norm = torch.stack(norms).mean(0)
     factors = math.sqrt(store.d_model) / mean_norm
-    write_json(store.path / "norm.json", {"norm_factors": factors.tolist(), "n_batches": len(norms), "models": store.meta["models"]})
+    store.write_json("norm.json", {"norm_factors": factors.tolist(), "n_batches": len(norms), "models": store.meta["models"]})
     return factors
 
 
 def load_norm_factors(store: ActivationStore) -> torch.Tensor:
-    path = store.path / "norm.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run 02_normalize (estimate_norm_factors) on this store first")
-    return torch.tensor(json.loads(path.read_text())["norm_factors"])
+    norm = store.read_json("norm.json")
+    if norm is None:
+        raise FileNotFoundError(f"{store.path} has no norm.json: run 02_normalize (estimate_norm_factors) on this store first")
+    return torch.tensor(norm["norm_factors"])
 
 
 def plot_norm_histograms(store: ActivationStore, factors: torch.Tensor | None = None, n_rows: int = 20_000, path=None):

@@ -3,6 +3,7 @@
 Layout of a store directory::
 
     meta.json                written last: its presence means the store is complete
+    norm.json                the norm scale factors (02_normalize)
     progress.json            collection progress (settings, blocks done, statistics so far), for resuming
     shards/shard_00000/ ...  HF datasets (``save_to_disk``), one row per token; shard b holds block b:
                              acts      flat fixed-length list of n_models * d_model values
@@ -10,21 +11,28 @@ Layout of a store directory::
 
 A shard is written under a temporary name and renamed when complete, so a killed collection leaves
 only complete shards, and a re-run with the same settings continues after the last of them.
+Stores are written on local disk; a complete one can be copied anywhere fsspec reaches, or pushed to a
+Hub dataset repo (``push_to_hub``), and read from there, streamed shard by shard.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import datasets
+import fsspec
 import numpy as np
 import pyarrow as pa
 import torch
-from datasets.table import InMemoryTable
+from datasets.filesystems import is_remote_filesystem
+from datasets.table import InMemoryTable, MemoryMappedTable
 from einops import rearrange
+from tqdm.auto import tqdm
 
 
 def write_json(path: Path, value: dict) -> None:
@@ -140,35 +148,114 @@ class StoreWriter:
             **meta, "n_tokens": n, "dtype": self.dtype, "n_shards": self.progress["n_shards"],
             "mean": (np.array(self.progress["sum"]) / n).tolist(),
             "mean_norm": (np.array(self.progress["sum_norm"]) / n).tolist(),
-            "settings": self.settings,
+            "settings": self.settings, "shards": shard_rows(self.shards),
         }
         write_json(self.path / "meta.json", meta)
         return ActivationStore(self.path)
 
 
+class Shard(NamedTuple):
+    """One shard's columns as zero-copy numpy views of its record batches (``starts``: each batch's first row)."""
+    starts: np.ndarray
+    columns: dict[str, list[np.ndarray]]
+
+
+def open_shard(fs: fsspec.AbstractFileSystem, directory: str) -> pa.Table:
+    """The table of a shard written by ``save_to_disk``: memory-mapped when local, downloaded when remote."""
+    files = json.loads(fs.cat_file(f"{directory}/state.json"))["_data_files"]
+    tables = [InMemoryTable.from_buffer(pa.py_buffer(fs.cat_file(f"{directory}/{f['filename']}")))
+              if is_remote_filesystem(fs) else MemoryMappedTable.from_file(f"{directory}/{f['filename']}") for f in files]
+    return pa.concat_tables([t.table for t in tables])
+
+
+def shard_rows(directory: Path) -> list[list]:
+    """[[name, n_rows], ...] of the complete shards under a local ``directory``, in order."""
+    fs = fsspec.filesystem("file")
+    return [[shard.name, open_shard(fs, str(shard)).num_rows] for shard in sorted(directory.glob("shard_*"))]
+
+
 class ActivationStore:
     """Paired activations of ``n_models`` models at one site, one row per token.
 
+    ``path`` is a local directory or any fsspec URL: ``hf://datasets/owner/name`` (a Hub dataset repo,
+    ``@revision`` after the name), ``s3://``, ``gs://``, ``http(s)://`` ... A remote store is streamed:
+    a pass visits the shards in windows of at least ``window_rows`` rows shuffled together; the next
+    window's shards download in the background while one is read, and a shard is kept while two
+    windows' worth of rows fit (least recently used dropped first), so a pass downloads each shard
+    once and memory holds about three windows. Prefix ``simplecache::`` to the URL to keep the
+    downloaded files on local disk for later passes.
+
     ``meta`` holds: models, site, layer, d_model, n_models, dtype, n_tokens, exclusions, dataset,
-    val_fraction, per-model ``mean`` [n_models][d_model] and ``mean_norm`` [n_models], settings.
+    val_fraction, per-model ``mean`` [n_models][d_model] and ``mean_norm`` [n_models], settings,
+    shards ([name, n_rows] of each).
     """
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not (self.path / "meta.json").exists():
+    def __init__(self, path: str | Path, window_rows: int = 2**16):
+        self.fs, root = fsspec.core.url_to_fs(str(path))
+        self.remote = is_remote_filesystem(self.fs)
+        self.path, self.root, self.window_rows = str(path) if self.remote else Path(root), root, window_rows
+        if not self.fs.exists(f"{root}/meta.json"):
             hint = (" A collection into it was interrupted: re-run it with the same arguments to resume."
-                    if (self.path / "progress.json").exists() else "")
+                    if self.fs.exists(f"{root}/progress.json") else "")
             raise FileNotFoundError(f"no complete activation store at {self.path} (meta.json is missing).{hint}")
-        self.meta = json.loads((self.path / "meta.json").read_text())
-        shards = sorted(self.path.glob("shards/shard_*"))
-        if len(shards) != self.meta["n_shards"]:
-            raise ValueError(f"{self.path} should hold {self.meta['n_shards']} shards but holds {len(shards)}")
-        self.dataset = datasets.concatenate_datasets([datasets.load_from_disk(str(s)) for s in shards])
+        self.meta = self.read_json("meta.json")
+        if "shards" not in self.meta:  # written before meta listed its shards: count them (local stores only)
+            self.meta["shards"] = shard_rows(Path(root) / "shards") if not self.remote else []
+        names, sizes = zip(*self.meta["shards"]) if self.meta["shards"] else ((), ())
+        missing = [] if self.remote else [n for n in names if not (Path(root) / "shards" / n).is_dir()]
+        if len(names) != self.meta["n_shards"] or sum(sizes) != self.meta["n_tokens"] or missing:
+            raise ValueError(f"{self.path} should hold {self.meta['n_shards']} shards of {self.meta['n_tokens']} rows in all, "
+                             f"but its shards are incomplete or missing {missing[:3]}; collect or copy it again")
         self.n_models, self.d_model = self.meta["n_models"], self.meta["d_model"]
-        # zero-copy numpy views of the memory-mapped record batches of the acts column: reads index these
-        chunks = self.dataset.data.column("acts").chunks
-        self._views = [chunk.flatten().to_numpy().reshape(len(chunk), -1) for chunk in chunks]
-        self._starts = np.cumsum([0] + [len(chunk) for chunk in chunks])[:-1]
+        self._names, self._sizes = names, np.array(sizes, dtype=np.int64)
+        self._starts = np.cumsum(np.concatenate([[0], self._sizes]))[:-1]
+        self._cache: OrderedDict[int, Shard] = OrderedDict()
+        self._pending: dict[int, Future] = {}  # shards being downloaded in the background
+        self._downloads = ThreadPoolExecutor(4, thread_name_prefix="store-download")
+
+    def read_json(self, name: str) -> dict | None:
+        """A JSON file of the store (``meta.json``, ``norm.json`` ...), or None when it has none."""
+        file = f"{self.root}/{name}"
+        return json.loads(self.fs.cat_file(file)) if self.fs.exists(file) else None
+
+    def write_json(self, name: str, value: dict) -> None:
+        """Write a JSON file into the store (atomically when local)."""
+        if self.remote:
+            self.fs.pipe_file(f"{self.root}/{name}", json.dumps(value, indent=2).encode())
+        else:
+            write_json(self.path / name, value)
+
+    def _load(self, s: int) -> Shard:
+        try:
+            table = open_shard(self.fs, f"{self.root}/shards/{self._names[s]}")
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"shard {self._names[s]} of the store at {self.path} is missing") from error
+        batches = table.to_batches()
+        columns = {name: [(batch.column(name).flatten().to_numpy().reshape(len(batch), -1) if name == "acts"
+                           else batch.column(name).to_numpy()) for batch in batches] for name in table.column_names}
+        return Shard(np.cumsum([0] + [len(b) for b in batches])[:-1], columns)
+
+    def _shard(self, s: int) -> Shard:
+        if s not in self._cache:
+            pending = self._pending.pop(s, None)
+            self._cache[s] = pending.result() if pending else self._load(s)
+            while self._sizes[list(self._cache)].sum() > 2 * (self.window_rows + self._sizes.max()):
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(s)
+        return self._cache[s]
+
+    def _prefetching(self, windows: Iterator[np.ndarray], first_row: int) -> Iterator[np.ndarray]:
+        """Yield the windows; for a remote store, download the next window's shards in the background
+        while this one is read (not those of windows that end before row ``first_row`` of the pass)."""
+        done, upcoming = 0, next(windows, None)
+        while upcoming is not None:
+            window, upcoming = upcoming, next(windows, None)
+            done += len(window)
+            if self.remote and upcoming is not None and done + len(upcoming) > first_row:
+                for s in np.unique(np.searchsorted(self._starts, upcoming, side="right") - 1):
+                    if s not in self._cache and s not in self._pending:
+                        self._pending[s] = self._downloads.submit(self._load, s)
+            yield window
 
     @classmethod
     def from_arrays(cls, path, activations, token_ids=None, shard_size: int = 65536, val_fraction: float = 0.05,
@@ -193,33 +280,60 @@ class ActivationStore:
             writer.record(stats, n_blocks=block + 1)
         return writer.finish(**meta)
 
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    shards_per_commit: int = 50) -> str:
+        """Upload this local, complete store to a Hub dataset repo; returns the URL that opens it,
+        ``hf://datasets/<repo_id>``.
+
+        Shards go up ``shards_per_commit`` to a commit, those already there are skipped, and meta.json
+        (with norm.json) comes last: an interrupted push resumes where it stopped, and the repo opens as a
+        store only once it is whole. A repo that holds another store is refused.
+        """
+        from huggingface_hub import HfApi
+
+        if self.remote:
+            raise ValueError(f"push_to_hub uploads a local store; {self.path} is not one (copy it locally first)")
+        api, url = HfApi(token=token), f"hf://datasets/{repo_id}"
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        files = set(api.list_repo_files(repo_id, repo_type="dataset"))
+        if "progress.json" in files:
+            theirs = json.loads(fsspec.filesystem("hf", token=token).cat_file(f"datasets/{repo_id}/progress.json"))
+            if theirs["settings"] != self.meta["settings"]:
+                raise ValueError(f"{url} holds another store (other collection settings); push to a new repo")
+        upload = lambda patterns, message: api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=self.path,
+                                                             allow_patterns=patterns, commit_message=message)
+        todo = [name for name in self._names if f"shards/{name}/state.json" not in files]
+        for first in tqdm(range(0, len(todo), shards_per_commit), desc="push shards", unit="commit"):
+            names = todo[first:first + shards_per_commit]
+            upload(["progress.json"] + [f"shards/{name}/*" for name in names], f"shards {names[0]} to {names[-1]}")
+        upload(["meta.json", "norm.json"], "meta.json: the store is complete")
+        return url
+
     def __len__(self) -> int:
         return self.meta["n_tokens"]
 
-    def _gather(self, indices: np.ndarray) -> pa.Table:
-        return self.dataset.data.fast_gather(np.asarray(indices, dtype=np.int64))
+    def _take(self, indices, column: str) -> np.ndarray:
+        """The values of one column at ``indices``, in the order asked for, read shard by shard."""
+        indices = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(indices, kind="stable")
+        values = np.concatenate([shard.columns[column][b][rows]
+                                 for s, in_shard in groups(indices[order], self._starts) for shard in [self._shard(s)]
+                                 for b, rows in groups(in_shard, shard.starts)])
+        if np.any(np.diff(order) < 0):  # not asked for in sorted order: put the values back in the order asked
+            values[order] = values.copy()
+        return values
 
     def read(self, indices) -> torch.Tensor:
         """float32 [len(indices), n_models, d_model] in the order asked for."""
-        indices = np.asarray(indices, dtype=np.int64)
-        order = np.argsort(indices, kind="stable")
-        ordered = indices[order]
-        chunk = np.searchsorted(self._starts, ordered, side="right") - 1
-        cuts = np.flatnonzero(np.diff(chunk)) + 1
-        flat = np.concatenate([self._views[part[0]][rows - self._starts[part[0]]]
-                               for part, rows in zip(np.split(chunk, cuts), np.split(ordered, cuts))])
-        if not np.array_equal(ordered, indices):
-            flat[order] = flat.copy()
-        return from_storage(flat, self.meta["dtype"], self.n_models)
+        return from_storage(self._take(indices, "acts"), self.meta["dtype"], self.n_models)
 
     def token_ids(self, indices) -> torch.Tensor:
         """int64 [len(indices)]: the token each row was read at."""
-        return torch.tensor(self._gather(indices).column("token_id").to_numpy())
+        return torch.from_numpy(self._take(indices, "token_id"))
 
     def positions(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequence index, position in the sequence) of each row, each int64 [len(indices)]."""
-        table = self._gather(indices)
-        return torch.tensor(table.column("seq").to_numpy()), torch.tensor(table.column("pos").to_numpy(), dtype=torch.long)
+        return torch.from_numpy(self._take(indices, "seq")), torch.from_numpy(self._take(indices, "pos")).long()
 
     def split_range(self, split: str) -> range:
         """Rows of a split: ``train`` is the first rows, ``val`` the last ``val_fraction`` of the store."""
@@ -229,20 +343,24 @@ class ActivationStore:
             raise ValueError(f"split={split!r} is not one of {list(ranges)}")
         return ranges[split]
 
-    def shuffled_indices(self, split: str = "train", seed: int = 0, chunk_rows: int = 4096,
-                         window_chunks: int = 16) -> Iterator[np.ndarray]:
-        """Row indices of one pass over a split, shuffled within windows of chunks.
+    def shuffled_indices(self, split: str = "train", seed: int = 0) -> Iterator[np.ndarray]:
+        """Row indices of one pass over a split, shuffled within windows of whole shards.
 
-        The chunks (``chunk_rows`` contiguous rows) are visited in a random order, and the rows of each
-        window of ``window_chunks`` chunks are permuted together: reads stay local on disk and memory
-        stays bounded, with no permutation of the whole store in RAM.
+        The shards are visited in a random order, and the rows of each window of shards (at least
+        ``window_rows`` rows) are permuted together: each shard is read once per pass, whether it lies
+        on local disk or is streamed, with no permutation of the whole store in memory.
         """
         rows = self.split_range(split)
         rng = np.random.default_rng(seed)
-        starts = rng.permutation(np.arange(rows.start, rows.stop, chunk_rows))
-        for w in range(0, len(starts), window_chunks):
-            window = np.concatenate([np.arange(s, min(s + chunk_rows, rows.stop)) for s in starts[w:w + window_chunks]])
-            yield rng.permutation(window)
+        window = []
+        for s in rng.permutation(len(self._sizes)):
+            first, stop = max(self._starts[s], rows.start), min(self._starts[s] + self._sizes[s], rows.stop)
+            window += [np.arange(first, stop)] if first < stop else []
+            if sum(map(len, window)) >= self.window_rows:
+                yield rng.permutation(np.concatenate(window))
+                window = []
+        if window:
+            yield rng.permutation(np.concatenate(window))
 
     def batches(self, batch_size: int, seed: int = 0, split: str = "train", start_batch: int = 0,
                 part: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:
@@ -253,12 +371,20 @@ class ActivationStore:
         each batch (disjoint rows; the shares of all ranks together are the batch).
         """
         rank, world = part
-        for number, indices in enumerate(index_batches(self.shuffled_indices(split, seed), batch_size)):
+        windows = self._prefetching(self.shuffled_indices(split, seed), first_row=start_batch * batch_size)
+        for number, indices in enumerate(index_batches(windows, batch_size)):
             if number >= start_batch:
                 yield self.read(np.array_split(np.sort(indices), world)[rank])  # sorted: reads stay in order on disk
 
     def n_batches(self, batch_size: int, split: str = "train") -> int:
         return len(self.split_range(split)) // batch_size
+
+
+def groups(ordered: np.ndarray, starts: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """Split sorted row numbers by the unit (shard, record batch) they fall in, given each unit's first row:
+    [(unit, rows counted from the unit's start), ...]."""
+    edges = np.append(np.searchsorted(ordered, starts), len(ordered))
+    return [(u, ordered[edges[u]:edges[u + 1]] - starts[u]) for u in np.flatnonzero(edges[1:] > edges[:-1])]
 
 
 def index_batches(windows: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:

@@ -57,8 +57,9 @@ def k_at(step: int, total_steps: int, cfg: TrainConfig, k: int) -> int:
 
 
 def store_identity(store: ActivationStore) -> dict:
-    """What a run records of its store, to refuse resuming on another one."""
-    return {k: store.meta.get(k) for k in ("models", "site", "layer", "d_model", "n_models", "n_tokens", "settings")}
+    """What a run records of its store (and of how it is shuffled), to refuse resuming on another one."""
+    keys = ("models", "site", "layer", "d_model", "n_models", "n_tokens", "settings")
+    return {**{k: store.meta.get(k) for k in keys}, "window_rows": store.window_rows}
 
 
 def training_batches(store: ActivationStore, cfg: TrainConfig, start_step: int, part: tuple[int, int] = (0, 1)):

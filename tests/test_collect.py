@@ -1,4 +1,6 @@
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -203,6 +205,16 @@ def test_from_arrays_and_batches(tmp_path):
     assert later == passes[0][5 * 64:]
     with pytest.raises(ValueError, match="already holds"):
         ActivationStore.from_arrays(tmp_path / "s", acts[:5])
+
+    meta = json.loads((tmp_path / "s/meta.json").read_text())
+    assert meta["shards"] == [[f"shard_{b:05d}", 3000 if b < 3 else 1000] for b in range(4)]
+    older = {k: v for k, v in meta.items() if k != "shards"}  # written before meta listed its shards: counted on opening
+    (tmp_path / "s/meta.json").write_text(json.dumps(older))
+    assert torch.equal(ActivationStore(tmp_path / "s").read(np.arange(10_000)), torch.from_numpy(acts))
+    (tmp_path / "s/meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(tmp_path / "s/shards/shard_00002")
+    with pytest.raises(ValueError, match="should hold 4 shards of 10000 rows"):
+        ActivationStore(tmp_path / "s")
     with pytest.raises(ValueError, match="n_models >= 2"):
         ActivationStore.from_arrays(tmp_path / "t", acts[:, 0])
 

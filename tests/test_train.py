@@ -37,7 +37,7 @@ def test_norm_factors_bring_mean_norm_to_sqrt_d(ground_truth):
 
 
 @pytest.mark.parametrize("variant,settings", [
-    ("relu", dict(l1_coeff=2.0, lr=1e-3, num_tokens=300_000)),
+    ("relu", dict(l1_coeff=2.0, num_tokens=300_000)),  # the default lr (lr_steps_product / steps): 12 of 12 seeds >= 0.97
     ("batchtopk", dict(k=8, lr=2e-3, num_tokens=900_000)),
 ])
 def test_each_variant_recovers_and_classifies_the_true_features(ground_truth, tmp_path, variant, settings):
