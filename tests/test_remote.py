@@ -1,4 +1,5 @@
 """Stores read from fsspec URLs: a real HTTP server on localhost, and fsspec's in-memory filesystem."""
+import dataclasses
 import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -64,6 +65,8 @@ def test_a_store_streamed_over_http_reads_and_trains_as_on_disk(local_store, ser
     streamed = train_crosscoder(cfg, remote, tmp_path / "streamed", cc_cfg).state_dict()
     on_disk = train_crosscoder(cfg, local, tmp_path / "on_disk", cc_cfg).state_dict()
     assert all(torch.equal(streamed[k], on_disk[k]) for k in on_disk)
+    with pytest.raises(ValueError, match="store_identity"):  # another window size would shuffle other batches
+        train_crosscoder(dataclasses.replace(cfg, resume=True), local_store, tmp_path / "on_disk", cc_cfg)
 
 
 def test_a_store_on_a_writable_url_takes_its_norm_factors(local_store, tmp_path):
