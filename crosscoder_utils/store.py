@@ -244,15 +244,17 @@ class ActivationStore:
         self._cache.move_to_end(s)
         return self._cache[s]
 
-    def _prefetching(self, windows: Iterator[np.ndarray], first_row: int) -> Iterator[np.ndarray]:
+    def _prefetching(self, windows: Iterator[np.ndarray], first_row: int, part: tuple[int, int]) -> Iterator[np.ndarray]:
         """Yield the windows; for a remote store, download the next window's shards in the background
-        while this one is read (not those of windows that end before row ``first_row`` of the pass)."""
-        done, upcoming = 0, next(windows, None)
+        while this one is read: those holding this rank's share of its rows (``part``, as ``batches``
+        splits each batch), and none for windows that end before row ``first_row`` of the pass."""
+        (rank, world), done, upcoming = part, 0, next(windows, None)
         while upcoming is not None:
             window, upcoming = upcoming, next(windows, None)
             done += len(window)
             if self.remote and upcoming is not None and done + len(upcoming) > first_row:
-                for s in np.unique(np.searchsorted(self._starts, upcoming, side="right") - 1):
+                share = np.array_split(np.sort(upcoming), world)[rank]
+                for s in np.unique(np.searchsorted(self._starts, share, side="right") - 1):
                     if s not in self._cache and s not in self._pending:
                         self._pending[s] = self._downloads.submit(self._load, s)
             yield window
@@ -371,7 +373,7 @@ class ActivationStore:
         each batch (disjoint rows; the shares of all ranks together are the batch).
         """
         rank, world = part
-        windows = self._prefetching(self.shuffled_indices(split, seed), first_row=start_batch * batch_size)
+        windows = self._prefetching(self.shuffled_indices(split, seed), start_batch * batch_size, part)
         for number, indices in enumerate(index_batches(windows, batch_size)):
             if number >= start_batch:
                 yield self.read(np.array_split(np.sort(indices), world)[rank])  # sorted: reads stay in order on disk

@@ -52,13 +52,20 @@ def test_a_store_streamed_over_http_reads_and_trains_as_on_disk(local_store, ser
     pairs = list(zip(remote.batches(64, seed=3), local.batches(64, seed=3), strict=True))
     assert len(pairs) == 9000 // 64 and all(torch.equal(a, b) for a, b in pairs)
     shards = lambda: sorted(int(r.split("/")[3][-5:]) for r in requests if r.endswith(".arrow"))
+    row_of = {tuple(values): row for row, values in enumerate(local.read(np.arange(10_000))[:, 0, :2].tolist())}
+    shards_of = lambda batches: sorted({row_of[tuple(values)] // 1000 for batch in batches for values in batch[:, 0, :2].tolist()})
     assert shards() == list(range(9))  # each train shard downloaded once, the val shard not at all
 
     requests.clear()  # a resumed pass downloads only the shards of the batches it reads
-    row_of = {value: row for row, value in enumerate(local.read(np.arange(10_000))[:, 0, 0].tolist())}
     later = list(ActivationStore(f"{url}/store", window_rows=2500).batches(64, seed=3, start_batch=100))
     assert all(torch.equal(a, b) for a, (b, _) in zip(later, pairs[100:], strict=True))
-    assert shards() == sorted({row_of[v] // 1000 for batch in later for v in batch[:, 0, 0].tolist()}) and len(shards()) < 9
+    assert shards() == shards_of(later) and len(shards()) < 9
+
+    for rank in (0, 1):  # under torchrun a rank downloads only the shards holding its share of the batches
+        requests.clear()
+        share = list(ActivationStore(f"{url}/store", window_rows=2500).batches(64, seed=3, part=(rank, 2)))
+        assert all(torch.equal(mine, whole[rank * 32:(rank + 1) * 32]) for mine, (whole, _) in zip(share, pairs, strict=True))
+        assert shards() == shards_of(share) and len(shards()) < 9
 
     cfg = TrainConfig(batch_size=128, num_tokens=128 * 30, lr=1e-3, log_to="none", log_every=10, save_every=100, seed=0)
     cc_cfg = CrossCoderConfig(dict_size=64, l1_coeff=1.0)
