@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import CollectConfig
 from .models import PROBE_TEXT, ModelPair, Site, load_model_pair, resolve_site
-from .store import ActivationStore, StoreWriter
+from .store import ActivationStore, StoreWriter, local_path
 
 
 class ActivationBatch(NamedTuple):
@@ -180,6 +180,7 @@ def collect_activations(cfg: CollectConfig, store_dir: str | Path, pair: ModelPa
     are shared, the block that crosses ``n_tokens`` is cut there, and rank 0 records the progress and
     writes the meta. The store equals a single process's, and a run resumes with any number of processes.
     """
+    store_dir = local_path(store_dir)  # before any model is loaded
     device = distributed.init_from_env(cfg.device)
     rank, world = distributed.rank(), distributed.world_size()
     settings = {k: v for k, v in cfg.to_dict().items() if k != "device"}

@@ -56,6 +56,15 @@ def from_storage(flat: np.ndarray, dtype: str, n_models: int) -> torch.Tensor:
     return rearrange(values.float(), "n (model d) -> n model d", model=n_models)
 
 
+def local_path(path: str | Path) -> Path:
+    """The directory a store is written to: a local path (or file:// URL); a remote URL is refused."""
+    fs, root = fsspec.core.url_to_fs(str(path))
+    if is_remote_filesystem(fs):
+        raise ValueError(f"stores are written on local disk, not to {path}: write it locally, then copy it there "
+                         "or push it (ActivationStore.push_to_hub), and read it from the URL")
+    return Path(root)
+
+
 class StoreWriter:
     """Writes a store in complete shards and keeps running per-model statistics.
 
@@ -68,7 +77,7 @@ class StoreWriter:
     """
 
     def __init__(self, path: str | Path, settings: dict, n_models: int, d_model: int, dtype: str):
-        self.path, self.settings, self.dtype = Path(path), settings, dtype
+        self.path, self.settings, self.dtype = local_path(path), settings, dtype
         self.n_models, self.d_model = n_models, d_model
         self.shards = self.path / "shards"
         progress_file = self.path / "progress.json"

@@ -167,6 +167,9 @@ def test_bad_inputs_are_refused_before_compute(make_model, tokenizer, tmp_path):
         collect(dataset=["", ""])
     with pytest.raises(ValueError, match="must be a multiple of batch_size"):
         collect(seqs_per_shard=6)
+    cfg = CollectConfig(base_model="no/such-model", finetuned_model="no/such-model", dataset=TEXTS)
+    with pytest.raises(ValueError, match="stores are written on local disk, not to memory://store"):
+        collect_activations(cfg, "memory://store")  # refused before the (here impossible) model loading
     assert not (tmp_path / "store").exists()
     nan_model = tmp_path / "nan_model"
     model = transformers.AutoModelForCausalLM.from_pretrained(base)
