@@ -86,6 +86,8 @@ def test_a_store_on_a_writable_url_takes_its_norm_factors(local_store, tmp_path)
     factors = estimate_norm_factors(remote, n_batches=5, batch_size=256)
     assert torch.equal(factors, load_norm_factors(local_store)) and torch.equal(load_norm_factors(ActivationStore("memory://copy")), factors)
 
+    with pytest.raises(ValueError, match="push_to_hub uploads a local store"):
+        remote.push_to_hub("me/acts")  # refused before any request to the Hub
     fs.rm("/copy/shards/shard_00004", recursive=True)
     with pytest.raises(FileNotFoundError, match="shard_00004 of the store at memory://copy is missing"):
         ActivationStore("memory://copy").read([4500])
