@@ -208,8 +208,11 @@ class ActivationStore:
                     if self.fs.exists(f"{root}/progress.json") else "")
             raise FileNotFoundError(f"no complete activation store at {self.path} (meta.json is missing).{hint}")
         self.meta = self.read_json("meta.json")
-        if "shards" not in self.meta:  # written before meta listed its shards: count them (local stores only)
-            self.meta["shards"] = shard_rows(Path(root) / "shards") if not self.remote else []
+        if "shards" not in self.meta:  # written before meta listed its shards: count them
+            if self.remote:
+                raise ValueError(f"{self.path} was written before stores listed their shards in meta.json; open a local "
+                                 "copy with this version and push_to_hub it, or read it locally")
+            self.meta["shards"] = shard_rows(Path(root) / "shards")
         names, sizes = zip(*self.meta["shards"]) if self.meta["shards"] else ((), ())
         missing = [] if self.remote else [n for n in names if not (Path(root) / "shards" / n).is_dir()]
         if len(names) != self.meta["n_shards"] or sum(sizes) != self.meta["n_tokens"] or missing:
@@ -297,10 +300,10 @@ class ActivationStore:
         ``hf://datasets/<repo_id>``.
 
         Shards go up ``shards_per_commit`` to a commit, those already there are skipped, and meta.json
-        (with norm.json) comes last: an interrupted push resumes where it stopped, and the repo opens as a
-        store only once it is whole. A repo that holds another store is refused.
+        (listing the shards, with norm.json) comes last: an interrupted push resumes where it stopped, and
+        the repo opens as a store only once it is whole. A repo that holds another store is refused.
         """
-        from huggingface_hub import HfApi
+        from huggingface_hub import CommitOperationAdd, HfApi
 
         if self.remote:
             raise ValueError(f"push_to_hub uploads a local store; {self.path} is not one (copy it locally first)")
@@ -311,13 +314,16 @@ class ActivationStore:
             theirs = json.loads(fsspec.filesystem("hf", token=token).cat_file(f"datasets/{repo_id}/progress.json"))
             if theirs["settings"] != self.meta["settings"]:
                 raise ValueError(f"{url} holds another store (other collection settings); push to a new repo")
-        upload = lambda patterns, message: api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=self.path,
-                                                             allow_patterns=patterns, commit_message=message)
         todo = [name for name in self._names if f"shards/{name}/state.json" not in files]
         for first in tqdm(range(0, len(todo), shards_per_commit), desc="push shards", unit="commit"):
             names = todo[first:first + shards_per_commit]
-            upload(["progress.json"] + [f"shards/{name}/*" for name in names], f"shards {names[0]} to {names[-1]}")
-        upload(["meta.json", "norm.json"], "meta.json: the store is complete")
+            api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=self.path,
+                              allow_patterns=["progress.json"] + [f"shards/{name}/*" for name in names],
+                              commit_message=f"shards {names[0]} to {names[-1]}")
+        last = [CommitOperationAdd("meta.json", json.dumps(self.meta, indent=2).encode())]  # lists the shards
+        if (self.path / "norm.json").exists():
+            last.append(CommitOperationAdd("norm.json", str(self.path / "norm.json")))
+        api.create_commit(repo_id, last, repo_type="dataset", commit_message="meta.json: the store is complete")
         return url
 
     def __len__(self) -> int:

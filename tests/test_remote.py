@@ -1,5 +1,6 @@
 """Stores read from fsspec URLs: a real HTTP server on localhost, and fsspec's in-memory filesystem."""
 import dataclasses
+import json
 import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -88,6 +89,10 @@ def test_a_store_on_a_writable_url_takes_its_norm_factors(local_store, tmp_path)
 
     with pytest.raises(ValueError, match="push_to_hub uploads a local store"):
         remote.push_to_hub("me/acts")  # refused before any request to the Hub
+    older = {k: v for k, v in local_store.meta.items() if k != "shards"}  # meta.json before it listed the shards
+    fs.pipe_file("/older/meta.json", json.dumps(older).encode())
+    with pytest.raises(ValueError, match="written before stores listed their shards"):
+        ActivationStore("memory://older")
     fs.rm("/copy/shards/shard_00004", recursive=True)
     with pytest.raises(FileNotFoundError, match="shard_00004 of the store at memory://copy is missing"):
         ActivationStore("memory://copy").read([4500])
