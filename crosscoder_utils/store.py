@@ -203,11 +203,11 @@ class ActivationStore:
         self.fs, root = fsspec.core.url_to_fs(str(path))
         self.remote = is_remote_filesystem(self.fs)
         self.path, self.root, self.window_rows = str(path) if self.remote else Path(root), root, window_rows
-        if not self.fs.exists(f"{root}/meta.json"):
+        self.meta = self.read_json("meta.json")
+        if self.meta is None:
             hint = (" A collection into it was interrupted: re-run it with the same arguments to resume."
                     if self.fs.exists(f"{root}/progress.json") else "")
             raise FileNotFoundError(f"no complete activation store at {self.path} (meta.json is missing).{hint}")
-        self.meta = self.read_json("meta.json")
         if "shards" not in self.meta:  # written before meta listed its shards: count them
             if self.remote:
                 raise ValueError(f"{self.path} was written before stores listed their shards in meta.json; open a local "
@@ -227,8 +227,10 @@ class ActivationStore:
 
     def read_json(self, name: str) -> dict | None:
         """A JSON file of the store (``meta.json``, ``norm.json`` ...), or None when it has none."""
-        file = f"{self.root}/{name}"
-        return json.loads(self.fs.cat_file(file)) if self.fs.exists(file) else None
+        try:
+            return json.loads(self.fs.cat_file(f"{self.root}/{name}"))
+        except FileNotFoundError:
+            return None
 
     def write_json(self, name: str, value: dict) -> None:
         """Write a JSON file into the store (atomically when local)."""
@@ -260,13 +262,12 @@ class ActivationStore:
         """Yield the windows; for a remote store, download the next window's shards in the background
         while this one is read: those holding this rank's share of its rows (``part``, as ``batches``
         splits each batch), and none for windows that end before row ``first_row`` of the pass."""
-        (rank, world), done, upcoming = part, 0, next(windows, None)
+        done, upcoming = 0, next(windows, None)
         while upcoming is not None:
             window, upcoming = upcoming, next(windows, None)
             done += len(window)
             if self.remote and upcoming is not None and done + len(upcoming) > first_row:
-                share = np.array_split(np.sort(upcoming), world)[rank]
-                for s in np.unique(np.searchsorted(self._starts, share, side="right") - 1):
+                for s, _ in groups(rank_share(upcoming, part), self._starts):
                     if s not in self._cache and s not in self._pending:
                         self._pending[s] = self._downloads.submit(self._load, s)
             yield window
@@ -387,14 +388,20 @@ class ActivationStore:
         batches an uninterrupted one would. ``part=(rank, world_size)`` reads only that rank's share of
         each batch (disjoint rows; the shares of all ranks together are the batch).
         """
-        rank, world = part
         windows = self._prefetching(self.shuffled_indices(split, seed), start_batch * batch_size, part)
         for number, indices in enumerate(index_batches(windows, batch_size)):
             if number >= start_batch:
-                yield self.read(np.array_split(np.sort(indices), world)[rank])  # sorted: reads stay in order on disk
+                yield self.read(rank_share(indices, part))
 
     def n_batches(self, batch_size: int, split: str = "train") -> int:
         return len(self.split_range(split)) // batch_size
+
+
+def rank_share(indices: np.ndarray, part: tuple[int, int]) -> np.ndarray:
+    """The sorted rows of ``indices`` that fall to rank ``part[0]`` of ``part[1]``: a contiguous range of them
+    (sorted, so reads stay in order on disk)."""
+    rank, world = part
+    return np.array_split(np.sort(indices), world)[rank]
 
 
 def groups(ordered: np.ndarray, starts: np.ndarray) -> list[tuple[int, np.ndarray]]:

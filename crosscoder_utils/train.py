@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m crosscoder_utils.train", description=main.__doc__)
-    parser.add_argument("store", help="activation store directory (collected and normalised)")
+    parser.add_argument("store", help="activation store (collected and normalised): a directory or a URL")
     parser.add_argument("run_dir", help="run directory (checkpoints, metrics, export)")
     parser.add_argument("--train", default="{}", help="TrainConfig fields as a JSON object")
     parser.add_argument("--crosscoder", default="{}", help="CrossCoderConfig fields as a JSON object")
