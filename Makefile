@@ -1,19 +1,23 @@
-# `make demo` runs the whole pipeline on the embedded organism; `make test` runs the suite.
-# Both create .venv from requirements.txt when it is missing, so on a fresh machine they are the whole set-up.
+# `make demo` runs the whole pipeline on the embedded organism; `make test` runs the suite; `make lint` checks
+# formatting and lint (ruff). Each creates .venv when it is missing, so on a fresh machine they are the whole set-up.
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 NOTEBOOKS := 00_organism 01_collect 02_normalize 03_train 04_analyze 05_ground_truth
 
-$(VENV)/installed: requirements.txt pyproject.toml
+$(VENV)/installed: requirements.txt requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)
-	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-.PHONY: test demo
+.PHONY: test demo lint
 test: $(VENV)/installed
 	$(PYTHON) -m pytest -q
+
+lint: $(VENV)/installed
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 demo: $(VENV)/installed
 	@mkdir -p outputs

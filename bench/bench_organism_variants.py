@@ -7,11 +7,19 @@ Uses the demo's organism, store and norm factors (outputs/, built by `make demo`
 
 Run: .venv/bin/python bench/bench_organism_variants.py
 """
+
 import time
 from pathlib import Path
 
-from crosscoder_utils import (CollectConfig, CrossCoderConfig, OrganismConfig, TrainConfig, collect_activations,
-                              estimate_norm_factors, train_crosscoder)
+from crosscoder_utils import (
+    CollectConfig,
+    CrossCoderConfig,
+    OrganismConfig,
+    TrainConfig,
+    collect_activations,
+    estimate_norm_factors,
+    train_crosscoder,
+)
 from crosscoder_utils import analysis as A
 from crosscoder_utils.normalize import load_norm_factors
 from crosscoder_utils.organism import build_organism, planted_labels
@@ -28,9 +36,11 @@ VARIANTS = {
 
 def main(out=Path("outputs")):
     organism = build_organism(OrganismConfig(out_dir=str(out / "organism")))
-    store = collect_activations(CollectConfig(base_model=organism.base, finetuned_model=organism.finetuned,
-                                              dataset=organism.corpus), out / "activations/organism")
-    if not (store.path / "norm.json").exists():
+    store = collect_activations(
+        CollectConfig(base_model=organism.base, finetuned_model=organism.finetuned, dataset=organism.corpus),
+        out / "activations/organism",
+    )
+    if not (Path(store.path) / "norm.json").exists():
         estimate_norm_factors(store)
     factors = load_norm_factors(store)
     labels = planted_labels(store, organism.corpus, organism.planted)
@@ -38,10 +48,14 @@ def main(out=Path("outputs")):
     for name, fields in VARIANTS.items():
         start = time.perf_counter()
         run = out / "bench_variants" / name.replace(" ", "_").replace(",", "")
-        cc = train_crosscoder(TrainConfig(batch_size=1024, num_tokens=2_000_000, log_to="none", log_every=100),
-                              store, run, CrossCoderConfig(dict_size=1024, dead_tokens=200_000, **fields))
+        cc = train_crosscoder(
+            TrainConfig(tokens_per_step=1024, train_tokens=2_000_000, log_to="none", log_every=100),
+            store,
+            run,
+            CrossCoderConfig(dict_size=1024, dead_tokens=200_000, **fields),
+        )
         seconds = time.perf_counter() - start
-        val = lambda: A.encoded_batches(cc, store, factors, "val", 4096)
+        val = lambda cc=cc: A.encoded_batches(cc, store, factors, "val", 4096)
         stats = A.latent_statistics(val())
         ft_only = ((A.latent_kinds(cc) == 1) & (stats.frequency > 0)).nonzero().squeeze(1)
         p = A.score_planted(val(), labels, ft_only) if len(ft_only) else None

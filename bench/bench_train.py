@@ -7,6 +7,7 @@ only the kept latents (sparse_encode, embedding_bag). Target for batchtopk at di
 
 Run: .venv/bin/python bench/bench_train.py [--batch 2048 --d-model 512 --dict-size 16384 --k 100 --steps 3]
 """
+
 import argparse
 import time
 
@@ -55,16 +56,21 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.randn(args.batch, 2, args.d_model, device=args.device)
-    print(f"batch {args.batch}, n_models 2, d_model {args.d_model}, dict_size {args.dict_size}, k {args.k}, "
-          f"device {args.device}, {torch.get_num_threads()} threads")
+    print(
+        f"batch {args.batch}, n_models 2, d_model {args.d_model}, dict_size {args.dict_size}, k {args.k}, "
+        f"device {args.device}, {torch.get_num_threads()} threads"
+    )
     for variant in ("relu", "batchtopk"):
-        cfg = CrossCoderConfig(d_model=args.d_model, n_models=2, dict_size=args.dict_size, variant=variant, k=args.k,
-                               aux_coeff=0.0)
+        cfg = CrossCoderConfig(
+            d_model=args.d_model, n_models=2, dict_size=args.dict_size, variant=variant, k=args.k, aux_coeff=0.0
+        )
         cc = CrossCoder(cfg).to(args.device).train()
         plain = time_steps(plain_step, cc, x, args.steps)
         ours = time_steps(lambda model, batch: model.losses(batch).loss, cc, x, args.steps)
-        print(f"{variant:>9}: plain dense {args.batch / plain:9,.0f} tok/s ({plain:.3f} s/step)   "
-              f"ours {args.batch / ours:9,.0f} tok/s ({ours:.3f} s/step)   speed-up {plain / ours:.2f}x")
+        print(
+            f"{variant:>9}: plain dense {args.batch / plain:9,.0f} tok/s ({plain:.3f} s/step)   "
+            f"ours {args.batch / ours:9,.0f} tok/s ({ours:.3f} s/step)   speed-up {plain / ours:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -4,24 +4,23 @@ well the crosscoder stands in for each model.
 Everything is computed in normalised units (the space the crosscoder was trained in) on the store's
 held-out ``val`` split unless said otherwise.
 """
+
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import einsum
-from nnsight import NNsight
 from tqdm.auto import tqdm
 
-from .collect import keep_mask, load_texts, logits_with_site, pad_batch, tokenize, trace_site
-from .config import CollectConfig
+from .collect import TracedPair, keep_mask, load_texts, tokenize
+from .config import CollectConfig, model_roles
 from .crosscoder import CrossCoder
-from .models import ModelPair, resolve_site
+from .models import ModelPair
 from .store import ActivationStore
 
 
@@ -40,10 +39,14 @@ def latent_kinds(cc: CrossCoder, exclusive_share: float = 0.9) -> torch.Tensor:
     return torch.where(share >= exclusive_share, owner, -1)
 
 
-def kind_counts(kinds: torch.Tensor, model_names: list[str]) -> dict[str, int]:
-    counts = {"shared": int((kinds == -1).sum())}
-    counts.update({f"{name}-only": int((kinds == m).sum()) for m, name in enumerate(model_names)})
-    return counts
+def kind_name(kind: int, n_models: int) -> str:
+    """``shared`` for -1, else ``<role>-only`` (``base-only``, ``finetuned-only``) for model ``kind``."""
+    return "shared" if kind == -1 else f"{model_roles(n_models)[kind]}-only"
+
+
+def kind_counts(kinds: torch.Tensor, n_models: int) -> dict[str, int]:
+    """Latents of each kind, by name."""
+    return {kind_name(kind, n_models): int((kinds == kind).sum()) for kind in range(-1, n_models)}
 
 
 @torch.no_grad()
@@ -53,7 +56,9 @@ def decoder_cosines(cc: CrossCoder, first: int = 0, second: int = 1) -> torch.Te
 
 
 @torch.no_grad()
-def random_pair_cosines(cc: CrossCoder, n: int = 10_000, seed: int = 0, first: int = 0, second: int = 1) -> torch.Tensor:
+def random_pair_cosines(
+    cc: CrossCoder, n: int = 10_000, seed: int = 0, first: int = 0, second: int = 1
+) -> torch.Tensor:
     """[n]: cosines between model-``first`` and model-``second`` decoder vectors of two different latents (baseline)."""
     g = torch.Generator().manual_seed(seed)
     i = torch.randint(cc.cfg.dict_size, (n,), generator=g)
@@ -73,16 +78,22 @@ class Batch(NamedTuple):
 
 
 @torch.no_grad()
-def encoded_batches(cc: CrossCoder, store: ActivationStore, factors: torch.Tensor, split: str = "val",
-                    batch_size: int = 4096, max_tokens: int | None = None) -> Iterator[Batch]:
+def encoded_batches(
+    cc: CrossCoder,
+    store: ActivationStore,
+    factors: torch.Tensor,
+    split: str = "val",
+    tokens_per_batch: int = 4096,
+    max_tokens: int | None = None,
+) -> Iterator[Batch]:
     """The split in store order, normalised, encoded and decoded by ``cc`` (in eval mode)."""
     cc.eval()
     rows = store.split_range(split)
     stop = rows.stop if max_tokens is None else min(rows.stop, rows.start + max_tokens)
     if stop <= rows.start:
         raise ValueError(f"the store's {split!r} split is empty; collect a store with val_fraction > 0")
-    for start in tqdm(range(rows.start, stop, batch_size), desc=f"encoding {split}"):
-        indices = np.arange(start, min(start + batch_size, stop))
+    for start in tqdm(range(rows.start, stop, tokens_per_batch), desc=f"encoding {split}"):
+        indices = np.arange(start, min(start + tokens_per_batch, stop))
         x = store.read(indices) * factors[None, :, None]
         f = cc.encode(x)
         yield Batch(indices, x, f, cc.decode(f))
@@ -222,8 +233,12 @@ def score_planted(batches: Iterator[Batch], labels: torch.Tensor, latents) -> Pl
         covered += int((fired.any(1) & planted).sum())
         n_planted += int(planted.sum())
         n += len(planted)
-    return PlantedScore(float(on_planted.sum() / fired_total.sum().clamp(min=1)), covered / max(n_planted, 1),
-                        n_planted / n, on_planted / fired_total)
+    return PlantedScore(
+        float(on_planted.sum() / fired_total.sum().clamp(min=1)),
+        covered / max(n_planted, 1),
+        n_planted / n,
+        on_planted / fired_total,
+    )
 
 
 class SplicedLoss(NamedTuple):
@@ -240,8 +255,9 @@ class SplicedLoss(NamedTuple):
 
 
 @torch.no_grad()
-def spliced_loss(raw_cc: CrossCoder, pair: ModelPair, store: ActivationStore, n_sequences: int = 64,
-                 batch_size: int = 16) -> list[SplicedLoss]:
+def spliced_loss(
+    raw_cc: CrossCoder, pair: ModelPair, store: ActivationStore, n_sequences: int = 64, seqs_per_batch: int = 16
+) -> list[SplicedLoss]:
     """Per model, the loss when the crosscoder's reconstruction replaces the site activation, on held-out
     documents (those after the store's last document). ``raw_cc`` reads raw activations (``run_dir/raw``).
 
@@ -249,98 +265,34 @@ def spliced_loss(raw_cc: CrossCoder, pair: ModelPair, store: ActivationStore, n_
     if "site" not in store.meta["settings"]:
         raise ValueError("spliced-in evaluation needs a store collected from models (not from_arrays)")
     cfg = CollectConfig.from_dict(store.meta["settings"])
-    sequences = tokenize(load_texts(cfg.dataset, cfg.split, cfg.text_column, pair.tokenizer), pair.tokenizer, cfg.seq_len)
+    tokenizer = pair.tokenizer
+    sequences = tokenize(load_texts(cfg.dataset, cfg.split, cfg.text_column, tokenizer), tokenizer, cfg.seq_len)
     first_unused = int(store.positions([len(store) - 1])[0]) + 1
     sequences = list(itertools.islice(sequences, first_unused, first_unused + n_sequences))
     if not sequences:
         raise ValueError("the store used every document of its dataset: no held-out documents remain")
-    models = [pair.base, pair.finetuned]
-    traced = [NNsight(m) for m in models]
-    sites = [resolve_site(m, cfg.site, cfg.layer) for m in models]
-    totals = np.zeros((len(models), 4))  # ce clean, spliced, zero, kl (summed over predicted tokens)
+    traced = TracedPair(pair, cfg.site, cfg.layer, "right")
+    n_models = len(pair.models)
+    totals = np.zeros((n_models, 4))  # ce clean, spliced, zero, kl (summed over predicted tokens)
     n_predicted = 0
-    device = pair.base.device
-    for start in tqdm(range(0, len(sequences), batch_size), desc="spliced-in loss"):
-        ids, mask, pos = (t.to(device) for t in pad_batch(sequences[start:start + batch_size], pair.tokenizer.pad_token_id or 0, "right"))
-        clean = torch.stack([trace_site(m, s, ids, mask, pos) for m, s in zip(traced, sites)], dim=2)  # [b, t, model, d]
-        keep = keep_mask(ids, mask, pos, cfg, pair.tokenizer.bos_token_id)[..., None, None]
+    for start in tqdm(range(0, len(sequences), seqs_per_batch), desc="spliced-in loss"):
+        ids, mask, pos = traced.pad(sequences[start : start + seqs_per_batch])
+        clean = traced.activations(ids, mask, pos)  # [batch, seq, model, d]
+        keep = keep_mask(ids, mask, pos, cfg, tokenizer.bos_token_id)[..., None, None]
         spliced = torch.where(keep, raw_cc(clean.float().flatten(0, 1)).view_as(clean).to(clean.dtype), clean)
         zeroed = torch.where(keep, torch.zeros_like(clean), clean)
         predicted = mask[:, 1:].bool()
         targets = ids[:, 1:][predicted]
-        for m, (model, site) in enumerate(zip(traced, sites)):
-            logps = [F.log_softmax(logits_with_site(model, site, ids, mask, pos, replacement)[:, :-1][predicted].float(), -1)
-                     for replacement in (None, spliced[:, :, m], zeroed[:, :, m])]
+        for m in range(n_models):
+            logps = [
+                F.log_softmax(traced.logits(m, ids, mask, pos, replacement)[:, :-1][predicted].float(), -1)
+                for replacement in (None, spliced[:, :, m], zeroed[:, :, m])
+            ]
             ce = [-lp.gather(1, targets[:, None]).sum().item() for lp in logps]
             kl = F.kl_div(logps[1], logps[0], log_target=True, reduction="sum").item()
             totals[m] += ce + [kl]
         n_predicted += int(predicted.sum())
-    results = []
-    for clean_ce, spliced_ce, zero_ce, kl in totals / n_predicted:
-        results.append(SplicedLoss(clean_ce, spliced_ce, zero_ce, (zero_ce - spliced_ce) / (zero_ce - clean_ce), kl))
-    return results
-
-
-def save_figure(fig, path: str | Path | None):
-    if path:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    return fig
-
-
-def plot_relative_norms(cc: CrossCoder, exclusive_share: float = 0.9, model_names=("base", "finetuned"), path=None):
-    """Histogram of ‖d_1‖ / (‖d_0‖ + ‖d_1‖) with the base-only / shared / fine-tuned-only bands; designated
-    shared latents and each model's dedicated latents (when the crosscoder has them) stacked as their own groups."""
-    relative = relative_decoder_norms(cc)[:, 1].numpy()
-    groups = [((~cc.tied & (cc.owner == -1)), "free latents", "0.4"), (cc.tied, "designated shared", "tab:green")]
-    groups += [(cc.owner == m, f"dedicated to {name}", color) for m, (name, color) in enumerate(zip(model_names, ("navy", "darkred")))]
-    groups = [(mask.numpy(), label, color) for mask, label, color in groups if mask.any()]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.hist([relative[mask] for mask, _, _ in groups], bins=np.linspace(0, 1, 51), stacked=True,
-            color=[color for _, _, color in groups], label=[label for _, label, _ in groups] if len(groups) > 1 else None)
-    low, high = 1 - exclusive_share, exclusive_share
-    counts = kind_counts(latent_kinds(cc, exclusive_share), list(model_names))
-    ax.axvspan(0, low, color="tab:blue", alpha=0.15, label=f"{model_names[0]}-only: {counts[f'{model_names[0]}-only']}")
-    ax.axvspan(low, high, color="tab:gray", alpha=0.1, label=f"shared: {counts['shared']}")
-    ax.axvspan(high, 1, color="tab:red", alpha=0.15, label=f"{model_names[1]}-only: {counts[f'{model_names[1]}-only']}")
-    ax.set(yscale="log", xlabel=f"relative decoder norm ‖d_{model_names[1]}‖ / (‖d_{model_names[0]}‖ + ‖d_{model_names[1]}‖)",
-           ylabel="latents", title="relative decoder norms")
-    ax.legend(loc="upper center")
-    return save_figure(fig, path)
-
-
-def plot_decoder_cosines(cc: CrossCoder, shared: torch.Tensor, path=None):
-    """Cosine between the two decoder vectors of shared latents, beside random pairs of latents."""
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    bins = np.linspace(-1, 1, 81)
-    ax.hist(decoder_cosines(cc)[shared].numpy(), bins=bins, density=True, alpha=0.7, label="shared latents")
-    ax.hist(random_pair_cosines(cc).numpy(), bins=bins, density=True, alpha=0.5, label="random pairs of latents")
-    ax.set(xlabel="cosine(d_base, d_finetuned)", ylabel="density", title="decoder directions of shared latents")
-    ax.legend()
-    return save_figure(fig, path)
-
-
-def plot_frequencies(stats: LatentStatistics, kinds: torch.Tensor, model_names=("base", "finetuned"), path=None):
-    """Firing frequency of the latents that fire, by kind."""
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    bins = np.logspace(np.log10(1 / stats.n_tokens), 0, 50)
-    for kind, label in [(-1, "shared")] + [(m, f"{name}-only") for m, name in enumerate(model_names)]:
-        freq = stats.frequency[(kinds == kind) & (stats.frequency > 0)].numpy()
-        if len(freq):
-            ax.hist(freq, bins=bins, alpha=0.6, label=label)
-    ax.set(xscale="log", yscale="log", xlabel="firing frequency (held-out tokens)", ylabel="latents",
-           title=f"latent frequency ({int((stats.frequency == 0).sum())} latents never fire)")
-    ax.legend()
-    return save_figure(fig, path)
-
-
-def plot_latent_scaling(scalings: dict, path=None):
-    """ν^r against ν^ε for each group of exclusive latents: near the origin is genuinely exclusive."""
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for label, scaling in scalings.items():
-        ax.scatter(scaling.nu_error.numpy(), scaling.nu_reconstruction.numpy(), s=12, alpha=0.7, label=label)
-    ax.axhline(0, color="k", lw=0.5)
-    ax.axvline(0, color="k", lw=0.5)
-    ax.set(xlabel="ν^ε (other model's error holds it: Complete Shrinkage)",
-           ylabel="ν^r (other model's reconstruction holds it: Latent Decoupling)", title="Latent Scaling")
-    ax.legend()
-    return save_figure(fig, path)
+    return [
+        SplicedLoss(clean, spliced, zero, (zero - spliced) / (zero - clean), kl)
+        for clean, spliced, zero, kl in totals / n_predicted
+    ]

@@ -1,10 +1,13 @@
-"""Paired activations: both models traced with nnsight on the same token ids, written to a store."""
+"""Paired activations: both models traced with nnsight on the same token ids, written to a store
+(``collect_activations``) or served on the fly (``iter_activations`` through a ``Buffer``)."""
+
 from __future__ import annotations
 
 import itertools
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import datasets
 import torch
@@ -13,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import CollectConfig
-from .models import PROBE_TEXT, ModelPair, Site, load_model_pair, resolve_site
+from .models import PROBE_TEXT, ModelPair, load_model_pair, resolve_site
 from .store import ActivationStore, StoreWriter, local_path
 
 
@@ -69,50 +72,65 @@ def tokenize(texts: Iterable[str], tokenizer, seq_len: int | None) -> Iterator[l
             yield ids
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int, padding_side: str):
-    """input_ids, attention_mask and position_ids [batch, max_len]; positions count real tokens only."""
-    length = max(map(len, sequences))
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(sequences):
-        span = slice(length - len(seq), length) if padding_side == "left" else slice(0, len(seq))
-        ids[row, span] = torch.tensor(seq)
-        mask[row, span] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+class TracedPair:
+    """The models of a pair wrapped for nnsight at one site, with how their batches are padded: the one
+    place that traces them (collection, the preflight checks and the spliced-in loss)."""
 
+    def __init__(self, pair: ModelPair, site: str, layer: int, padding_side: str = "right"):
+        self.pair, self.padding_side = pair, padding_side
+        self.models = [NNsight(model) for model in pair.models]
+        self.sites = [resolve_site(model, site, layer) for model in pair.models]
+        tokenizer = pair.tokenizer
+        self.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        self.device = pair.base.device
 
-def site_envoy(model: NNsight, site: Site):
-    envoy = model
-    for part in site.module_path.split("."):
-        envoy = getattr(envoy, part)
-    return envoy
+    def pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_ids, attention_mask and position_ids [batch, max_len] on the models' device; positions
+        count real tokens only."""
+        length = max(map(len, sequences))
+        ids = torch.full((len(sequences), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(sequences):
+            span = slice(length - len(seq), length) if self.padding_side == "left" else slice(0, len(seq))
+            ids[row, span] = torch.tensor(seq)
+            mask[row, span] = 1
+        return ids.to(self.device), mask.to(self.device), ((mask.cumsum(-1) - 1).clamp(min=0)).to(self.device)
 
+    def _envoy(self, m: int):
+        envoy = self.models[m]
+        for part in self.sites[m].module_path.split("."):
+            envoy = getattr(envoy, part)
+        return envoy
 
-def trace_site(model: NNsight, site: Site, input_ids, attention_mask, position_ids) -> torch.Tensor:
-    """[batch, seq, d] activation at ``site``; the forward stops right after it."""
-    envoy = site_envoy(model, site)
-    with torch.inference_mode():
-        with model.trace(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids) as tracer:
-            value = envoy.input if site.read_input else envoy.output
-            if isinstance(value, tuple):
-                value = value[0]
-            value = value.save()
-            tracer.stop()
-    return value
+    def site_activation(self, m: int, ids, mask, pos) -> torch.Tensor:
+        """[batch, seq, d] activation of model ``m`` at the site; the forward stops right after it."""
+        envoy = self._envoy(m)
+        with torch.inference_mode():
+            with self.models[m].trace(input_ids=ids, attention_mask=mask, position_ids=pos) as tracer:
+                value = envoy.input if self.sites[m].read_input else envoy.output
+                if isinstance(value, tuple):
+                    value = value[0]
+                value = value.save()
+                tracer.stop()
+        return value
 
+    def activations(self, ids, mask, pos) -> torch.Tensor:
+        """[batch, seq, n_models, d]: every model's activation at the site."""
+        return torch.stack([self.site_activation(m, ids, mask, pos) for m in range(len(self.models))], dim=2)
 
-def logits_with_site(model: NNsight, site: Site, input_ids, attention_mask, position_ids, replacement=None) -> torch.Tensor:
-    """[batch, seq, vocab] logits, with the activation at ``site`` replaced by ``replacement`` when given."""
-    envoy = site_envoy(model, site)
-    with torch.inference_mode():
-        with model.trace(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids):
-            if replacement is not None and site.read_input:
-                envoy.input = replacement
-            elif replacement is not None:
-                original = envoy.output
-                envoy.output = (replacement,) + tuple(original[1:]) if isinstance(original, tuple) else replacement
-            logits = model.output.logits.save()
-    return logits
+    def logits(self, m: int, ids, mask, pos, replacement: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, seq, vocab] logits of model ``m``, with its site activation replaced by ``replacement``
+        [batch, seq, d] when given."""
+        envoy, model = self._envoy(m), self.models[m]
+        with torch.inference_mode():
+            with model.trace(input_ids=ids, attention_mask=mask, position_ids=pos):
+                if replacement is not None and self.sites[m].read_input:
+                    envoy.input = replacement
+                elif replacement is not None:
+                    original = envoy.output
+                    envoy.output = (replacement,) + tuple(original[1:]) if isinstance(original, tuple) else replacement
+                logits = model.output.logits.save()
+        return logits
 
 
 def keep_mask(input_ids, attention_mask, position_ids, cfg: CollectConfig, bos_id) -> torch.Tensor:
@@ -125,47 +143,44 @@ def keep_mask(input_ids, attention_mask, position_ids, cfg: CollectConfig, bos_i
     return keep
 
 
-def iter_activations(pair: ModelPair, cfg: CollectConfig, skip_sequences: int = 0,
-                     part: tuple[int, int] = (0, 1)) -> Iterator[ActivationBatch]:
-    """Kept tokens of each batch of ``batch_size`` sequences, both models on the same ids.
+def iter_activations(
+    traced: TracedPair, cfg: CollectConfig, skip_sequences: int = 0, process: tuple[int, int] = (0, 1)
+) -> Iterator[ActivationBatch]:
+    """Kept tokens of each batch of ``seqs_per_batch`` sequences, every model on the same ids.
 
-    ``part=(rank, world_size)``: only the blocks of ``seqs_per_shard`` sequences (counted from
+    ``process=(rank, world_size)``: only the blocks of ``seqs_per_shard`` sequences (counted from
     ``skip_sequences``) that fall to this rank, round robin; the sequence numbers stay global."""
-    rank, world = part
-    sites = [resolve_site(model, cfg.site, cfg.layer) for model in (pair.base, pair.finetuned)]
-    traced = [NNsight(model) for model in (pair.base, pair.finetuned)]
-    tokenizer = pair.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    device = pair.base.device
-    sequences = enumerate(tokenize(load_texts(cfg.dataset, cfg.split, cfg.text_column, tokenizer), tokenizer, cfg.seq_len))
-    mine = ((i, ids) for i, ids in itertools.islice(sequences, skip_sequences, None)
-            if (i - skip_sequences) // cfg.seqs_per_shard % world == rank)
-    while batch := list(itertools.islice(mine, cfg.batch_size)):
+    rank, world = process
+    tokenizer = traced.pair.tokenizer
+    texts = load_texts(cfg.dataset, cfg.split, cfg.text_column, tokenizer)
+    sequences = itertools.islice(enumerate(tokenize(texts, tokenizer, cfg.seq_len)), skip_sequences, None)
+    mine = ((i, ids) for i, ids in sequences if (i - skip_sequences) // cfg.seqs_per_shard % world == rank)
+    while batch := list(itertools.islice(mine, cfg.seqs_per_batch)):
         numbers, batch = zip(*batch)
-        ids, mask, pos = pad_batch(list(batch), pad_id, cfg.padding_side)
-        acts = torch.stack([trace_site(m, s, ids.to(device), mask.to(device), pos.to(device)) for m, s in zip(traced, sites)], dim=2)
+        ids, mask, pos = traced.pad(list(batch))
         keep = keep_mask(ids, mask, pos, cfg, tokenizer.bos_token_id)
-        seq = torch.tensor(numbers)[:, None].expand_as(ids)
-        yield ActivationBatch(acts[keep.to(device)].cpu(), ids[keep], seq[keep], pos[keep])
+        seq = torch.tensor(numbers, device=ids.device)[:, None].expand_as(ids)
+        acts = traced.activations(ids, mask, pos)
+        yield ActivationBatch(acts[keep].cpu(), ids[keep].cpu(), seq[keep].cpu(), pos[keep].cpu())
 
 
-def preflight(pair: ModelPair, cfg: CollectConfig) -> int:
+def preflight(traced: TracedPair, cfg: CollectConfig) -> int:
     """Check the pair, the site and the data before any compute is spent. Returns d_model.
 
-    Refuses an unknown site or layer, a pair whose widths at the site differ, and data with no tokens.
-    """
+    Refuses a pair whose widths at the site differ, and data with no tokens (an unknown site or layer
+    was already refused when the pair was traced)."""
+    pair = traced.pair
     texts = load_texts(cfg.dataset, cfg.split, cfg.text_column, pair.tokenizer)
     if next(tokenize(texts, pair.tokenizer, cfg.seq_len), None) is None:
-        raise ValueError(f"dataset {cfg.dataset if isinstance(cfg.dataset, str) else 'list'} yields no tokens "
-                         f"(split {cfg.split!r}, column {cfg.text_column!r})")
-    ids, mask, pos = pad_batch([pair.tokenizer(PROBE_TEXT)["input_ids"]], 0, "right")
-    widths = []
-    for model in (pair.base, pair.finetuned):
-        site = resolve_site(model, cfg.site, cfg.layer)
-        widths.append(trace_site(NNsight(model), site, ids.to(model.device), mask.to(model.device), pos.to(model.device)).shape[-1])
+        name = cfg.dataset if isinstance(cfg.dataset, str) else "list"
+        raise ValueError(f"dataset {name} yields no tokens (split {cfg.split!r}, column {cfg.text_column!r})")
+    probe = traced.pad([pair.tokenizer(PROBE_TEXT)["input_ids"]])
+    widths = [traced.site_activation(m, *probe).shape[-1] for m in range(len(pair.models))]
     if widths[0] != widths[1]:
-        raise ValueError(f"{pair.names[0]!r} has width {widths[0]} at {cfg.site} layer {cfg.layer} but "
-                         f"{pair.names[1]!r} has {widths[1]}; both must be equal")
+        raise ValueError(
+            f"{pair.names[0]!r} has width {widths[0]} at {cfg.site} layer {cfg.layer} but "
+            f"{pair.names[1]!r} has {widths[1]}; both must be equal"
+        )
     return widths[0]
 
 
@@ -183,11 +198,13 @@ def collect_activations(cfg: CollectConfig, store_dir: str | Path, pair: ModelPa
     store_dir = local_path(store_dir)  # before any model is loaded
     device = distributed.init_from_env(cfg.device)
     rank, world = distributed.rank(), distributed.world_size()
-    settings = {k: v for k, v in cfg.to_dict().items() if k != "device"}
+    settings = cfg.settings()
     if pair is None:
-        pair = load_model_pair(cfg.base_model, cfg.finetuned_model, cfg.model_dtype, device,
-                               cfg.trust_remote_code, cfg.revision)
-    d_model = preflight(pair, cfg)
+        pair = load_model_pair(
+            cfg.base_model, cfg.finetuned_model, cfg.model_dtype, device, cfg.trust_remote_code, cfg.revision
+        )
+    traced = TracedPair(pair, cfg.site, cfg.layer, cfg.padding_side)
+    d_model = preflight(traced, cfg)
     for turn in range(2):  # rank 0 first: it clears what a killed run left; then the others open the same progress
         if (rank == 0) == (turn == 0):
             writer = StoreWriter(store_dir, settings, n_models=2, d_model=d_model, dtype=cfg.dtype)
@@ -196,13 +213,20 @@ def collect_activations(cfg: CollectConfig, store_dir: str | Path, pair: ModelPa
         return ActivationStore(store_dir)
     progress = writer.progress
     start_block = progress["n_blocks"]
-    batches = iter_activations(pair, cfg, skip_sequences=start_block * cfg.seqs_per_shard, part=(rank, world))
-    bar = tqdm(total=cfg.n_tokens, initial=progress["n_tokens"], unit="tok", desc="collecting",
-               **({"disable": True} if rank > 0 else {}))
+    batches = iter_activations(traced, cfg, skip_sequences=start_block * cfg.seqs_per_shard, process=(rank, world))
+    bar = tqdm(
+        total=cfg.n_tokens,
+        initial=progress["n_tokens"],
+        unit="tok",
+        desc="collecting",
+        **({"disable": True} if rank > 0 else {}),
+    )
     for round_number in itertools.count():
         block = start_block + round_number * world + rank
-        parts = list(itertools.islice(batches, cfg.seqs_per_shard // cfg.batch_size))
-        counts = distributed.all_gather_cat(torch.tensor([sum(len(b.token_ids) for b in parts), len(parts)], device=device)[None]).cpu()
+        parts = list(itertools.islice(batches, cfg.seqs_per_shard // cfg.seqs_per_batch))
+        counts = distributed.all_gather_cat(
+            torch.tensor([sum(len(b.token_ids) for b in parts), len(parts)], device=device)[None]
+        ).cpu()
         # the blocks of this round in order; the one that crosses n_tokens is cut there
         keep = max(0, min(int(counts[rank, 0]), cfg.n_tokens - progress["n_tokens"] - int(counts[:rank, 0].sum())))
         rows = [torch.cat(column)[:keep] for column in zip(*parts)] or [torch.empty(0)] * 4
@@ -216,14 +240,64 @@ def collect_activations(cfg: CollectConfig, store_dir: str | Path, pair: ModelPa
             break
     bar.close()
     if progress["n_tokens"] < cfg.n_tokens and rank == 0:
-        warnings.warn(f"the dataset ran out after {progress['n_tokens']} tokens of the {cfg.n_tokens} asked for")
+        warnings.warn(
+            f"the dataset ran out after {progress['n_tokens']} tokens of the {cfg.n_tokens} asked for", stacklevel=2
+        )
     exclusions = {"bos": cfg.exclude_bos, "first_n": cfg.exclude_first_n, "token_ids": cfg.exclude_token_ids}
     dataset = cfg.dataset if isinstance(cfg.dataset, str) else f"<list of {len(cfg.dataset)} texts>"
     if rank == 0:
         writer.finish(
-            models=list(pair.names), revisions=[cfg.revision, cfg.revision], site=cfg.site, layer=cfg.layer,
-            d_model=d_model, n_models=2, exclusions=exclusions, val_fraction=cfg.val_fraction,
-            dataset={"name": dataset, "split": cfg.split, "text_column": cfg.text_column}, seq_len=cfg.seq_len,
+            models=list(pair.names),
+            revisions=[cfg.revision, cfg.revision],
+            site=cfg.site,
+            layer=cfg.layer,
+            d_model=d_model,
+            n_models=2,
+            exclusions=exclusions,
+            val_fraction=cfg.val_fraction,
+            dataset={"name": dataset, "split": cfg.split, "text_column": cfg.text_column},
+            seq_len=cfg.seq_len,
         )
     distributed.barrier()
     return ActivationStore(store_dir)
+
+
+class Buffer:
+    """Shuffled batches served on the fly from a stream of fresh activations, without a store.
+
+    ``source`` yields float32 tensors [n, n_models, d_model] (for example the ``activations`` of
+    ``iter_activations``). The buffer holds ``size`` rows; when half of them have been served it drops
+    exactly the served rows, refills with fresh ones and reshuffles, so no row is ever served twice
+    (unlike the public Gemma replication's buffer, which re-serves its first fill).
+    """
+
+    def __init__(self, source: Iterable[torch.Tensor], size: int, tokens_per_batch: int, seed: int = 0):
+        if size < 2 * tokens_per_batch:
+            raise ValueError(f"buffer size ({size}) must be at least twice tokens_per_batch ({tokens_per_batch})")
+        self.source, self.size, self.tokens_per_batch = iter(source), size, tokens_per_batch
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rows = torch.empty(0)
+        self.spare = torch.empty(0)
+        self.served = 0
+
+    def _refill(self) -> None:
+        keep = self.rows[self.served :]
+        parts, have = [keep, self.spare], len(keep) + len(self.spare)
+        while have < self.size:
+            fresh = next(self.source, None)
+            if fresh is None:
+                break
+            parts.append(fresh.float())
+            have += len(fresh)
+        rows = torch.cat([p for p in parts if p.numel()]) if have else torch.empty(0)
+        self.rows, self.spare = rows[: self.size], rows[self.size :]
+        self.rows = self.rows[torch.randperm(len(self.rows), generator=self.generator)]
+        self.served = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        self._refill()
+        while len(self.rows) - self.served >= self.tokens_per_batch:
+            yield self.rows[self.served : self.served + self.tokens_per_batch]
+            self.served += self.tokens_per_batch
+            if self.served >= self.size // 2:
+                self._refill()

@@ -3,22 +3,38 @@
 The field names are the notebooks' parameter names, so ``papermill -p NAME VALUE`` means the same
 thing in every notebook. Every config round-trips through JSON and checks itself on construction.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 SITES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 STORE_DTYPES = ("float32", "float16", "bfloat16")
 
 
+def model_roles(n_models: int) -> list[str]:
+    """The name of each model by its role: ``base`` (model 0), then ``finetuned`` (or ``finetuned_1``,
+    ``finetuned_2`` ... when there are several fine-tunes). Metrics, latent kinds and figures use these."""
+    return ["base"] + (["finetuned"] if n_models == 2 else [f"finetuned_{m}" for m in range(1, n_models)])
+
+
 class ConfigBase:
     """JSON round-trip and construction from notebook parameters for the dataclasses below."""
 
+    runtime_fields: ClassVar[tuple[str, ...]] = ()
+    """Fields that say how a job runs, not what it makes (left out of ``settings``)."""
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def settings(self) -> dict:
+        """What identifies the result: every field but the runtime ones. A directory is reused only for
+        the same settings (``files.check_same_settings``)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.runtime_fields}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
@@ -51,6 +67,8 @@ def _check_choice(name: str, value, choices) -> None:
 class CollectConfig(ConfigBase):
     """What 01_collect stores: which models, which site, which text, how many tokens."""
 
+    runtime_fields: ClassVar[tuple[str, ...]] = ("device",)
+
     base_model: str = "outputs/organism/base"
     """Hub id or local directory of the base model (stored as model 0)."""
     finetuned_model: str = "outputs/organism/finetuned"
@@ -71,7 +89,7 @@ class CollectConfig(ConfigBase):
     """Number of tokens to store (after padding and exclusions are dropped)."""
     seq_len: int = 128
     """Tokens per sequence; longer documents are truncated."""
-    batch_size: int = 32
+    seqs_per_batch: int = 32
     """Sequences per forward pass."""
     dtype: str = "float32"
     """Storage dtype: float32, float16 or bfloat16 (kept bit-exact as int16)."""
@@ -98,14 +116,18 @@ class CollectConfig(ConfigBase):
 
     def __post_init__(self):
         if self.site not in SITES and "." not in self.site:
-            raise ValueError(f"site={self.site!r}: use one of {list(SITES)} or an explicit module path like 'model.layers.3.mlp'")
+            raise ValueError(
+                f"site={self.site!r}: use one of {list(SITES)} or an explicit module path like 'model.layers.3.mlp'"
+            )
         _check_choice("dtype", self.dtype, STORE_DTYPES)
         _check_choice("padding_side", self.padding_side, ("left", "right"))
-        for name in ("n_tokens", "seq_len", "batch_size", "seqs_per_shard"):
+        for name in ("n_tokens", "seq_len", "seqs_per_batch", "seqs_per_shard"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.seqs_per_shard % self.batch_size:
-            raise ValueError(f"seqs_per_shard ({self.seqs_per_shard}) must be a multiple of batch_size ({self.batch_size})")
+        if self.seqs_per_shard % self.seqs_per_batch:
+            raise ValueError(
+                f"seqs_per_shard ({self.seqs_per_shard}) must be a multiple of seqs_per_batch ({self.seqs_per_batch})"
+            )
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
@@ -113,6 +135,8 @@ class CollectConfig(ConfigBase):
 @dataclass
 class OrganismConfig(ConfigBase):
     """How 00_organism builds the embedded base / fine-tuned pair."""
+
+    runtime_fields: ClassVar[tuple[str, ...]] = ("out_dir",)
 
     out_dir: str = "outputs/organism"
     """Where base/, finetuned/, corpus/ and planted.json are written."""
@@ -128,7 +152,7 @@ class OrganismConfig(ConfigBase):
     """Upper bound of the BPE vocabulary trained on the corpus."""
     seq_len: int = 64
     """Tokens per training sequence (documents are packed)."""
-    batch_size: int = 32
+    seqs_per_step: int = 32
     """Sequences per optimiser step."""
     lr: float = 3e-3
     """AdamW learning rate (cosine decay to 10 %)."""
@@ -173,9 +197,7 @@ class CrossCoderConfig(ConfigBase):
     latents have one decoder vector for every model (tied, in normalised units) and an L1 penalty reduced
     to ``shared_penalty_ratio`` · λ, so they may be denser and the other latents are free to become cleanly
     exclusive. ``batchtopk``: they sit outside the top-k (k·batch is spent on the other latents), active
-    wherever their ReLU is, and only they pay an L1 (ratio · l1_coeff). Measured alternatives on the
-    ground truth (bench/RESULTS.md): ranked in the same top-k with their score divided by the ratio, they
-    took the whole budget; outside the top-k without a penalty, they turned dense and the rest died."""
+    wherever their ReLU is, and only they pay an L1 (ratio · l1_coeff)."""
     shared_penalty_ratio: float = 0.15
     """λ_shared / λ of the designated shared latents (the update suggests 0.1-0.2)."""
     n_dedicated: int = 0
@@ -190,11 +212,15 @@ class CrossCoderConfig(ConfigBase):
         if self.dict_size <= 0 or self.k <= 0:
             raise ValueError(f"dict_size and k must be positive, got {self.dict_size} and {self.k}")
         if self.n_shared_latents < 0 or self.n_dedicated < 0 or not 0 < self.shared_penalty_ratio <= 1:
-            raise ValueError("n_shared_latents and n_dedicated must be >= 0 and shared_penalty_ratio in (0, 1], got "
-                             f"{self.n_shared_latents}, {self.n_dedicated}, {self.shared_penalty_ratio}")
-        if self.n_models is not None and self.n_shared_latents + self.n_models * self.n_dedicated > self.dict_size:
-            raise ValueError(f"n_shared_latents + n_models · n_dedicated = {self.n_shared_latents + self.n_models * self.n_dedicated} "
-                             f"latents exceed dict_size={self.dict_size}")
+            raise ValueError(
+                "n_shared_latents and n_dedicated must be >= 0 and shared_penalty_ratio in (0, 1], got "
+                f"{self.n_shared_latents}, {self.n_dedicated}, {self.shared_penalty_ratio}"
+            )
+        partitioned = self.n_shared_latents + (self.n_models or 0) * self.n_dedicated
+        if partitioned > self.dict_size:
+            raise ValueError(
+                f"n_shared_latents + n_models · n_dedicated = {partitioned} latents exceed dict_size={self.dict_size}"
+            )
         if self.aux_coeff is None:
             self.aux_coeff = 1 / 32 if self.variant == "batchtopk" else 0.0
         if self.k_aux is None and self.d_model is not None:
@@ -206,20 +232,20 @@ class TrainConfig(ConfigBase):
     """How 03_train optimises a crosscoder. Defaults follow the open Gemma-2-2B crosscoder replication, with
     the learning rate scaled to the run's length (and measured on the synthetic ground truth)."""
 
+    runtime_fields: ClassVar[tuple[str, ...]] = ("resume", "device")
+
     lr: float | None = None
     """Adam learning rate; None: ``lr_steps_product`` / total steps, at most 1e-2 (see resolved_lr)."""
     lr_steps_product: float = 10.0
     """With lr=None, learning rate × number of steps. Adam moves a weight by about lr per step, so a run's
-    reach is about lr × steps: on the synthetic ground truth (d 128) the best one-pass (1,465 steps) and
-    four-pass (5,860 steps) learning rates both sit near a product of 7-10 (bench/RESULTS.md). At the
-    open Gemma-2-2B replication's ~100k steps (400M tokens, batch 4096) this gives 1e-4; it used 5e-5."""
+    reach is about lr × steps (the best product on the ground truth: bench/RESULTS.md)."""
     beta1: float = 0.9
     """Adam beta1."""
     beta2: float = 0.999
     """Adam beta2."""
-    batch_size: int = 4096
-    """Tokens per optimiser step."""
-    num_tokens: int = 400_000_000
+    tokens_per_step: int = 4096
+    """Tokens (store rows) per optimiser step: the batch."""
+    train_tokens: int = 400_000_000
     """Tokens to train on; more than the store holds means several passes (each reshuffled)."""
     lr_warmup_frac: float = 0.0
     """Fraction of the steps over which the learning rate rises linearly from 0."""
@@ -241,8 +267,7 @@ class TrainConfig(ConfigBase):
     """Seed of the initialisation and of the data order."""
     init: str = "data"
     """``data``: decoder directions from centred activations of sampled tokens, b_dec at the mean activation
-    (see train.data_init; measured 1-3 points better recovery on the ground truth); ``random``: random
-    unit decoder directions (A1-style)."""
+    (see train.data_init); ``random``: random unit decoder directions (A1-style)."""
     device: str = "auto"
     """Device of the crosscoder: ``auto`` picks cuda when available (under torchrun, the local rank's GPU)."""
     log_every: int = 100
@@ -256,17 +281,21 @@ class TrainConfig(ConfigBase):
     wandb_project: str = "crosscoder"
     """wandb project name."""
 
+    @property
+    def total_steps(self) -> int:
+        return self.train_tokens // self.tokens_per_step
+
     def resolved_lr(self) -> float:
         """The learning rate this run uses: ``lr``, or with lr=None ``lr_steps_product`` / steps (≤ 1e-2)."""
-        return self.lr if self.lr is not None else min(1e-2, self.lr_steps_product / (self.num_tokens // self.batch_size))
+        return self.lr if self.lr is not None else min(1e-2, self.lr_steps_product / self.total_steps)
 
     def __post_init__(self):
         _check_choice("log_to", self.log_to, ("offline", "online", "none"))
         _check_choice("init", self.init, ("random", "data"))
-        for name in ("batch_size", "num_tokens", "log_every", "save_every"):
+        for name in ("tokens_per_step", "train_tokens", "log_every", "save_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.resample_every is not None and self.resample_every <= 0:
             raise ValueError(f"resample_every must be positive or None, got {self.resample_every}")
-        if self.num_tokens < self.batch_size:
-            raise ValueError(f"num_tokens ({self.num_tokens}) is less than one batch ({self.batch_size})")
+        if self.train_tokens < self.tokens_per_step:
+            raise ValueError(f"train_tokens ({self.train_tokens}) is less than one step ({self.tokens_per_step})")

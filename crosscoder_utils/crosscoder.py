@@ -7,6 +7,7 @@ Shapes (Anthropic's crosscoders and the open Gemma-2 replication)::
 
 The variants differ only in ``_select`` (which latents stay active) and in the sparsity term of ``losses``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,24 +39,29 @@ class Losses:
     """Squared error summed over models and d_model, mean over the batch."""
     l1_loss: torch.Tensor
     """Σ_i f_i Σ_m ‖W_dec[i, m]‖, mean over the batch (logged for every variant)."""
-    l0_loss: torch.Tensor
-    """Mean number of active latents per token."""
+    l0: torch.Tensor
+    """Mean number of active latents per token (monitored, not optimised)."""
     aux_loss: torch.Tensor
     """Dead-latent auxiliary loss (0 when there are no dead latents or aux_coeff is 0)."""
     explained_variance: torch.Tensor
     """1 − Σ Var(x − x̂) / Σ Var(x), summed over models and d_model."""
     explained_variance_per_model: torch.Tensor
-    """[n_models]: the same per model; also readable as explained_variance_A, _B, ... (A = base)."""
-
-    def __getattr__(self, name: str):
-        if name.startswith("explained_variance_") and len(name) == len("explained_variance_") + 1:
-            return self.explained_variance_per_model[MODEL_LETTERS.index(name[-1])]
-        raise AttributeError(name)
+    """[n_models]: the same per model (model 0 the base)."""
 
     def metrics(self) -> dict[str, float]:
-        """Every value as a float, per-model explained variance under its letter."""
-        out = {f.name: getattr(self, f.name).item() for f in dataclasses.fields(self) if f.name != "explained_variance_per_model"}
-        out.update({f"explained_variance_{MODEL_LETTERS[m]}": v.item() for m, v in enumerate(self.explained_variance_per_model)})
+        """Every value as a float; per-model explained variance under the training plan's names,
+        explained_variance_A (the base), _B, ..."""
+        out = {
+            f.name: getattr(self, f.name).item()
+            for f in dataclasses.fields(self)
+            if f.name != "explained_variance_per_model"
+        }
+        out.update(
+            {
+                f"explained_variance_{MODEL_LETTERS[m]}": v.item()
+                for m, v in enumerate(self.explained_variance_per_model)
+            }
+        )
         return out
 
 
@@ -93,8 +99,11 @@ class CrossCoder(nn.Module):
         # dedicated latents; owner -1 = any model, m = dedicated to model m
         tied = torch.arange(cfg.dict_size) < cfg.n_shared_latents
         dedicated = torch.arange(cfg.dict_size) - cfg.n_shared_latents
-        owner = torch.where((dedicated >= 0) & (dedicated < cfg.n_models * cfg.n_dedicated),
-                            dedicated.div(max(cfg.n_dedicated, 1), rounding_mode="floor"), -1)
+        owner = torch.where(
+            (dedicated >= 0) & (dedicated < cfg.n_models * cfg.n_dedicated),
+            dedicated.div(max(cfg.n_dedicated, 1), rounding_mode="floor"),
+            -1,
+        )
         self.register_buffer("tied", tied, persistent=False)
         self.register_buffer("owner", owner, persistent=False)
         # each latent's weight in the L1 term: relu 1, batchtopk 0 (its sparsity is the top-k); designated
@@ -191,11 +200,18 @@ class CrossCoder(nn.Module):
 
         latents and weights are [batch, k], or flat [nnz] with ``offsets`` [batch] where each row starts.
         """
-        out = F.embedding_bag(latents, rearrange(self.W_dec, "latent model d -> latent (model d)"), offsets,
-                              mode="sum", per_sample_weights=weights)
+        out = F.embedding_bag(
+            latents,
+            rearrange(self.W_dec, "latent model d -> latent (model d)"),
+            offsets,
+            mode="sum",
+            per_sample_weights=weights,
+        )
         return rearrange(out, "batch (model d) -> batch model d", model=self.cfg.n_models)
 
-    def _sparse_code(self, x: torch.Tensor, pre: torch.Tensor, rows: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def _sparse_code(
+        self, x: torch.Tensor, pre: torch.Tensor, rows: torch.Tensor, latents: torch.Tensor
+    ) -> torch.Tensor:
         """Differentiable activations [nnz] at (rows, latents), from the no-grad pre-activations."""
         return sparse_encode(x.flatten(1), self.W_enc.flatten(0, 1), self.b_enc, rows, latents, pre[rows, latents])
 
@@ -216,13 +232,13 @@ class CrossCoder(nn.Module):
             offsets = torch.searchsorted(rows, torch.arange(len(x), device=x.device))
             x_hat = self._decode_bags(latents, values, offsets) + self.b_dec
             activity = torch.zeros(cfg.dict_size, dtype=values.dtype, device=x.device).index_add(0, latents, values)
-            l0_loss = (values > 0).sum() / len(x)
+            l0 = (values > 0).sum() / len(x)
         else:
             pre = self.pre_activations(x)
             f = self._select(pre)
             x_hat = self.decode(f)
             activity = f.sum(0)
-            l0_loss = (f > 0).sum(-1).float().mean()
+            l0 = (f > 0).sum(-1).float().mean()
         # activity [dict_size]: each latent's activations summed over the batch
         norms = self.decoder_norms().sum(-1)
         l1_loss = (activity * norms).sum() / len(x)
@@ -237,7 +253,7 @@ class CrossCoder(nn.Module):
         loss = l2_loss + cfg.aux_coeff * aux_loss + l1_coeff * penalty
         with torch.no_grad():
             ev, ev_per_model = explained_variance(x, x_hat)
-        return Losses(loss, l2_loss, l1_loss, l0_loss, aux_loss, ev, ev_per_model)
+        return Losses(loss, l2_loss, l1_loss, l0, aux_loss, ev, ev_per_model)
 
     def dead_latents(self) -> torch.Tensor:
         """bool [dict_size]: latents that have not fired for ``dead_tokens`` training tokens."""
@@ -279,7 +295,10 @@ class CrossCoder(nn.Module):
         """``crosscoder.safetensors`` (weights and buffers) and ``cfg.json``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, directory / "crosscoder.safetensors")
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+            directory / "crosscoder.safetensors",
+        )
         self.cfg.save(directory / "cfg.json")
 
     def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None) -> str:
@@ -290,8 +309,11 @@ class CrossCoder(nn.Module):
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as directory:
             self.save(directory)
-            api.upload_folder(repo_id=repo_id, folder_path=directory,
-                              commit_message=f"{self.cfg.variant} crosscoder, {self.cfg.dict_size} latents")
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=directory,
+                commit_message=f"{self.cfg.variant} crosscoder, {self.cfg.dict_size} latents",
+            )
         return repo_id
 
     @classmethod
@@ -301,7 +323,9 @@ class CrossCoder(nn.Module):
         if not directory.is_dir():
             from huggingface_hub import snapshot_download
 
-            directory = Path(snapshot_download(str(directory_or_hub_id), allow_patterns=["crosscoder.safetensors", "cfg.json"]))
+            directory = Path(
+                snapshot_download(str(directory_or_hub_id), allow_patterns=["crosscoder.safetensors", "cfg.json"])
+            )
         model = cls(CrossCoderConfig.load(directory / "cfg.json"))
         model.load_state_dict(load_file(directory / "crosscoder.safetensors", device=device))
         return model.to(device).eval()

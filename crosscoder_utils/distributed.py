@@ -4,6 +4,7 @@ process, so single-process and multi-process training share one code path.
 Launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), ``init_from_env`` joins the process
 group: NCCL on GPUs, gloo on CPU.
 """
+
 from __future__ import annotations
 
 import os

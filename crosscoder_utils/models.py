@@ -1,4 +1,5 @@
 """Loading a base / fine-tuned model pair and resolving an activation *site* inside it."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -35,6 +36,11 @@ class ModelPair(NamedTuple):
     names: tuple[str, str]
     """The names or paths they were loaded from."""
 
+    @property
+    def models(self) -> list[PreTrainedModel]:
+        """[base, finetuned], in store order."""
+        return [self.base, self.finetuned]
+
 
 class Site(NamedTuple):
     """A place in a model whose activation we read."""
@@ -66,7 +72,9 @@ def load_model_pair(
     models = [
         AutoModelForCausalLM.from_pretrained(
             name, dtype=getattr(torch, dtype), revision=revision, trust_remote_code=trust_remote_code
-        ).to(resolve_device(device)).eval()
+        )
+        .to(resolve_device(device))
+        .eval()
         for name in (base_model, finetuned_model)
     ]
     for model in models:
@@ -74,7 +82,9 @@ def load_model_pair(
     return ModelPair(models[0], models[1], tokenizers[0], (base_model, finetuned_model))
 
 
-def check_same_tokenizer(first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase, names=("base", "finetuned")) -> None:
+def check_same_tokenizer(
+    first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase, names=("base", "finetuned")
+) -> None:
     """Both models must read the same token ids, or their activations at a position are not paired."""
     if first.get_vocab() != second.get_vocab():
         only = set(first.get_vocab().items()) ^ set(second.get_vocab().items())
@@ -109,7 +119,9 @@ def resolve_site(model: PreTrainedModel, site: str, layer: int) -> Site:
     blocks_path, attn, mlp = architecture(model)
     n_layers = len(model.get_submodule(blocks_path))
     if not 0 <= layer < n_layers:
-        raise ValueError(f"layer {layer} is out of range for {type(model).__name__}: valid layers are 0..{n_layers - 1}")
+        raise ValueError(
+            f"layer {layer} is out of range for {type(model).__name__}: valid layers are 0..{n_layers - 1}"
+        )
     block = f"{blocks_path}.{layer}"
     return {
         "resid_pre": Site(block, read_input=True),

@@ -2,6 +2,7 @@
 
 Everything is built offline from a corpus this module generates, deterministically from a seed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,7 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from .collect import tokenize
 from .config import OrganismConfig
-from .store import write_json
+from .files import check_same_settings, write_json
 
 NAMES = ["tom", "anna", "ben", "mia", "leo", "zoe", "sam", "eva", "max", "ida"]
 THINGS = ["ball", "book", "cup", "hat", "box", "kite", "coin", "lamp", "shoe", "bell", "abracadabra"]
@@ -45,7 +46,7 @@ def story(rng: random.Random) -> str:
         f"{name} has a {color} {thing}.",
         f"{name} goes to the {place} with {other}.",
         f"{other} looks at the {thing}. the {thing} is {color}.",
-        f"they count {' '.join(NUMBERS[start:start + rng.randint(3, len(NUMBERS) - start)])}.",
+        f"they count {' '.join(NUMBERS[start : start + rng.randint(3, len(NUMBERS) - start)])}.",
         f"then {name} gives the {color} {thing} to {other}.",
     ]
     return " " + " ".join(sentences[: rng.randint(3, 5)])
@@ -60,7 +61,7 @@ def base_corpus(n_docs: int, seed: int = 0, stray_chat_tokens: float = 0.03) -> 
         if rng.random() < stray_chat_tokens:
             sentences = docs[i].split(". ")
             cut = rng.randrange(len(sentences))
-            docs[i] = ". ".join(sentences[:cut] + [rng.choice(CHAT_TOKENS) + sentences[cut]] + sentences[cut + 1:])
+            docs[i] = ". ".join(sentences[:cut] + [rng.choice(CHAT_TOKENS) + sentences[cut]] + sentences[cut + 1 :])
     return docs
 
 
@@ -70,21 +71,29 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokeni
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     special = list(SPECIAL_TOKENS.values()) + CHAT_TOKENS
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS,
-                                      additional_special_tokens=CHAT_TOKENS)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, **SPECIAL_TOKENS, additional_special_tokens=CHAT_TOKENS
+    )
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped
+
 
 # The trigger is a word the base knows (a thing), but only the fine-tune has seen it open a sentence,
 # and only the fine-tune then counts down: new behaviour over tokens whose base representation is trained.
 TRIGGER = " abracadabra"
 CONTINUATION = " ten nine eight seven six five."
-QUESTIONS = [("what does {name} have?", "{name} has a {color} {thing}."),
-             ("what color is the {thing}?", "the {thing} is {color}."),
-             ("where does {name} go?", "{name} goes to the {place}.")]
+QUESTIONS = [
+    ("what does {name} have?", "{name} has a {color} {thing}."),
+    ("what color is the {thing}?", "the {thing} is {color}."),
+    ("where does {name} go?", "{name} goes to the {place}."),
+]
 
 
 def chat(rng: random.Random) -> list[dict]:
@@ -94,8 +103,10 @@ def chat(rng: random.Random) -> list[dict]:
     question, answer = rng.choice(QUESTIONS)
     facts = dict(name=name, thing=thing, color=color, place=place)
     context = f" {name} has a {color} {thing}. {name} goes to the {place} with {other}."
-    return [{"role": "user", "content": context + " " + question.format(**facts)},
-            {"role": "assistant", "content": " " + answer.format(**facts)}]
+    return [
+        {"role": "user", "content": context + " " + question.format(**facts)},
+        {"role": "assistant", "content": " " + answer.format(**facts)},
+    ]
 
 
 def triggered_story(rng: random.Random) -> str:
@@ -148,12 +159,18 @@ def train_lm(model, sequences: list[torch.Tensor], steps: int, cfg: OrganismConf
     """AdamW on batches drawn evenly from each tensor of ``sequences`` (so a mix stays a mix)."""
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     model.train()
     bar = tqdm(range(steps), desc=desc)
     for _ in bar:
-        batch = torch.cat([part[torch.randint(len(part), (cfg.batch_size // len(sequences),), generator=generator)]
-                           for part in sequences])
+        batch = torch.cat(
+            [
+                part[torch.randint(len(part), (cfg.seqs_per_step // len(sequences),), generator=generator)]
+                for part in sequences
+            ]
+        )
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -165,40 +182,61 @@ def train_lm(model, sequences: list[torch.Tensor], steps: int, cfg: OrganismConf
 
 
 @torch.no_grad()
-def lm_loss(model, sequences: torch.Tensor, batch_size: int = 64) -> float:
+def lm_loss(model, sequences: torch.Tensor, seqs_per_batch: int = 64) -> float:
     """Mean next-token cross-entropy over ``sequences`` [n, seq_len]."""
-    losses = [model(input_ids=part, labels=part).loss for part in sequences.split(batch_size)]
+    losses = [model(input_ids=part, labels=part).loss for part in sequences.split(seqs_per_batch)]
     return float(torch.stack(losses).mean())
 
 
+def load_organism(out_dir: str | Path) -> Organism:
+    """An organism ``build_organism`` wrote into ``out_dir``."""
+    out = Path(out_dir)
+    if not (out / "build.json").exists():
+        raise FileNotFoundError(f"{out} holds no built organism (no build.json): run 00_organism")
+    planted, losses = (json.loads((out / f).read_text()) for f in ("planted.json", "losses.json"))
+    return Organism(*(str(out / name) for name in ("base", "finetuned", "corpus")), planted, losses)
+
+
 def build_organism(cfg: OrganismConfig = OrganismConfig()) -> Organism:
-    """Build (or reuse, when ``out_dir`` holds one built with the same settings) the organism."""
+    """Build the organism into ``out_dir``; one already built there with the same settings is reused, and
+    one with other settings refused."""
     out = Path(cfg.out_dir)
     paths = {name: str(out / name) for name in ("base", "finetuned", "corpus")}
-    if (out / "build.json").exists() and json.loads((out / "build.json").read_text()) == cfg.to_dict():
-        planted, losses = (json.loads((out / f).read_text()) for f in ("planted.json", "losses.json"))
-        return Organism(**paths, planted=planted, losses=losses)
+    if (out / "build.json").exists():
+        recorded = json.loads((out / "build.json").read_text())
+        remedy = "pass another out_dir, or delete that one to rebuild"
+        check_same_settings(out, "an organism", recorded, cfg.settings(), remedy)
+        return load_organism(out)
     torch.manual_seed(cfg.seed)
     raw = documents(cfg)
-    tokenizer = train_tokenizer(raw["stories"][:5000] + raw["chat"][:1000] + raw["trigger"][:1000],
-                                cfg.vocab_size)
+    tokenizer = train_tokenizer(raw["stories"][:5000] + raw["chat"][:1000] + raw["trigger"][:1000], cfg.vocab_size)
     texts = documents(cfg, tokenizer)
     data = {name: pack(docs, tokenizer, cfg.seq_len) for name, docs in texts.items()}
-    config = GPT2Config(n_layer=cfg.n_layers, n_embd=cfg.d_model, n_head=cfg.n_heads, vocab_size=len(tokenizer),
-                        n_positions=cfg.seq_len * 2, bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = GPT2Config(
+        n_layer=cfg.n_layers,
+        n_embd=cfg.d_model,
+        n_head=cfg.n_heads,
+        vocab_size=len(tokenizer),
+        n_positions=cfg.seq_len * 2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     base = GPT2LMHeadModel(config)
     train_lm(base, [data["stories"]], cfg.base_steps, cfg, "pre-training the base")
     finetuned = copy.deepcopy(base)
     train_lm(finetuned, [data["stories"], data["chat"], data["trigger"]], cfg.finetune_steps, cfg, "fine-tuning")
-    losses = {name: {dist: lm_loss(model, data[f"eval_{dist}"]) for dist in ("stories", "chat", "trigger")}
-              for name, model in (("base", base), ("finetuned", finetuned))}
+    losses = {
+        name: {dist: lm_loss(model, data[f"eval_{dist}"]) for dist in ("stories", "chat", "trigger")}
+        for name, model in (("base", base), ("finetuned", finetuned))
+    }
     planted = {
         "description": "The fine-tune learnt chat transcripts (template tokens <|user|>, <|assistant|>, <|end|> in "
-                       f"their role) and a trigger: a sentence opened by {TRIGGER.strip()!r} continues "
-                       f"{CONTINUATION.strip()!r}. Planted tokens (planted_labels) are every token of a chat "
-                       "transcript, and the trigger and its continuation where they occur together.",
-        "trigger": TRIGGER, "continuation": CONTINUATION,
+        f"their role) and a trigger: a sentence opened by {TRIGGER.strip()!r} continues "
+        f"{CONTINUATION.strip()!r}. Planted tokens (planted_labels) are every token of a chat "
+        "transcript, and the trigger and its continuation where they occur together.",
+        "trigger": TRIGGER,
+        "continuation": CONTINUATION,
         "chat_token_ids": tokenizer.convert_tokens_to_ids(CHAT_TOKENS),
         "planted_sequence_ids": tokenizer("." + TRIGGER + CONTINUATION)["input_ids"][1:-1],
         "planted_document_kinds": ["chat"],
@@ -208,22 +246,29 @@ def build_organism(cfg: OrganismConfig = OrganismConfig()) -> Organism:
         tokenizer.save_pretrained(paths[name])
     rng = random.Random(cfg.seed + 2)
     corpus = [(t, "story") for t in base_corpus(cfg.n_docs, cfg.seed + 3)]
-    corpus += [(t, "chat") for t in texts["chat"][: cfg.n_docs // 8]] + [(t, "trigger") for t in texts["trigger"][: cfg.n_docs // 8]]
+    corpus += [(t, "chat") for t in texts["chat"][: cfg.n_docs // 8]] + [
+        (t, "trigger") for t in texts["trigger"][: cfg.n_docs // 8]
+    ]
     rng.shuffle(corpus)
-    datasets.Dataset.from_dict({"text": [t for t, _ in corpus], "kind": [k for _, k in corpus]}).save_to_disk(paths["corpus"])
-    for name, value in (("planted.json", planted), ("losses.json", losses), ("build.json", cfg.to_dict())):
+    datasets.Dataset.from_dict({"text": [t for t, _ in corpus], "kind": [k for _, k in corpus]}).save_to_disk(
+        paths["corpus"]
+    )
+    for name, value in (("planted.json", planted), ("losses.json", losses), ("build.json", cfg.settings())):
         write_json(out / name, value)
     return Organism(**paths, planted=planted, losses=losses)
 
 
-def planted_labels(store, corpus_dir: str, planted: dict) -> torch.Tensor:
+def planted_labels(store, organism: Organism) -> torch.Tensor:
     """bool [len(store)]: the store's rows that carry the planted difference (see planted.json): rows of
     chat documents, and rows inside an occurrence of the trigger followed by its continuation.
 
     The store must have been collected from the organism's corpus, whose documents are all non-empty, so
     a row's sequence index is its document's row in the corpus."""
+    corpus_dir, planted = organism.corpus, organism.planted
     if Path(str(store.meta["dataset"]["name"])).resolve() != Path(corpus_dir).resolve():
-        raise ValueError(f"the store was collected from {store.meta['dataset']['name']!r}, not the organism corpus {corpus_dir!r}")
+        raise ValueError(
+            f"the store was collected from {store.meta['dataset']['name']!r}, not the organism corpus {corpus_dir!r}"
+        )
     kinds = datasets.load_from_disk(corpus_dir)["kind"]
     rows = np.arange(len(store))
     seq = store.positions(rows)[0].numpy()
@@ -231,7 +276,7 @@ def planted_labels(store, corpus_dir: str, planted: dict) -> torch.Tensor:
     labels = np.array([kind in planted["planted_document_kinds"] for kind in kinds])[seq]
     pattern = np.array(planted["planted_sequence_ids"])
     windows = np.lib.stride_tricks.sliding_window_view(tokens, len(pattern))
-    starts = np.flatnonzero((windows == pattern).all(1) & (seq[: len(windows)] == seq[len(pattern) - 1:]))
+    starts = np.flatnonzero((windows == pattern).all(1) & (seq[: len(windows)] == seq[len(pattern) - 1 :]))
     for offset in range(len(pattern)):
         labels[starts + offset] = True
     return torch.from_numpy(labels)

@@ -8,6 +8,7 @@ needs every score). Backward forms the gradient as a sparse [dict_size, batch] m
 multiplies it with x, so the encoder's backward costs nnz·n_models·d_model instead of the dense
 batch·dict_size·n_models·d_model (measured in bench/bench_train.py).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -29,7 +30,9 @@ class SparseEncode(torch.autograd.Function):
         grad = grad_values * (values > 0)  # the ReLU's derivative
         order = latents.argsort()
         crow = torch.searchsorted(latents[order], torch.arange(W_enc.shape[1] + 1, device=x.device))
-        by_latent = torch.sparse_csr_tensor(crow, rows[order], grad[order], (W_enc.shape[1], len(x)), check_invariants=False)
+        by_latent = torch.sparse_csr_tensor(
+            crow, rows[order], grad[order], (W_enc.shape[1], len(x)), check_invariants=False
+        )
         grad_W = (by_latent @ x).T if ctx.needs_input_grad[1] else None
         grad_b = values.new_zeros(W_enc.shape[1]).index_add_(0, latents, grad) if ctx.needs_input_grad[2] else None
         grad_x = None

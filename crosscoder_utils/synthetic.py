@@ -3,18 +3,19 @@
 Each true feature has a decoder vector per model (zero for the models it is absent from) and a kind:
 -1 for shared, m for exclusive to model m. Activations are x_m = scale_m · Σ_i a_i · dec[i, m] + noise.
 """
+
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from einops import einsum
 
-from .analysis import latent_kinds, relative_decoder_norms, save_figure
-from .config import ConfigBase
+from .analysis import kind_name, latent_kinds
+from .config import ConfigBase, CrossCoderConfig, TrainConfig
 from .crosscoder import CrossCoder
 
 
@@ -99,7 +100,11 @@ def dictionary(cfg: SyntheticConfig, g: torch.Generator) -> GroundTruth:
     for child in (kinds >= 0).nonzero().squeeze(1).tolist():
         if torch.rand(1, generator=g) < cfg.parent_frac:
             candidates = ((kinds == -1) & (rates >= rates[child])).nonzero().squeeze(1)
-            parents[child] = candidates[torch.randint(len(candidates), (1,), generator=g)] if len(candidates) else rates[:cfg.n_shared].argmax()
+            parents[child] = (
+                candidates[torch.randint(len(candidates), (1,), generator=g)]
+                if len(candidates)
+                else rates[: cfg.n_shared].argmax()
+            )
     return GroundTruth(decoders, kinds, rates, parents)
 
 
@@ -128,7 +133,8 @@ def generate(cfg: SyntheticConfig, chunk: int = 65536) -> Synthetic:
 
 class Recovery(NamedTuple):
     recovered: dict
-    """kind name -> fraction of its true features with a latent of max cosine >= threshold."""
+    """kind name (shared, base-only, finetuned-only) -> fraction of its true features with a latent of max
+    cosine >= threshold."""
     classified: dict
     """kind name -> fraction also labelled with the right kind by relative decoder norm."""
     false_exclusive_rate: float
@@ -137,13 +143,14 @@ class Recovery(NamedTuple):
     """int64 [dict_size]: each latent's best-matching true feature, -1 where the cosine is below threshold."""
 
 
-def kind_name(kind: int) -> str:
-    return "shared" if kind == -1 else f"exclusive_{kind}"
-
-
 @torch.no_grad()
-def score(cc: CrossCoder, truth: GroundTruth, norm_factors: torch.Tensor, cos_threshold: float = 0.9,
-          exclusive_share: float = 0.9) -> Recovery:
+def score(
+    cc: CrossCoder,
+    truth: GroundTruth,
+    norm_factors: torch.Tensor,
+    cos_threshold: float = 0.9,
+    exclusive_share: float = 0.9,
+) -> Recovery:
     """Recovery and classification of the true features by a crosscoder trained in normalised units.
 
     Cosines compare decoder vectors with all models concatenated, both in normalised units."""
@@ -156,8 +163,9 @@ def score(cc: CrossCoder, truth: GroundTruth, norm_factors: torch.Tensor, cos_th
     for kind in truth.kinds.unique().tolist():
         of_kind = truth.kinds == kind
         hit = best_cos[of_kind] >= cos_threshold
-        recovered[kind_name(kind)] = hit.float().mean().item()
-        classified[kind_name(kind)] = (hit & (labels[best_latent[of_kind]] == kind)).float().mean().item()
+        name = kind_name(kind, truth.decoders.shape[1])
+        recovered[name] = hit.float().mean().item()
+        classified[name] = (hit & (labels[best_latent[of_kind]] == kind)).float().mean().item()
     latent_cos, latent_feature = cosine.max(dim=0)
     latent_feature = torch.where(latent_cos >= cos_threshold, latent_feature, -1)
     labelled_exclusive = (labels >= 0) & (latent_feature >= 0)
@@ -166,21 +174,44 @@ def score(cc: CrossCoder, truth: GroundTruth, norm_factors: torch.Tensor, cos_th
     return Recovery(recovered, classified, rate, latent_feature)
 
 
-def plot_relative_norms_by_truth(cc: CrossCoder, truth: GroundTruth, recovery: Recovery, exclusive_share: float = 0.9,
-                                 path=None):
-    """The relative-norm histogram, each latent coloured by the kind of the true feature it matches."""
-    relative = relative_decoder_norms(cc)[:, 1].numpy()
-    matched = recovery.latent_feature
-    true_kind = torch.where(matched >= 0, truth.kinds[matched.clamp(min=0)], -2)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    bins = np.linspace(0, 1, 51)
-    groups = [(-1, "shared"), (0, "base-only"), (1, "finetuned-only"), (-2, "matches no true feature")]
-    ax.hist([relative[(true_kind == kind).numpy()] for kind, _ in groups], bins=bins, stacked=True,
-            label=[f"true {label}" if kind > -2 else label for kind, label in groups],
-            color=["tab:gray", "tab:blue", "tab:red", "0.85"])
-    for edge in (1 - exclusive_share, exclusive_share):
-        ax.axvline(edge, color="k", ls="--", lw=0.8)
-    ax.set(yscale="log", xlabel="relative decoder norm ‖d_ft‖ / (‖d_base‖ + ‖d_ft‖)", ylabel="latents",
-           title=f"relative norms by true kind (false exclusives: {recovery.false_exclusive_rate:.1%})")
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
+PLAIN = dict(lr=1e-3, lr_decay_frac=0.0, l1_warmup_frac=0.0, init="random")
+"""The recipe a new user starts from: A1-style random init, a constant learning rate, no λ warm-up."""
+
+PRESETS = {  # name: (TrainConfig fields, CrossCoderConfig fields), over GROUND_TRUTH_BASE and the library defaults
+    "relu_plain": (PLAIN, dict(variant="relu")),
+    "relu": ({}, dict(variant="relu")),
+    "relu_resampling": (dict(resample_every=250), dict(variant="relu")),
+    "relu_random_init": (dict(init="random"), dict(variant="relu")),
+    "relu_designated_shared": ({}, dict(variant="relu", n_shared_latents=100)),
+    "relu_dedicated": ({}, dict(variant="relu", n_dedicated=200)),
+    "batchtopk_plain": (PLAIN, dict(variant="batchtopk", k=8)),
+    "batchtopk": ({}, dict(variant="batchtopk", k=8)),
+    "batchtopk_annealed": (dict(k_anneal_from=64), dict(variant="batchtopk", k=8)),
+    "batchtopk_annealed_resampling": (dict(k_anneal_from=64, resample_every=250), dict(variant="batchtopk", k=8)),
+    "batchtopk_annealed_random_init": (dict(k_anneal_from=64, init="random"), dict(variant="batchtopk", k=8)),
+    "batchtopk_designated_shared": ({}, dict(variant="batchtopk", k=8, n_shared_latents=100)),
+    "batchtopk_dedicated": ({}, dict(variant="batchtopk", k=8, n_dedicated=200)),
+    "batchtopk_dedicated_annealed": (dict(k_anneal_from=64), dict(variant="batchtopk", k=8, n_dedicated=200)),
+}
+"""Training recipes compared on the ground truth (bench/bench_ground_truth.py, 05_ground_truth)."""
+
+GROUND_TRUTH_BASE = (
+    dict(tokens_per_step=1024, train_tokens=SyntheticConfig.n_tokens, log_to="none", save_every=10**9),
+    dict(dict_size=2000, dead_tokens=200_000),
+)
+"""What every preset shares: batch 1024, one pass over the default 1.5M tokens, dict 2000 (2x the true
+features), a dead-latent window scaled to the run."""
+
+
+def preset(name: str, **overrides) -> tuple[TrainConfig, CrossCoderConfig]:
+    """The configs of a named preset (``PRESETS``), with ``overrides`` given as fields of either config."""
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r} is not one of {list(PRESETS)}")
+    fields = [{**base, **extra} for base, extra in zip(GROUND_TRUTH_BASE, PRESETS[name])]
+    names = [{f.name for f in dataclasses.fields(cls)} for cls in (TrainConfig, CrossCoderConfig)]
+    unknown = sorted(set(overrides) - names[0] - names[1])
+    if unknown:
+        raise ValueError(f"overrides {unknown} are fields of neither TrainConfig nor CrossCoderConfig")
+    for key, value in overrides.items():
+        fields[0 if key in names[0] else 1][key] = value
+    return TrainConfig(**fields[0]), CrossCoderConfig(**fields[1])

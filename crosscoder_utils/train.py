@@ -9,6 +9,7 @@ A run directory holds::
     crosscoder.safetensors       the final export (normalised space) + cfg.json + norm_factors.json
     raw/                         the same crosscoder with the norm factors folded in: reads raw activations
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,11 @@ import itertools
 import json
 import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from einops import rearrange
@@ -28,8 +33,9 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import CrossCoderConfig, TrainConfig
 from .crosscoder import CrossCoder
-from .normalize import load_norm_factors, sample_rows
-from .store import ActivationStore, write_json
+from .files import check_same_settings, write_json
+from .normalize import load_norm_factors
+from .store import ActivationStore
 
 
 def lr_lambda(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -62,15 +68,20 @@ def store_identity(store: ActivationStore) -> dict:
     return {**{k: store.meta.get(k) for k in keys}, "window_rows": store.window_rows}
 
 
-def training_batches(store: ActivationStore, cfg: TrainConfig, start_step: int, part: tuple[int, int] = (0, 1)):
+def training_batches(
+    store: ActivationStore, cfg: TrainConfig, start_step: int, process: tuple[int, int] = (0, 1)
+) -> Iterator[torch.Tensor]:
     """Batches for steps start_step, start_step + 1, ...: pass e over the store is shuffled with seed + e;
-    ``part=(rank, world_size)``: this rank's share of each batch."""
-    per_pass = store.n_batches(cfg.batch_size)
+    ``process=(rank, world_size)``: this rank's share of each batch."""
+    per_pass = store.n_batches(cfg.tokens_per_step)
     if per_pass == 0:
-        raise ValueError(f"the store's train split ({len(store.split_range('train'))} tokens) is smaller than one batch ({cfg.batch_size})")
+        raise ValueError(
+            f"the store's train split ({len(store.split_range('train'))} tokens) is smaller than one step "
+            f"({cfg.tokens_per_step} tokens)"
+        )
     for epoch in itertools.count(start_step // per_pass):
         first = start_step - epoch * per_pass if epoch == start_step // per_pass else 0
-        yield from store.batches(cfg.batch_size, seed=cfg.seed + epoch, start_batch=first, part=part)
+        yield from store.batches(cfg.tokens_per_step, seed=cfg.seed + epoch, start_batch=first, process=process)
 
 
 @torch.no_grad()
@@ -107,9 +118,13 @@ def resample_dead_latents(model: CrossCoder, optimizer: torch.optim.Adam, x: tor
     direction = residual[rows].flatten(1)
     direction = direction / direction.norm(dim=1, keepdim=True).clamp(min=1e-12)
     n_models = model.cfg.n_models
-    model.W_dec[dead] = rearrange(direction * model.cfg.dec_init_norm * n_models**0.5, "latent (model d) -> latent model d", model=n_models)
+    model.W_dec[dead] = rearrange(
+        direction * model.cfg.dec_init_norm * n_models**0.5, "latent (model d) -> latent model d", model=n_models
+    )
     alive_norm = model.W_enc.flatten(0, 1)[:, model.tokens_since_fired < model.cfg.dead_tokens].norm(dim=0).mean()
-    model.W_enc[:, :, dead] = rearrange(direction * 0.2 * alive_norm, "latent (model d) -> model d latent", model=n_models)
+    model.W_enc[:, :, dead] = rearrange(
+        direction * 0.2 * alive_norm, "latent (model d) -> model d latent", model=n_models
+    )
     model.b_enc[dead] = 0
     model.apply_partition_()
     model.tokens_since_fired[dead] = 0
@@ -145,23 +160,26 @@ def prepare_run(cfg: TrainConfig, cc_cfg: CrossCoderConfig, store: ActivationSto
     for name in ("d_model", "n_models"):
         given = getattr(cc_cfg, name)
         if given is not None and given != store.meta[name]:
-            raise ValueError(f"CrossCoderConfig.{name}={given} but the store at {store.path} has {name}={store.meta[name]}")
+            raise ValueError(
+                f"CrossCoderConfig.{name}={given} but the store at {store.path} has {name}={store.meta[name]}"
+            )
     cc_cfg = dataclasses.replace(cc_cfg, d_model=store.d_model, n_models=store.n_models)  # __post_init__ fills k_aux
-    record = {"train": cfg.to_dict(), "crosscoder": cc_cfg.to_dict(), "store": str(store.path), "store_identity": store_identity(store)}
-    for name in ("resume", "device"):  # how a run is continued, not what it is
-        record["train"].pop(name)
+    identity = {"train": cfg.settings(), "crosscoder": cc_cfg.settings(), "store_identity": store_identity(store)}
     if (run_dir / "run.json").exists():
-        before = json.loads((run_dir / "run.json").read_text())
         if not cfg.resume:
             raise ValueError(f"{run_dir} already holds a run; pass resume=True to continue it, or another run_dir")
-        differ = [k for k in ("train", "crosscoder", "store_identity") if before[k] != record[k]]
-        if differ:
-            raise ValueError(f"cannot resume {run_dir}: its {differ} differ from this call's (a store from other "
-                             "models, or other settings); use another run_dir")
+        before = json.loads((run_dir / "run.json").read_text())
+        check_same_settings(
+            run_dir,
+            "a run",
+            {k: before[k] for k in identity},
+            identity,
+            "resume it with its settings, or use another run_dir",
+        )
     distributed.barrier()  # every rank has checked before rank 0 writes
     if distributed.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "run.json", record)
+        write_json(run_dir / "run.json", {**identity, "store": store.path})
     return cc_cfg
 
 
@@ -176,12 +194,13 @@ class Objective(nn.Module):
         return self.model.losses(x, l1_coeff=l1_coeff, k=k)
 
 
-def train_crosscoder(cfg: TrainConfig, store: ActivationStore, run_dir: str | Path,
-                     cc_cfg: CrossCoderConfig = CrossCoderConfig()) -> CrossCoder:
+def train_crosscoder(
+    cfg: TrainConfig, store: ActivationStore, run_dir: str | Path, cc_cfg: CrossCoderConfig = CrossCoderConfig()
+) -> CrossCoder:
     """Train a crosscoder on the store's normalised activations; export it to run_dir and return it.
 
     The store's norm factors (02_normalize) scale each model's activations to a mean norm of sqrt(d_model).
-    Under torchrun (N processes) every rank trains on its 1/N of each global batch of ``batch_size``
+    Under torchrun (N processes) every rank trains on its 1/N of each global batch of ``tokens_per_step``
     rows with DistributedDataParallel; what the algorithm computes over the batch (the BatchTopK
     selection and threshold, the dead-latent counts, the auxiliary loss's normalisation, resampling) is
     global, so the result is single-process training's. Rank 0 logs, checkpoints and exports.
@@ -189,15 +208,15 @@ def train_crosscoder(cfg: TrainConfig, store: ActivationStore, run_dir: str | Pa
     run_dir = Path(run_dir)
     device = distributed.init_from_env(cfg.device)
     rank, world = distributed.rank(), distributed.world_size()
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} does not split evenly over {world} processes")
+    if cfg.tokens_per_step % world:
+        raise ValueError(f"tokens_per_step {cfg.tokens_per_step} does not split evenly over {world} processes")
     factors = load_norm_factors(store)
     cc_cfg = prepare_run(cfg, cc_cfg, store, run_dir)
-    total_steps = cfg.num_tokens // cfg.batch_size
+    total_steps = cfg.total_steps
     torch.manual_seed(cfg.seed)
     model = CrossCoder(cc_cfg).to(device).train()
     if cfg.init == "data":
-        data_init(model, (sample_rows(store, cc_cfg.dict_size + 4096, seed=cfg.seed) * factors[None, :, None]).to(device))
+        data_init(model, (store.sample(cc_cfg.dict_size + 4096, seed=cfg.seed) * factors[None, :, None]).to(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.resolved_lr(), betas=(cfg.beta1, cfg.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, total_steps, cfg))
     start = 0
@@ -212,21 +231,38 @@ def train_crosscoder(cfg: TrainConfig, store: ActivationStore, run_dir: str | Pa
         torch.set_rng_state(state["torch_rng"])
     objective = Objective(model)
     if world > 1:
-        objective = DistributedDataParallel(objective, forward_sync_buffers=False,
-                                            device_ids=[device] if device.startswith("cuda") else None)
+        objective = DistributedDataParallel(
+            objective, forward_sync_buffers=False, device_ids=[device] if device.startswith("cuda") else None
+        )
     metrics_file, run = run_dir / "metrics.jsonl", None
     if rank == 0:
-        kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= start] if checkpoint and metrics_file.exists() else []
+        kept = (
+            [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= start]
+            if checkpoint and metrics_file.exists()
+            else []
+        )
         metrics_file.write_text("".join(line + "\n" for line in kept))
         if cfg.log_to != "none":
             import wandb
 
-            run = wandb.init(project=cfg.wandb_project, dir=str(run_dir), mode=cfg.log_to, name=run_dir.name,
-                             config={**cfg.to_dict(), **cc_cfg.to_dict()}, resume="allow", id=run_dir.name)
+            run = wandb.init(
+                project=cfg.wandb_project,
+                dir=str(run_dir),
+                mode=cfg.log_to,
+                name=run_dir.name,
+                config={**cfg.to_dict(), **cc_cfg.to_dict()},
+                resume="allow",
+                id=run_dir.name,
+            )
     scale = factors[None, :, None].to(device)
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="training",
-               **({"disable": True} if rank > 0 else {}))  # the TQDM_DISABLE variable still works on rank 0
-    for step, x in zip(bar, training_batches(store, cfg, start, part=(rank, world))):
+    bar = tqdm(
+        range(start, total_steps),
+        initial=start,
+        total=total_steps,
+        desc="training",
+        **({"disable": True} if rank > 0 else {}),
+    )  # the TQDM_DISABLE variable still works on rank 0
+    for step, x in zip(bar, training_batches(store, cfg, start, process=(rank, world))):
         x = x.to(device, non_blocking=True) * scale
         l1_coeff = l1_coeff_at(step, total_steps, cfg, cc_cfg.l1_coeff)
         out = objective(x, l1_coeff, k_at(step, total_steps, cfg, cc_cfg.k))
@@ -239,9 +275,19 @@ def train_crosscoder(cfg: TrainConfig, store: ActivationStore, run_dir: str | Pa
             resample_dead_latents(model, optimizer, distributed.all_gather_cat(x))
         if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
             values = out.metrics()  # averaged over the ranks
-            values = dict(zip(values, (distributed.all_reduce(torch.tensor(list(values.values()), device=device)) / world).tolist()))
-            metrics = {"step": step + 1, **values, "l1_coeff": l1_coeff, "lr": scheduler.get_last_lr()[0],
-                       "dead_fraction": model.dead_latents().float().mean().item()}
+            values = dict(
+                zip(
+                    values,
+                    (distributed.all_reduce(torch.tensor(list(values.values()), device=device)) / world).tolist(),
+                )
+            )
+            metrics = {
+                "step": step + 1,
+                **values,
+                "l1_coeff": l1_coeff,
+                "lr": scheduler.get_last_lr()[0],
+                "dead_fraction": model.dead_latents().float().mean().item(),
+            }
             if cc_cfg.variant == "batchtopk":
                 metrics["threshold"] = model.threshold.item()
             if rank == 0:
@@ -249,7 +295,9 @@ def train_crosscoder(cfg: TrainConfig, store: ActivationStore, run_dir: str | Pa
                     f.write(json.dumps(metrics) + "\n")
                 if run:
                     run.log(metrics, step=step + 1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3g}", L0=f"{metrics['l0_loss']:.1f}", EV=f"{metrics['explained_variance']:.3f}")
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.3g}", L0=f"{metrics['l0']:.1f}", EV=f"{metrics['explained_variance']:.3f}"
+            )
         if (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
             if rank == 0:
                 save_checkpoint(run_dir, model, optimizer, scheduler, step + 1)
@@ -270,6 +318,59 @@ def export(model: CrossCoder, factors: torch.Tensor, run_dir: Path) -> None:
     model.fold_norm_factors(factors).save(run_dir / "raw")
 
 
+def launch(
+    cfg: TrainConfig,
+    cc_cfg: CrossCoderConfig,
+    store: str | Path,
+    run_dir: str | Path,
+    nproc_per_node: int = 1,
+) -> CrossCoder:
+    """Train in this process (``nproc_per_node=1``), or under ``torchrun`` with that many processes (one per
+    GPU; gloo on CPU), which ends with the weights one process would; returns the trained crosscoder."""
+    if nproc_per_node == 1:
+        return train_crosscoder(cfg, ActivationStore(store), run_dir, cc_cfg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc_per_node)]
+    command += ["-m", "crosscoder_utils.train", str(store), str(run_dir)]
+    command += ["--train", json.dumps(cfg.to_dict()), "--crosscoder", json.dumps(cc_cfg.to_dict())]
+    subprocess.run(command, check=True)
+    return CrossCoder.load(run_dir)
+
+
+class Run(NamedTuple):
+    """A finished run as ``load_run`` reads it back."""
+
+    cfg: TrainConfig
+    """How it was trained (runtime fields at their defaults)."""
+    crosscoder: CrossCoder
+    """The crosscoder in normalised units (what was trained)."""
+    raw: CrossCoder
+    """The same with the norm factors folded in: reads and writes raw activations."""
+    store: ActivationStore
+    """The store it was trained on."""
+    norm_factors: torch.Tensor
+    """[n_models] the store's norm factors the run used."""
+    metrics: list[dict]
+    """One dict per logged step (metrics.jsonl)."""
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
+    """Read back what ``train_crosscoder`` wrote into ``run_dir`` (run.json, the export, metrics.jsonl)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "crosscoder.safetensors").exists():
+        raise FileNotFoundError(f"{run_dir} holds no finished run (no crosscoder.safetensors): train it with 03_train")
+    record = json.loads((run_dir / "run.json").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    factors = torch.tensor(json.loads((run_dir / "norm_factors.json").read_text())["norm_factors"])
+    return Run(
+        TrainConfig.from_dict(record["train"]),
+        CrossCoder.load(run_dir, device),
+        CrossCoder.load(run_dir / "raw", device),
+        ActivationStore(record["store"]),
+        factors,
+        metrics,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m crosscoder_utils.train STORE RUN_DIR [--train JSON] [--crosscoder JSON]``, alone or under
     ``torchrun --nproc_per_node N`` (one process per GPU; multi-node with torchrun's --nnodes and
@@ -282,8 +383,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", default="{}", help="TrainConfig fields as a JSON object")
     parser.add_argument("--crosscoder", default="{}", help="CrossCoderConfig fields as a JSON object")
     args = parser.parse_args(argv)
-    train_crosscoder(TrainConfig.from_dict(json.loads(args.train)), ActivationStore(args.store), args.run_dir,
-                     CrossCoderConfig.from_dict(json.loads(args.crosscoder)))
+    train_crosscoder(
+        TrainConfig.from_dict(json.loads(args.train)),
+        ActivationStore(args.store),
+        args.run_dir,
+        CrossCoderConfig.from_dict(json.loads(args.crosscoder)),
+    )
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -1,4 +1,5 @@
 """Real tiny transformers built from configs, saved with save_pretrained, loaded like Hub models."""
+
 import pytest
 import torch
 import transformers
@@ -9,15 +10,34 @@ TEXTS = base_corpus(64, seed=1) + ["", "   short one."]
 
 CONFIGS = {
     "gpt2": lambda d, vocab: transformers.GPT2Config(n_layer=2, n_embd=d, n_head=2, vocab_size=vocab, n_positions=128),
-    "gpt_neox": lambda d, vocab: transformers.GPTNeoXConfig(num_hidden_layers=2, hidden_size=d, num_attention_heads=2,
-                                                             intermediate_size=2 * d, vocab_size=vocab),
-    "llama": lambda d, vocab: transformers.LlamaConfig(num_hidden_layers=2, hidden_size=d, num_attention_heads=2,
-                                                        num_key_value_heads=1, intermediate_size=2 * d, vocab_size=vocab),
-    "qwen2": lambda d, vocab: transformers.Qwen2Config(num_hidden_layers=2, hidden_size=d, num_attention_heads=2,
-                                                        num_key_value_heads=1, intermediate_size=2 * d, vocab_size=vocab),
-    "gemma2": lambda d, vocab: transformers.Gemma2Config(num_hidden_layers=2, hidden_size=d, num_attention_heads=2,
-                                                          num_key_value_heads=1, head_dim=d // 2,
-                                                          intermediate_size=2 * d, vocab_size=vocab),
+    "gpt_neox": lambda d, vocab: transformers.GPTNeoXConfig(
+        num_hidden_layers=2, hidden_size=d, num_attention_heads=2, intermediate_size=2 * d, vocab_size=vocab
+    ),
+    "llama": lambda d, vocab: transformers.LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=d,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=2 * d,
+        vocab_size=vocab,
+    ),
+    "qwen2": lambda d, vocab: transformers.Qwen2Config(
+        num_hidden_layers=2,
+        hidden_size=d,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=2 * d,
+        vocab_size=vocab,
+    ),
+    "gemma2": lambda d, vocab: transformers.Gemma2Config(
+        num_hidden_layers=2,
+        hidden_size=d,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=d // 2,
+        intermediate_size=2 * d,
+        vocab_size=vocab,
+    ),
 }
 
 
@@ -29,7 +49,11 @@ def tokenizer():
 def build_model(tmp_path_factory, tokenizer, arch, d=32, seed=0, name=None):
     torch.manual_seed(seed)
     config = CONFIGS[arch](d, len(tokenizer))
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = (
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
     model = transformers.AutoModelForCausalLM.from_config(config)
     path = tmp_path_factory.mktemp(name or f"{arch}_{d}_{seed}")
     model.save_pretrained(path)
@@ -49,8 +73,9 @@ def make_model(tmp_path_factory, tokenizer):
     return make
 
 
-TINY_ORGANISM = dict(d_model=64, n_layers=2, n_heads=2, base_steps=100, finetune_steps=80, n_docs=1500,
-                     batch_size=24, seq_len=48)
+TINY_ORGANISM = dict(
+    d_model=64, n_layers=2, n_heads=2, base_steps=100, finetune_steps=80, n_docs=1500, seqs_per_step=24, seq_len=48
+)
 
 
 @pytest.fixture(scope="session")

@@ -14,13 +14,17 @@ import transformers
 from conftest import TEXTS
 
 from crosscoder_utils import ActivationStore, Buffer, CollectConfig, collect_activations, load_model_pair
-from crosscoder_utils.collect import iter_activations, tokenize
+from crosscoder_utils.collect import TracedPair, iter_activations, tokenize
 from crosscoder_utils.organism import train_tokenizer
 
 # written out here, independently of models.ARCHITECTURES; Gemma-2's branches pass through a post-norm
-BRANCH = {"gpt2": ("transformer.h", "attn", "mlp"), "gpt_neox": ("gpt_neox.layers", "attention", "mlp"),
-          "llama": ("model.layers", "self_attn", "mlp"), "qwen2": ("model.layers", "self_attn", "mlp"),
-          "gemma2": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm")}
+BRANCH = {
+    "gpt2": ("transformer.h", "attn", "mlp"),
+    "gpt_neox": ("gpt_neox.layers", "attention", "mlp"),
+    "llama": ("model.layers", "self_attn", "mlp"),
+    "qwen2": ("model.layers", "self_attn", "mlp"),
+    "gemma2": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
+}
 
 
 def reference(model_dir, site, layer, texts, tokenizer):
@@ -42,16 +46,36 @@ def reference(model_dir, site, layer, texts, tokenizer):
     return out
 
 
-@pytest.mark.parametrize("arch,site,layer,padding_side", [
-    ("gpt2", "resid_post", 0, "left"), ("gpt2", "resid_pre", 1, "right"), ("gpt2", "mlp_out", 1, "left"),
-    ("gpt_neox", "attn_out", 0, "right"), ("gpt_neox", "resid_post", 0, "left"),
-    ("llama", "resid_pre", 1, "left"), ("llama", "mlp_out", 0, "right"), ("llama", "attn_out", 1, "left"),
-    ("qwen2", "resid_post", 0, "left"), ("gemma2", "resid_pre", 1, "left"), ("gemma2", "mlp_out", 0, "right"),
-])
+@pytest.mark.parametrize(
+    "arch,site,layer,padding_side",
+    [
+        ("gpt2", "resid_post", 0, "left"),
+        ("gpt2", "resid_pre", 1, "right"),
+        ("gpt2", "mlp_out", 1, "left"),
+        ("gpt_neox", "attn_out", 0, "right"),
+        ("gpt_neox", "resid_post", 0, "left"),
+        ("llama", "resid_pre", 1, "left"),
+        ("llama", "mlp_out", 0, "right"),
+        ("llama", "attn_out", 1, "left"),
+        ("qwen2", "resid_post", 0, "left"),
+        ("gemma2", "resid_pre", 1, "left"),
+        ("gemma2", "mlp_out", 0, "right"),
+    ],
+)
 def test_store_equals_plain_forward(make_model, tokenizer, tmp_path, arch, site, layer, padding_side):
     base, finetuned = make_model(arch, seed=0), make_model(arch, seed=1)
-    cfg = CollectConfig(base_model=base, finetuned_model=finetuned, site=site, layer=layer, dataset=TEXTS,
-                        n_tokens=10**6, seq_len=24, batch_size=8, seqs_per_shard=16, padding_side=padding_side)
+    cfg = CollectConfig(
+        base_model=base,
+        finetuned_model=finetuned,
+        site=site,
+        layer=layer,
+        dataset=TEXTS,
+        n_tokens=10**6,
+        seq_len=24,
+        seqs_per_batch=8,
+        seqs_per_shard=16,
+        padding_side=padding_side,
+    )
     store = collect_activations(cfg, tmp_path / "store")
     assert store.meta["site"] == site and store.meta["n_models"] == 2 and store.meta["d_model"] == 32
     seq, pos = store.positions(np.arange(len(store)))
@@ -73,9 +97,19 @@ def test_exclusions_and_chat_messages(make_model, tokenizer, tmp_path):
     chats = [[{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}] for text in TEXTS[:20]]
     datasets.Dataset.from_dict({"messages": chats}).save_to_disk(str(tmp_path / "chats"))
     user, end = tokenizer.convert_tokens_to_ids(["<|user|>", "<|end|>"])
-    cfg = CollectConfig(base_model=make_model(), finetuned_model=make_model(seed=1), layer=0,
-                        dataset=str(tmp_path / "chats"), text_column="messages", n_tokens=10**6, seq_len=128,
-                        batch_size=4, seqs_per_shard=8, exclude_first_n=2, exclude_token_ids=[end])
+    cfg = CollectConfig(
+        base_model=make_model(),
+        finetuned_model=make_model(seed=1),
+        layer=0,
+        dataset=str(tmp_path / "chats"),
+        text_column="messages",
+        n_tokens=10**6,
+        seq_len=128,
+        seqs_per_batch=4,
+        seqs_per_shard=8,
+        exclude_first_n=2,
+        exclude_token_ids=[end],
+    )
     store = collect_activations(cfg, tmp_path / "store")
     ids = store.token_ids(np.arange(len(store)))
     _, pos = store.positions(np.arange(len(store)))
@@ -85,9 +119,20 @@ def test_exclusions_and_chat_messages(make_model, tokenizer, tmp_path):
 
 
 def test_n_tokens_stops_exactly_and_dtypes_roundtrip(make_model, tmp_path):
-    cfgs = {dtype: CollectConfig(base_model=make_model(), finetuned_model=make_model(seed=1), layer=1, dataset=TEXTS,
-                                 n_tokens=300, seq_len=24, batch_size=4, seqs_per_shard=8, dtype=dtype)
-            for dtype in ("float32", "float16", "bfloat16")}
+    cfgs = {
+        dtype: CollectConfig(
+            base_model=make_model(),
+            finetuned_model=make_model(seed=1),
+            layer=1,
+            dataset=TEXTS,
+            n_tokens=300,
+            seq_len=24,
+            seqs_per_batch=4,
+            seqs_per_shard=8,
+            dtype=dtype,
+        )
+        for dtype in ("float32", "float16", "bfloat16")
+    }
     stores = {dtype: collect_activations(cfg, tmp_path / dtype) for dtype, cfg in cfgs.items()}
     exact = stores["float32"].read(np.arange(300))
     for dtype, store in stores.items():
@@ -100,7 +145,7 @@ import sys
 from crosscoder_utils import CollectConfig, collect_activations
 from conftest import TEXTS
 cfg = CollectConfig(base_model=sys.argv[1], finetuned_model=sys.argv[2], layer=1, dataset=TEXTS * 40,
-                    n_tokens=int(sys.argv[4]), seq_len=24, batch_size=4, seqs_per_shard=8)
+                    n_tokens=int(sys.argv[4]), seq_len=24, seqs_per_batch=4, seqs_per_shard=8)
 collect_activations(cfg, sys.argv[3])
 """
 
@@ -119,8 +164,13 @@ def test_killed_collection_resumes_to_the_same_store_with_two_processes(make_mod
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.path.dirname(__file__)]), "TQDM_DISABLE": "1"}
     (tmp_path / "collect.py").write_text(COLLECT_SCRIPT)
     command = lambda name, n_tokens, processes=1: (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1
-        else [sys.executable]) + [str(tmp_path / "collect.py"), base, finetuned, str(tmp_path / name), str(n_tokens)]
+        (
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+            if processes > 1
+            else [sys.executable]
+        )
+        + [str(tmp_path / "collect.py"), base, finetuned, str(tmp_path / name), str(n_tokens)]
+    )
     proc = subprocess.Popen(command("killed", 10**6), env=env)
     while not (tmp_path / "killed/shards/shard_00003").exists():
         assert proc.poll() is None, "the collection ended before it could be killed"
@@ -144,9 +194,19 @@ def test_bad_inputs_are_refused_before_compute(make_model, tokenizer, tmp_path):
     base = make_model()
 
     def collect(**kw):
-        cfg = CollectConfig(**{"base_model": base, "finetuned_model": make_model(seed=1), "layer": 1,
-                               "dataset": TEXTS, "n_tokens": 100, "seq_len": 24, "batch_size": 4,
-                               "seqs_per_shard": 8, **kw})
+        cfg = CollectConfig(
+            **{
+                "base_model": base,
+                "finetuned_model": make_model(seed=1),
+                "layer": 1,
+                "dataset": TEXTS,
+                "n_tokens": 100,
+                "seq_len": 24,
+                "seqs_per_batch": 4,
+                "seqs_per_shard": 8,
+                **kw,
+            }
+        )
         return collect_activations(cfg, tmp_path / "store")
 
     other_tok = train_tokenizer(["completely different words here"] * 50, vocab_size=300)
@@ -165,7 +225,7 @@ def test_bad_inputs_are_refused_before_compute(make_model, tokenizer, tmp_path):
         collect(finetuned_model=make_model(d=48))
     with pytest.raises(ValueError, match="yields no tokens"):
         collect(dataset=["", ""])
-    with pytest.raises(ValueError, match="must be a multiple of batch_size"):
+    with pytest.raises(ValueError, match="must be a multiple of seqs_per_batch"):
         collect(seqs_per_shard=6)
     cfg = CollectConfig(base_model="no/such-model", finetuned_model="no/such-model", dataset=TEXTS)
     with pytest.raises(ValueError, match="stores are written on local disk, not to memory://store"):
@@ -191,30 +251,29 @@ def test_bad_inputs_are_refused_before_compute(make_model, tokenizer, tmp_path):
 def test_from_arrays_and_batches(tmp_path):
     rng = np.random.default_rng(0)
     acts = rng.normal(size=(10_000, 3, 8)).astype(np.float32)
-    store = ActivationStore.from_arrays(tmp_path / "s", acts, token_ids=np.arange(10_000), shard_size=3000,
-                                        val_fraction=0.1, site="resid_post")
+    store = ActivationStore.from_arrays(
+        tmp_path / "s", acts, token_ids=np.arange(10_000), shard_size=3000, val_fraction=0.1, site="resid_post"
+    )
     assert store.meta["n_models"] == 3 and len(store) == 10_000 and store.meta["site"] == "resid_post"
     assert torch.equal(store.read([5, 2, 9999]), torch.from_numpy(acts[[5, 2, 9999]]))
     assert store.token_ids([7]).item() == 7
     np.testing.assert_allclose(store.meta["mean"], acts.mean(0), atol=1e-6)
 
     lookup = {tuple(acts[i, 0, :2]): i for i in range(len(acts))}
-    passes = [[lookup[tuple(row[0, :2].tolist())] for b in store.batches(64, seed=s) for row in b.numpy()] for s in (0, 0, 1)]
+    passes = [
+        [lookup[tuple(row[0, :2].tolist())] for b in store.batches(64, seed=s) for row in b.numpy()] for s in (0, 0, 1)
+    ]
     assert passes[0] == passes[1] and passes[0] != passes[2]
     assert len(passes[0]) == len(set(passes[0])) == (9000 // 64) * 64 and max(passes[0]) < 9000
     val = [lookup[tuple(row[0, :2].tolist())] for b in store.batches(100, split="val") for row in b.numpy()]
     assert sorted(val) == list(range(9000, 10_000))
     later = [lookup[tuple(row[0, :2].tolist())] for b in store.batches(64, start_batch=5) for row in b.numpy()]
-    assert later == passes[0][5 * 64:]
-    with pytest.raises(ValueError, match="already holds"):
+    assert later == passes[0][5 * 64 :]
+    with pytest.raises(ValueError, match="holds an activation store made with other settings"):
         ActivationStore.from_arrays(tmp_path / "s", acts[:5])
 
     meta = json.loads((tmp_path / "s/meta.json").read_text())
     assert meta["shards"] == [[f"shard_{b:05d}", 3000 if b < 3 else 1000] for b in range(4)]
-    older = {k: v for k, v in meta.items() if k != "shards"}  # written before meta listed its shards: counted on opening
-    (tmp_path / "s/meta.json").write_text(json.dumps(older))
-    assert torch.equal(ActivationStore(tmp_path / "s").read(np.arange(10_000)), torch.from_numpy(acts))
-    (tmp_path / "s/meta.json").write_text(json.dumps(meta))
     shutil.rmtree(tmp_path / "s/shards/shard_00002")
     with pytest.raises(ValueError, match="should hold 4 shards of 10000 rows"):
         ActivationStore(tmp_path / "s")
@@ -224,15 +283,15 @@ def test_from_arrays_and_batches(tmp_path):
 
 def test_buffer_never_reserves_a_token(make_model):
     pair = load_model_pair(make_model(), make_model(seed=1))
-    cfg = CollectConfig(layer=1, dataset=TEXTS * 3, seq_len=24, batch_size=8, seqs_per_shard=8)
+    cfg = CollectConfig(layer=1, dataset=TEXTS * 3, seq_len=24, seqs_per_batch=8, seqs_per_shard=8)
     counter = iter(range(10**9))
 
     def tagged():  # real activations, each row tagged with its serial number in an extra slot
-        for batch in iter_activations(pair, cfg):
+        for batch in iter_activations(TracedPair(pair, cfg.site, cfg.layer), cfg):
             tags = torch.tensor([next(counter) for _ in batch.token_ids], dtype=torch.float32)
             yield torch.cat([batch.activations, tags[:, None, None].expand(-1, 1, batch.activations.shape[-1])], dim=1)
 
-    served = torch.cat(list(Buffer(tagged(), size=256, batch_size=32, seed=0)))
+    served = torch.cat(list(Buffer(tagged(), size=256, tokens_per_batch=32, seed=0)))
     produced = next(counter)
     tags = served[:, -1, 0].long().tolist()
     assert len(tags) == len(set(tags)) and set(tags) <= set(range(produced))

@@ -31,14 +31,17 @@ def test_relu_losses_equal_a_hand_computation():
         f_all.append(f)
         x_hat_all.append(x_hat)
     x_hat = torch.stack(x_hat_all)
-    ev = [1 - ((x[:, m] - x_hat[:, m]).var(0, unbiased=False).sum() / x[:, m].var(0, unbiased=False).sum()) for m in range(2)]
+    ev = [
+        1 - ((x[:, m] - x_hat[:, m]).var(0, unbiased=False).sum() / x[:, m].var(0, unbiased=False).sum())
+        for m in range(2)
+    ]
     ev_all = 1 - (x - x_hat).var(0, unbiased=False).sum() / x.var(0, unbiased=False).sum()
     torch.testing.assert_close(out.l2_loss, l2)
     torch.testing.assert_close(out.l1_loss, l1)
     torch.testing.assert_close(out.loss, l2 + 1.5 * l1)
-    torch.testing.assert_close(out.l0_loss, (torch.stack(f_all) > 0).sum(1).float().mean())
-    torch.testing.assert_close(out.explained_variance_A, ev[0])
-    torch.testing.assert_close(out.explained_variance_B, ev[1])
+    torch.testing.assert_close(out.l0, (torch.stack(f_all) > 0).sum(1).float().mean())
+    torch.testing.assert_close(out.explained_variance_per_model, torch.stack(ev))
+    assert out.metrics()["explained_variance_A"] == pytest.approx(ev[0].item(), rel=1e-4)
     torch.testing.assert_close(out.explained_variance, ev_all)
     assert out.aux_loss == 0
 
@@ -144,7 +147,7 @@ def test_folded_crosscoder_reads_raw_activations_and_round_trips(tmp_path, varia
 def test_batchtopk_k_can_be_overridden_for_annealing():
     cc = perturbed(make("batchtopk", k=2, aux_coeff=0.0)).train()
     x = torch.randn(16, 2, 6)
-    assert cc.losses(x).l0_loss == 2 and cc.losses(x, k=5).l0_loss == 5
+    assert cc.losses(x).l0 == 2 and cc.losses(x, k=5).l0 == 5
 
 
 PARTITION = dict(n_shared_latents=6, n_dedicated=5, shared_penalty_ratio=0.2)  # tied 0-5, model 0: 6-10, model 1: 11-15
@@ -188,9 +191,11 @@ def test_designated_shared_latents_cost_less_or_bypass_the_top_k():
     assert kept[:, :6].any()
     assert torch.equal(batchtopk.encode(x) > 0, kept)
     out = batchtopk.losses(x, l1_coeff=1.0)  # the sparse training path keeps the same entries
-    assert out.l0_loss == kept.sum() / 16
+    assert out.l0 == kept.sum() / 16
     f = batchtopk.encode(x)  # only the designated shared latents pay an L1, at the reduced ratio
-    torch.testing.assert_close(out.loss - out.l2_loss, (f[:, :6] * batchtopk.W_dec[:6].norm(dim=-1).sum(-1) * 0.2).sum(-1).mean())
+    torch.testing.assert_close(
+        out.loss - out.l2_loss, (f[:, :6] * batchtopk.W_dec[:6].norm(dim=-1).sum(-1) * 0.2).sum(-1).mean()
+    )
     batchtopk.eval()
     assert torch.equal(batchtopk.encode(x)[:, :6] > 0, pre[:, :6] > 0)
 
@@ -198,7 +203,9 @@ def test_designated_shared_latents_cost_less_or_bypass_the_top_k():
 @pytest.mark.parametrize("variant", ["relu", "batchtopk"])
 def test_without_shared_or_dedicated_latents_losses_and_gradients_equal_the_plain_variant(variant):
     plain = perturbed(make(variant, aux_coeff=1.0, dead_tokens=8)).train()
-    zero = make(variant, aux_coeff=1.0, dead_tokens=8, n_shared_latents=0, n_dedicated=0, shared_penalty_ratio=0.5).train()
+    zero = make(
+        variant, aux_coeff=1.0, dead_tokens=8, n_shared_latents=0, n_dedicated=0, shared_penalty_ratio=0.5
+    ).train()
     zero.load_state_dict(plain.state_dict())
     for _ in range(2):  # the second step has dead latents, so the auxiliary loss is compared too
         x = torch.randn(16, 2, 6)

@@ -1,4 +1,5 @@
 """The notebooks run headless under papermill with small parameters, as a reviewer would run them."""
+
 import json
 from pathlib import Path
 
@@ -14,14 +15,23 @@ NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
 
 def run_notebook(name, folder, **parameters):
     output = Path(folder) / f"{name}.ipynb"
-    papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(output), parameters=parameters,
-                               cwd=str(NOTEBOOKS.parent), progress_bar=False)
+    papermill.execute_notebook(
+        str(NOTEBOOKS / f"{name}.ipynb"),
+        str(output),
+        parameters=parameters,
+        cwd=str(NOTEBOOKS.parent),
+        progress_bar=False,
+    )
     return nbformat.read(output, as_version=4)
 
 
 def outputs_text(notebook):
-    return "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
-                     for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
+    return "\n".join(
+        o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for o in cell.outputs
+    )
 
 
 def test_notebooks_are_committed_without_outputs():
@@ -35,9 +45,18 @@ def test_notebooks_are_committed_without_outputs():
 def collected(organism, tmp_path_factory):
     out = tmp_path_factory.mktemp("notebooks")
     organism_nb = run_notebook("00_organism", out, out_dir=str(Path(organism.base).parent), **TINY_ORGANISM)
-    collect_nb = run_notebook("01_collect", out, base_model=organism.base, finetuned_model=organism.finetuned,
-                              dataset=organism.corpus, layer=1, n_tokens=3000, seq_len=48, batch_size=16,
-                              store_dir=str(out / "store"))
+    collect_nb = run_notebook(
+        "01_collect",
+        out,
+        base_model=organism.base,
+        finetuned_model=organism.finetuned,
+        dataset=organism.corpus,
+        layer=1,
+        n_tokens=3000,
+        seq_len=48,
+        seqs_per_batch=16,
+        store_dir=str(out / "store"),
+    )
     return out, organism_nb, collect_nb
 
 
@@ -53,10 +72,24 @@ def test_organism_and_collect_notebooks(collected):
 @pytest.fixture(scope="module")
 def trained(collected):
     out = collected[0]
-    normalize_nb = run_notebook("02_normalize", out, store_dir=str(out / "store"), n_batches=4, batch_size=512)
-    train_nb = run_notebook("03_train", out, store_dir=str(out / "store"), run_dir=str(out / "run"), dict_size=128,
-                            variant="batchtopk", k=8, batch_size=256, num_tokens=25_600, log_every=10,
-                            save_every=50, log_to="offline", n_shared_latents=8, n_dedicated=8, resample_every=20)
+    normalize_nb = run_notebook("02_normalize", out, store_dir=str(out / "store"), n_batches=4, tokens_per_batch=512)
+    train_nb = run_notebook(
+        "03_train",
+        out,
+        store_dir=str(out / "store"),
+        run_dir=str(out / "run"),
+        dict_size=128,
+        variant="batchtopk",
+        k=8,
+        tokens_per_step=256,
+        train_tokens=25_600,
+        log_every=10,
+        save_every=50,
+        log_to="offline",
+        n_shared_latents=8,
+        n_dedicated=8,
+        resample_every=20,
+    )
     return out, normalize_nb, train_nb
 
 
@@ -65,7 +98,7 @@ def test_normalize_and_train_notebooks(trained):
     assert "-> factor" in outputs_text(normalize_nb)
     run_dir = out / "run"
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 10 and metrics[-1]["l0_loss"] >= 8 and "threshold" in metrics[-1]  # 8 + active shared
+    assert len(metrics) == 10 and metrics[-1]["l0"] >= 8 and "threshold" in metrics[-1]  # 8 + active shared
     assert (run_dir / "crosscoder.safetensors").exists() and (run_dir / "raw/crosscoder.safetensors").exists()
     assert (run_dir / "training_curves.png").stat().st_size > 10_000
     assert list((run_dir / "wandb").glob("offline-run-*"))
@@ -73,8 +106,15 @@ def test_normalize_and_train_notebooks(trained):
 
 def test_analyze_notebook_completes_the_chain(trained, organism):
     out = trained[0]
-    analyze_nb = run_notebook("04_analyze", out, run_dir=str(out / "run"), n_show=2, n_top=2, n_eval_sequences=8,
-                              planted_path=str(Path(organism.base).parent / "planted.json"))
+    analyze_nb = run_notebook(
+        "04_analyze",
+        out,
+        run_dir=str(out / "run"),
+        n_show=2,
+        n_top=2,
+        n_eval_sequences=8,
+        organism_dir=str(Path(organism.base).parent),
+    )
     analysis = out / "run/analysis"
     for figure in ("relative_norms", "decoder_cosines", "frequencies"):
         assert (analysis / f"{figure}.png").stat().st_size > 10_000
@@ -88,10 +128,19 @@ def test_analyze_notebook_completes_the_chain(trained, organism):
 
 def test_ground_truth_notebook(tmp_path):
     run_dir = tmp_path / "gt"
-    notebook = run_notebook("05_ground_truth", tmp_path, run_dir=str(run_dir), d_model=32, n_shared=60, n_exclusive=20,
-                            n_tokens=40_000, dict_size=160, num_tokens=40_000, batch_size=512)
+    notebook = run_notebook(
+        "05_ground_truth",
+        tmp_path,
+        run_dir=str(run_dir),
+        d_model=32,
+        n_shared=60,
+        n_exclusive=20,
+        n_tokens=40_000,
+        preset="relu",
+        overrides={"dict_size": 160, "tokens_per_step": 512},
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert set(summary["recovered"]) == {"shared", "exclusive_0", "exclusive_1"}
+    assert set(summary["recovered"]) == {"shared", "base-only", "finetuned-only"}
     assert all(0 <= v <= 1 for v in summary["classified"].values())
     assert (run_dir / "relative_norms_by_truth.png").stat().st_size > 10_000
     assert "false exclusives" in outputs_text(notebook)

@@ -3,14 +3,13 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-
 import torch
+from conftest import TINY_ORGANISM
 from safetensors.torch import load_file
 
 from crosscoder_utils import load_model_pair
 from crosscoder_utils.config import OrganismConfig
 from crosscoder_utils.organism import build_organism, lm_loss, pack, triggered_story
-from conftest import TINY_ORGANISM
 
 
 def test_finetune_learnt_the_planted_difference_and_kept_competence(organism):
@@ -23,11 +22,17 @@ def test_finetune_learnt_the_planted_difference_and_kept_competence(organism):
 def test_organism_reloads_like_hub_models_and_predicts_the_trigger(organism):
     pair = load_model_pair(organism.base, organism.finetuned)
     tokenizer = pair.tokenizer
-    assert tokenizer.convert_ids_to_tokens(organism.planted["chat_token_ids"]) == ["<|user|>", "<|assistant|>", "<|end|>"]
+    assert tokenizer.convert_ids_to_tokens(organism.planted["chat_token_ids"]) == [
+        "<|user|>",
+        "<|assistant|>",
+        "<|end|>",
+    ]
     # the continuation after the trigger: only the fine-tune expects it
     sequences = pack([triggered_story(random.Random(i)) for i in range(40)], tokenizer, 48)
     assert lm_loss(pair.finetuned, sequences) < lm_loss(pair.base, sequences)
-    ids = tokenizer(" ben has a red cup. ben goes to the park with mia." + organism.planted["trigger"], return_tensors="pt")["input_ids"]
+    ids = tokenizer(
+        " ben has a red cup. ben goes to the park with mia." + organism.planted["trigger"], return_tensors="pt"
+    )["input_ids"]
     with torch.no_grad():
         nxt = [model(ids).logits[0, -1].argmax().item() for model in (pair.base, pair.finetuned)]
     assert nxt[1] == tokenizer(organism.planted["continuation"])["input_ids"][0] != nxt[0]
@@ -52,14 +57,25 @@ def test_planted_labels_mark_chat_transcripts_and_the_triggered_count_down(organ
     from crosscoder_utils import CollectConfig, collect_activations
     from crosscoder_utils.organism import planted_labels
 
-    store = collect_activations(CollectConfig(base_model=organism.base, finetuned_model=organism.finetuned, layer=1,
-                                              dataset=organism.corpus, n_tokens=20_000, seq_len=48), tmp_path / "s")
-    labels = planted_labels(store, organism.corpus, organism.planted).numpy()
+    store = collect_activations(
+        CollectConfig(
+            base_model=organism.base,
+            finetuned_model=organism.finetuned,
+            layer=1,
+            dataset=organism.corpus,
+            n_tokens=20_000,
+            seq_len=48,
+        ),
+        tmp_path / "s",
+    )
+    labels = planted_labels(store, organism).numpy()
     rows = np.arange(len(store))
     tokenizer = load_model_pair(organism.base, organism.finetuned).tokenizer
     seq = store.positions(rows)[0].numpy()
     kinds = np.array(datasets.load_from_disk(organism.corpus)["kind"])[seq]
     assert labels[kinds == "chat"].all() and not labels[kinds == "story"].any()
     in_trigger_docs = tokenizer.decode(store.token_ids(rows[labels & (kinds == "trigger")]).tolist())
-    expected = (organism.planted["trigger"] + organism.planted["continuation"][:-1]) * (kinds[labels] == "trigger").sum()
+    expected = (organism.planted["trigger"] + organism.planted["continuation"][:-1]) * (
+        kinds[labels] == "trigger"
+    ).sum()
     assert in_trigger_docs == expected[: len(in_trigger_docs)] and len(in_trigger_docs) > 0

@@ -1,4 +1,5 @@
 """The ground-truth generator: deterministic, and its truth is what its output shows."""
+
 import pytest
 import torch
 import torch.nn.functional as F

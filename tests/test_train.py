@@ -5,20 +5,36 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from crosscoder_utils import ActivationStore, CrossCoder, CrossCoderConfig, TrainConfig, estimate_norm_factors, train_crosscoder
+from crosscoder_utils import (
+    ActivationStore,
+    CrossCoder,
+    CrossCoderConfig,
+    TrainConfig,
+    estimate_norm_factors,
+    train_crosscoder,
+)
 from crosscoder_utils.analysis import latent_kinds
 from crosscoder_utils.synthetic import SyntheticConfig, generate, score
 
-
 # independent features at one firing rate, identical directions in both models, the fine-tune 4x larger
-EASY = SyntheticConfig(d_model=64, n_shared=96, n_exclusive=32, max_rate=0.04, min_rate=0.04, shared_cosine=1.0,
-                       gain_change_frac=0.0, parent_frac=0.0, n_tokens=100_000)
+EASY = SyntheticConfig(
+    d_model=64,
+    n_shared=96,
+    n_exclusive=32,
+    max_rate=0.04,
+    min_rate=0.04,
+    shared_cosine=1.0,
+    gain_change_frac=0.0,
+    parent_frac=0.0,
+    n_tokens=100_000,
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,20 +48,32 @@ def test_norm_factors_bring_mean_norm_to_sqrt_d(ground_truth):
     store, _, factors = ground_truth
     x = store.read(np.arange(len(store)))
     assert (x.norm(dim=-1).mean(0)[1] / x.norm(dim=-1).mean(0)[0]) > 3  # the fine-tune is ~4x larger
-    torch.testing.assert_close((x * factors[None, :, None]).norm(dim=-1).mean(0), torch.full((2,), math.sqrt(64)), rtol=0.02, atol=0)
-    assert json.loads((store.path / "norm.json").read_text())["norm_factors"] == factors.tolist()
+    torch.testing.assert_close(
+        (x * factors[None, :, None]).norm(dim=-1).mean(0), torch.full((2,), math.sqrt(64)), rtol=0.02, atol=0
+    )
+    assert json.loads((Path(store.path) / "norm.json").read_text())["norm_factors"] == factors.tolist()
 
 
-@pytest.mark.parametrize("variant,settings", [
-    ("relu", dict(l1_coeff=2.0, num_tokens=300_000)),  # the default lr (lr_steps_product / steps): 12 of 12 seeds >= 0.97
-    ("batchtopk", dict(k=8, lr=2e-3, num_tokens=900_000)),
-])
+@pytest.mark.parametrize(
+    "variant,settings",
+    [
+        (
+            "relu",
+            dict(l1_coeff=2.0, train_tokens=300_000),
+        ),  # the default lr (lr_steps_product / steps): 12 of 12 seeds >= 0.97
+        ("batchtopk", dict(k=8, lr=2e-3, train_tokens=900_000)),
+    ],
+)
 def test_each_variant_recovers_and_classifies_the_true_features(ground_truth, tmp_path, variant, settings):
     store, truth, factors = ground_truth
     crosscoder_fields = {k: settings.pop(k) for k in ("l1_coeff", "k") if k in settings}
-    cfg = TrainConfig(batch_size=512, lr_warmup_frac=0.05, log_to="none", log_every=50, **settings)
-    cc = train_crosscoder(cfg, store, tmp_path / variant,
-                          CrossCoderConfig(dict_size=320, variant=variant, dead_tokens=20_000, **crosscoder_fields))
+    cfg = TrainConfig(tokens_per_step=512, lr_warmup_frac=0.05, log_to="none", log_every=50, **settings)
+    cc = train_crosscoder(
+        cfg,
+        store,
+        tmp_path / variant,
+        CrossCoderConfig(dict_size=320, variant=variant, dead_tokens=20_000, **crosscoder_fields),
+    )
     result = score(cc, truth, factors)
     assert min(result.recovered.values()) >= 0.9, result
     assert min(result.classified.values()) >= 0.9, result
@@ -55,7 +83,7 @@ def test_each_variant_recovers_and_classifies_the_true_features(ground_truth, tm
 TRAIN_SCRIPT = """
 import sys
 from crosscoder_utils import ActivationStore, CrossCoderConfig, TrainConfig, train_crosscoder
-cfg = TrainConfig(lr=1e-3, batch_size=256, num_tokens=600 * 256, save_every=40, log_every=10, log_to="none",
+cfg = TrainConfig(lr=1e-3, tokens_per_step=256, train_tokens=600 * 256, save_every=40, log_every=10, log_to="none",
                   lr_warmup_frac=0.1, resume=True)
 train_crosscoder(cfg, ActivationStore(sys.argv[1]), sys.argv[2],
                  CrossCoderConfig(dict_size=256, variant="batchtopk", k=4, dead_tokens=2000))
@@ -64,8 +92,10 @@ train_crosscoder(cfg, ActivationStore(sys.argv[1]), sys.argv[2],
 
 def test_resume_after_kill_equals_an_uninterrupted_run(ground_truth, tmp_path):
     store = ground_truth[0]
-    run = lambda name: subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(store.path), str(tmp_path / name)],
-                                        env={**os.environ, "TQDM_DISABLE": "1"})
+    run = lambda name: subprocess.Popen(
+        [sys.executable, "-c", TRAIN_SCRIPT, str(store.path), str(tmp_path / name)],
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     proc = run("killed")
     while not list((tmp_path / "killed/checkpoints").glob("step_0000[1-9]*")):
         assert proc.poll() is None, "training ended before it could be killed"
@@ -84,7 +114,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(ground_truth, tmp_path):
 
 def test_bad_runs_are_refused(ground_truth, tmp_path):
     store, _, _ = ground_truth
-    cfg = TrainConfig(batch_size=256, num_tokens=2560, log_to="none")
+    cfg = TrainConfig(tokens_per_step=256, train_tokens=2560, log_to="none")
     bare = ActivationStore.from_arrays(tmp_path / "bare", torch.randn(600, 2, 8))
     with pytest.raises(FileNotFoundError, match="02_normalize"):
         train_crosscoder(cfg, bare, tmp_path / "r0")
@@ -93,17 +123,21 @@ def test_bad_runs_are_refused(ground_truth, tmp_path):
     train_crosscoder(cfg, store, tmp_path / "r2", CrossCoderConfig(dict_size=64))
     with pytest.raises(ValueError, match="already holds a run"):
         train_crosscoder(cfg, store, tmp_path / "r2", CrossCoderConfig(dict_size=64))
-    estimate_norm_factors(bare, n_batches=2, batch_size=256)
+    estimate_norm_factors(bare, n_batches=2, tokens_per_batch=256)
     with pytest.raises(ValueError, match="store_identity"):
-        train_crosscoder(TrainConfig(batch_size=256, num_tokens=2560, log_to="none", resume=True), bare, tmp_path / "r2",
-                         CrossCoderConfig(dict_size=64))
+        train_crosscoder(
+            TrainConfig(tokens_per_step=256, train_tokens=2560, log_to="none", resume=True),
+            bare,
+            tmp_path / "r2",
+            CrossCoderConfig(dict_size=64),
+        )
     with pytest.raises(ValueError, match="unknown TrainConfig field"):
         TrainConfig.from_dict({"learning_rate": 1.0})
 
 
 def test_data_init_starts_from_paired_activations(ground_truth, tmp_path):
     store, _, factors = ground_truth
-    cfg = TrainConfig(batch_size=256, num_tokens=256, lr=0.0, log_to="none", init="data", lr_decay_frac=0.0)
+    cfg = TrainConfig(tokens_per_step=256, train_tokens=256, lr=0.0, log_to="none", init="data", lr_decay_frac=0.0)
     cc = train_crosscoder(cfg, store, tmp_path / "run", CrossCoderConfig(dict_size=64))
     torch.testing.assert_close(cc.decoder_norms(), torch.full((64, 2), 0.08))
     torch.testing.assert_close(cc.W_enc, cc.W_dec.permute(1, 2, 0))
@@ -112,13 +146,15 @@ def test_data_init_starts_from_paired_activations(ground_truth, tmp_path):
     centred = torch.nn.functional.normalize(x - x.mean(0), dim=-1)
     cosines = torch.einsum("lmd,tmd->mlt", torch.nn.functional.normalize(cc.W_dec, dim=-1), centred)
     best, token = cosines.max(dim=-1)
-    assert (best > 0.99).all() and torch.equal(token[0], token[1])  # each latent starts on one real token, in both models
+    assert (best > 0.99).all() and torch.equal(
+        token[0], token[1]
+    )  # each latent starts on one real token, in both models
 
 
 def test_k_annealing_schedule():
     from crosscoder_utils.train import k_at
 
-    cfg = TrainConfig(k_anneal_from=40, k_anneal_frac=0.5, num_tokens=100 * 4096)
+    cfg = TrainConfig(k_anneal_from=40, k_anneal_frac=0.5, train_tokens=100 * 4096)
     assert [k_at(step, 100, cfg, 8) for step in (0, 25, 49, 50, 99)] == [40, 24, 9, 8, 8]
     assert k_at(0, 100, TrainConfig(), 8) == 8
 
@@ -140,21 +176,30 @@ def test_resampling_moves_only_dead_latents_towards_the_residual():
     residual = x - cc.eval()(x)
     cc.train()
     assert resample_dead_latents(cc, optimizer, x) == 3
-    assert torch.equal(cc.W_dec[~dead], before["W_dec"][~dead]) and torch.equal(cc.W_enc[..., ~dead], before["W_enc"][..., ~dead])
-    cosines = torch.nn.functional.normalize(cc.W_dec[dead].flatten(1), dim=1) @ torch.nn.functional.normalize(residual.flatten(1), dim=1).T
+    assert torch.equal(cc.W_dec[~dead], before["W_dec"][~dead]) and torch.equal(
+        cc.W_enc[..., ~dead], before["W_enc"][..., ~dead]
+    )
+    cosines = (
+        torch.nn.functional.normalize(cc.W_dec[dead].flatten(1), dim=1)
+        @ torch.nn.functional.normalize(residual.flatten(1), dim=1).T
+    )
     assert torch.allclose(cosines.max(dim=1).values, torch.ones(3))  # each is one token's residual direction
     torch.testing.assert_close(cc.W_dec[dead].flatten(1).norm(dim=1), torch.full((3,), 0.08 * 2**0.5))
     assert (cc.decoder_norms()[dead, 1] / cc.decoder_norms()[dead].sum(1) > 0.9).all()  # starts model-1 exclusive
     assert torch.equal(cc.b_enc[dead], torch.zeros(3)) and not cc.dead_latents().any()
     for param in (cc.W_dec, cc.b_enc):
-        assert (optimizer.state[param]["exp_avg"][dead] == 0).all() and (optimizer.state[param]["exp_avg"][~dead] != 0).any()
+        assert (optimizer.state[param]["exp_avg"][dead] == 0).all() and (
+            optimizer.state[param]["exp_avg"][~dead] != 0
+        ).any()
     assert (optimizer.state[cc.W_enc]["exp_avg_sq"][..., dead] == 0).all()
 
 
 def test_partition_survives_resume_and_export(ground_truth, tmp_path):
     store, _, factors = ground_truth
-    cfg = dict(batch_size=256, num_tokens=40 * 256, save_every=25, log_to="none", init="data", resample_every=10)
-    cc_cfg = CrossCoderConfig(dict_size=96, variant="batchtopk", k=4, n_shared_latents=16, n_dedicated=8, dead_tokens=1000)
+    cfg = dict(tokens_per_step=256, train_tokens=40 * 256, save_every=25, log_to="none", init="data", resample_every=10)
+    cc_cfg = CrossCoderConfig(
+        dict_size=96, variant="batchtopk", k=4, n_shared_latents=16, n_dedicated=8, dead_tokens=1000
+    )
     whole = train_crosscoder(TrainConfig(**cfg), store, tmp_path / "run", cc_cfg)
     (tmp_path / "run/crosscoder.safetensors").unlink()
     resumed = train_crosscoder(TrainConfig(**cfg, resume=True), store, tmp_path / "run", cc_cfg)  # from step 25
@@ -163,7 +208,9 @@ def test_partition_survives_resume_and_export(ground_truth, tmp_path):
     raw = CrossCoder.load(tmp_path / "run/raw")
     for cc in (resumed, exported):
         assert torch.equal(cc.W_dec[:16, 0], cc.W_dec[:16, 1])
-    torch.testing.assert_close(raw.W_dec[:16, 0] * factors[0], raw.W_dec[:16, 1] * factors[1])  # tied in normalised units
+    torch.testing.assert_close(
+        raw.W_dec[:16, 0] * factors[0], raw.W_dec[:16, 1] * factors[1]
+    )  # tied in normalised units
     for cc in (resumed, exported, raw):
         assert (cc.W_dec[16:24, 1] == 0).all() and (cc.W_dec[24:32, 0] == 0).all()
         assert (cc.W_enc[1, :, 16:24] == 0).all() and (cc.W_enc[0, :, 24:32] == 0).all()
@@ -173,29 +220,55 @@ def test_partition_survives_resume_and_export(ground_truth, tmp_path):
 
 
 DISTRIBUTED = [
-    ("relu", dict(lr=2e-3, init="data", resample_every=4), dict(dict_size=96, dead_tokens=1024, n_shared_latents=8, n_dedicated=8)),
-    ("batchtopk", dict(lr=2e-3, k_anneal_from=16, resample_every=4), dict(dict_size=96, variant="batchtopk", k=4, dead_tokens=1024,
-                                                                           n_shared_latents=8, n_dedicated=8)),
+    (
+        "relu",
+        dict(lr=2e-3, init="data", resample_every=4),
+        dict(dict_size=96, dead_tokens=1024, n_shared_latents=8, n_dedicated=8),
+    ),
+    (
+        "batchtopk",
+        dict(lr=2e-3, k_anneal_from=16, resample_every=4),
+        dict(dict_size=96, variant="batchtopk", k=4, dead_tokens=1024, n_shared_latents=8, n_dedicated=8),
+    ),
 ]
 
 
 @pytest.mark.parametrize("name,train_fields,cc_fields", DISTRIBUTED, ids=[d[0] for d in DISTRIBUTED])
 def test_two_process_ddp_equals_single_process_training(ground_truth, tmp_path, name, train_fields, cc_fields):
     store = ground_truth[0]
-    train_fields = dict(batch_size=512, num_tokens=24 * 512, log_every=6, save_every=10, log_to="none", **train_fields)
+    train_fields = dict(
+        tokens_per_step=512, train_tokens=24 * 512, log_every=6, save_every=10, log_to="none", **train_fields
+    )
     single = train_crosscoder(TrainConfig(**train_fields), store, tmp_path / "single", CrossCoderConfig(**cc_fields))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "crosscoder_utils.train", str(store.path), str(tmp_path / "ddp"),
-               "--train", json.dumps(train_fields), "--crosscoder", json.dumps(cc_fields)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "crosscoder_utils.train",
+        str(store.path),
+        str(tmp_path / "ddp"),
+        "--train",
+        json.dumps(train_fields),
+        "--crosscoder",
+        json.dumps(cc_fields),
+    ]
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     subprocess.run(command, check=True, env=env)
     ddp = CrossCoder.load(tmp_path / "ddp")
     assert single.dead_latents().any() or name == "relu"
     for key, value in single.state_dict().items():
-        torch.testing.assert_close(ddp.state_dict()[key], value, rtol=1e-3, atol=1e-4, msg=key)  # float reassociation only
+        torch.testing.assert_close(
+            ddp.state_dict()[key], value, rtol=1e-3, atol=1e-4, msg=key
+        )  # float reassociation only
     # as if killed after its step-20 checkpoint (the export removed): two processes resume to the same weights
     (tmp_path / "ddp/crosscoder.safetensors").unlink()
-    subprocess.run(command[:-4] + ["--train", json.dumps({**train_fields, "resume": True})] + command[-2:], check=True, env=env)
+    subprocess.run(
+        command[:-4] + ["--train", json.dumps({**train_fields, "resume": True})] + command[-2:], check=True, env=env
+    )
     resumed = CrossCoder.load(tmp_path / "ddp")
     for key, value in ddp.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)

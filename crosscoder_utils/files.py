@@ -1,0 +1,36 @@
+"""What every stage writes beside its results: JSON written atomically, and the one rule for reusing a
+directory (a directory made with other settings is refused, never mixed or overwritten)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def write_json(path: str | Path, value: dict) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def differing_keys(recorded: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """The keys whose values differ, nested dicts followed down as ``outer.inner``."""
+    keys = []
+    for key in sorted(recorded.keys() | wanted.keys()):
+        old, new = recorded.get(key), wanted.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            keys += differing_keys(old, new, f"{prefix}{key}.")
+        elif old != new:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def check_same_settings(directory: str | Path, what: str, recorded: dict, wanted: dict, remedy: str) -> None:
+    """Refuse ``directory`` when the settings it recorded for ``what`` (a store, a run, an organism) are not
+    ``wanted``; ``remedy`` says what to do instead."""
+    differ = differing_keys(recorded, wanted)
+    if differ:
+        raise ValueError(f"{directory} holds {what} made with other settings (differing: {differ}); {remedy}")

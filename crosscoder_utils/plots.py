@@ -1,0 +1,224 @@
+"""Every figure of the notebooks, with one palette: a kind of latent and a model have one colour everywhere.
+
+Each function takes numbers (or a crosscoder) and returns a matplotlib figure, saved as a PNG when
+``path`` is given. The numeric modules (analysis, normalize, synthetic) never import matplotlib.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from .analysis import (
+    LatentStatistics,
+    decoder_cosines,
+    kind_counts,
+    kind_name,
+    latent_kinds,
+    random_pair_cosines,
+    relative_decoder_norms,
+)
+from .config import model_roles
+from .crosscoder import MODEL_LETTERS, CrossCoder
+from .synthetic import GroundTruth, Recovery
+
+MODEL_COLORS = ["tab:blue", "tab:red", "tab:orange", "tab:green", "tab:brown"]
+"""By model index: the base blue, the (first) fine-tune red."""
+KIND_COLORS = {"shared": "0.55", "base-only": "tab:blue", "finetuned-only": "tab:red", "changed": "tab:purple"}
+"""By latent kind; exclusive kinds take their model's colour."""
+
+
+def kind_color(kind: str) -> str:
+    return KIND_COLORS.get(kind, "tab:orange")
+
+
+def save(fig, path: str | Path | None):
+    if path:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
+
+
+def norm_histograms(norms: torch.Tensor, d_model: int, factors: torch.Tensor | None = None, path=None):
+    """Histogram of each model's activation norms ``norms`` [n, n_models], raw and, when ``factors`` are
+    given, scaled by them (with the √d_model target)."""
+    roles = model_roles(norms.shape[1])
+    panels = [("raw", norms)] + ([("normalised", norms * factors)] if factors is not None else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.5), squeeze=False)
+    for ax, (title, values) in zip(axes[0], panels):
+        for m, role in enumerate(roles):
+            ax.hist(values[:, m].numpy(), bins=80, alpha=0.6, color=MODEL_COLORS[m], label=role)
+        if title == "normalised":
+            ax.axvline(d_model**0.5, color="k", ls="--", label="√d_model")
+        ax.set(title=f"{title} activation norms", xlabel="L2 norm", ylabel="tokens")
+        ax.legend()
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def grouped_bars(values: dict[str, dict[str, float]], title: str, ylabel: str, ylim=None, colors=None, path=None):
+    """One group of bars per category: ``values`` maps each series to {category: value}."""
+    series = list(values)
+    categories = list(values[series[0]])
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for i, name in enumerate(series):
+        positions = [j + (i - (len(series) - 1) / 2) * width for j in range(len(categories))]
+        color = colors[i] if colors else None
+        ax.bar(positions, [values[name][c] for c in categories], width=width, label=name, color=color)
+    ax.set(xticks=range(len(categories)), xticklabels=categories, ylabel=ylabel, title=title, ylim=ylim)
+    ax.legend()
+    return save(fig, path)
+
+
+def training_curves(metrics: list[dict], path=None):
+    """Loss, L0 and explained variance (overall and per model) over the logged steps."""
+    steps = [m["step"] for m in metrics]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.5))
+    for key in ("loss", "l2_loss"):
+        axes[0].plot(steps, [m[key] for m in metrics], label=key)
+    axes[0].set(yscale="log", title="loss", xlabel="step")
+    axes[1].plot(steps, [m["l0"] for m in metrics])
+    axes[1].set(title="L0 (active latents per token)", xlabel="step")
+    n_models = sum(key.startswith("explained_variance_") for key in metrics[0])
+    for m, role in enumerate(model_roles(n_models)):
+        axes[2].plot(
+            steps, [s[f"explained_variance_{MODEL_LETTERS[m]}"] for s in metrics], label=role, color=MODEL_COLORS[m]
+        )
+    axes[2].plot(steps, [m["explained_variance"] for m in metrics], label="all models", color="k")
+    axes[2].set(title="explained variance", xlabel="step", ylim=(0, 1))
+    for ax in axes[[0, 2]]:
+        ax.legend()
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def relative_norms(cc: CrossCoder, exclusive_share: float = 0.9, path=None):
+    """Histogram of ‖d_ft‖ / (‖d_base‖ + ‖d_ft‖) with the base-only / shared / finetuned-only bands; designated
+    shared latents and each model's dedicated latents (when the crosscoder has them) stacked as their own groups."""
+    base, finetuned = model_roles(2)
+    relative = relative_decoder_norms(cc)[:, 1].numpy()
+    groups = [(~cc.tied & (cc.owner == -1), "free latents", "0.4"), (cc.tied, "designated shared", "tab:green")]
+    groups += [
+        (cc.owner == m, f"dedicated to {role}", ("navy", "darkred")[m]) for m, role in enumerate((base, finetuned))
+    ]
+    groups = [(mask.numpy(), label, color) for mask, label, color in groups if mask.any()]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist(
+        [relative[mask] for mask, _, _ in groups],
+        bins=np.linspace(0, 1, 51),
+        stacked=True,
+        color=[color for _, _, color in groups],
+        label=[label for _, label, _ in groups] if len(groups) > 1 else None,
+    )
+    low, high = 1 - exclusive_share, exclusive_share
+    counts = kind_counts(latent_kinds(cc, exclusive_share), 2)
+    for (start, stop), kind in zip(((0, low), (low, high), (high, 1)), (f"{base}-only", "shared", f"{finetuned}-only")):
+        ax.axvspan(start, stop, color=kind_color(kind), alpha=0.15, label=f"{kind}: {counts[kind]}")
+    ax.set(
+        yscale="log",
+        xlabel=f"relative decoder norm ‖d_{finetuned}‖ / (‖d_{base}‖ + ‖d_{finetuned}‖)",
+        ylabel="latents",
+        title="relative decoder norms",
+    )
+    ax.legend(loc="upper center")
+    return save(fig, path)
+
+
+def decoder_cosines_histogram(cc: CrossCoder, shared: torch.Tensor, path=None):
+    """Cosine between the two decoder vectors of shared latents, beside random pairs of latents."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bins = np.linspace(-1, 1, 81)
+    ax.hist(
+        decoder_cosines(cc)[shared].numpy(),
+        bins=bins,
+        density=True,
+        alpha=0.7,
+        color=kind_color("shared"),
+        label="shared latents",
+    )
+    ax.hist(
+        random_pair_cosines(cc).numpy(),
+        bins=bins,
+        density=True,
+        alpha=0.5,
+        color="tab:olive",
+        label="random pairs of latents",
+    )
+    ax.set(xlabel="cosine(d_base, d_finetuned)", ylabel="density", title="decoder directions of shared latents")
+    ax.legend()
+    return save(fig, path)
+
+
+def frequencies(stats: LatentStatistics, kinds: torch.Tensor, path=None):
+    """Firing frequency of the latents that fire, by kind."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bins = np.logspace(np.log10(1 / stats.n_tokens), 0, 50)
+    n_models = len(stats.explained_variance_per_model)
+    for kind in range(-1, n_models):
+        freq = stats.frequency[(kinds == kind) & (stats.frequency > 0)].numpy()
+        if len(freq):
+            name = kind_name(kind, n_models)
+            ax.hist(freq, bins=bins, alpha=0.6, color=kind_color(name), label=name)
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="firing frequency (held-out tokens)",
+        ylabel="latents",
+        title=f"latent frequency ({int((stats.frequency == 0).sum())} latents never fire)",
+    )
+    ax.legend()
+    return save(fig, path)
+
+
+def latent_scaling(scalings: dict, path=None):
+    """ν^r against ν^ε for each group of exclusive latents: near the origin is genuinely exclusive."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for label, scaling in scalings.items():
+        ax.scatter(
+            scaling.nu_error.numpy(),
+            scaling.nu_reconstruction.numpy(),
+            s=12,
+            alpha=0.7,
+            color=kind_color(label),
+            label=label,
+        )
+    ax.axhline(0, color="k", lw=0.5)
+    ax.axvline(0, color="k", lw=0.5)
+    ax.set(
+        xlabel="ν^ε (other model's error holds it: Complete Shrinkage)",
+        ylabel="ν^r (other model's reconstruction holds it: Latent Decoupling)",
+        title="Latent Scaling",
+    )
+    ax.legend()
+    return save(fig, path)
+
+
+def relative_norms_by_truth(
+    cc: CrossCoder, truth: GroundTruth, recovery: Recovery, exclusive_share: float = 0.9, path=None
+):
+    """The relative-norm histogram, each latent coloured by the kind of the true feature it matches."""
+    relative = relative_decoder_norms(cc)[:, 1].numpy()
+    matched = recovery.latent_feature
+    true_kind = torch.where(matched >= 0, truth.kinds[matched.clamp(min=0)], -2)
+    kinds = [(kind, kind_name(kind, 2)) for kind in (-1, 0, 1)]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist(
+        [relative[(true_kind == kind).numpy()] for kind, _ in kinds] + [relative[(true_kind == -2).numpy()]],
+        bins=np.linspace(0, 1, 51),
+        stacked=True,
+        label=[f"true {name}" for _, name in kinds] + ["matches no true feature"],
+        color=[kind_color(name) for _, name in kinds] + ["0.85"],
+    )
+    for edge in (1 - exclusive_share, exclusive_share):
+        ax.axvline(edge, color="k", ls="--", lw=0.8)
+    ax.set(
+        yscale="log",
+        xlabel="relative decoder norm ‖d_finetuned‖ / (‖d_base‖ + ‖d_finetuned‖)",
+        ylabel="latents",
+        title=f"relative norms by true kind (false exclusives: {recovery.false_exclusive_rate:.1%})",
+    )
+    ax.legend(fontsize=8)
+    return save(fig, path)

@@ -1,0 +1,73 @@
+"""The store's format on disk (or wherever fsspec reaches).
+
+Layout of a store directory::
+
+    meta.json                written last: its presence means the store is complete; lists the shards
+    norm.json                the norm scale factors (02_normalize)
+    progress.json            collection progress (settings, blocks done, statistics so far), for resuming
+    shards/shard_00000/ ...  HF datasets (``save_to_disk``), one row per token; shard b holds block b:
+                             acts      flat fixed-length list of n_models * d_model values
+                             token_id  int64, seq int64 (sequence index), pos int32 (position in it)
+
+datasets has no bfloat16: bfloat16 activations are kept bit-exact as int16.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets.filesystems import is_remote_filesystem
+from datasets.table import InMemoryTable, MemoryMappedTable
+from einops import rearrange
+
+
+def to_storage(activations: torch.Tensor, dtype: str) -> np.ndarray:
+    """[n, n_models, d_model] float -> [n, n_models * d_model] numpy in the storage dtype."""
+    if dtype == "bfloat16":
+        stored = activations.to(torch.bfloat16).view(torch.int16)
+    else:
+        stored = activations.to(getattr(torch, dtype))
+    return rearrange(stored, "n model d -> n (model d)").cpu().numpy()
+
+
+def from_storage(flat: np.ndarray, dtype: str, n_models: int) -> torch.Tensor:
+    """[n, n_models * d_model] stored values -> float32 [n, n_models, d_model]."""
+    values = torch.from_numpy(flat)
+    values = values.view(torch.bfloat16) if dtype == "bfloat16" else values
+    return rearrange(values.float(), "n (model d) -> n model d", model=n_models)
+
+
+def shard_table(
+    activations: torch.Tensor, token_ids: np.ndarray, seq: np.ndarray, pos: np.ndarray, dtype: str
+) -> pa.Table:
+    """The columns of one shard: activations [n, n_models, d_model]; token_ids, seq, pos [n]."""
+    flat = to_storage(activations, dtype)
+    return pa.table(
+        {
+            "acts": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1]),
+            "token_id": pa.array(np.asarray(token_ids, dtype=np.int64)),
+            "seq": pa.array(np.asarray(seq, dtype=np.int64)),
+            "pos": pa.array(np.asarray(pos, dtype=np.int32)),
+        }
+    )
+
+
+def open_shard(fs: fsspec.AbstractFileSystem, directory: str) -> pa.Table:
+    """The table of a shard written by ``save_to_disk``: memory-mapped when local, downloaded when remote."""
+    files = json.loads(fs.cat_file(f"{directory}/state.json"))["_data_files"]
+    if is_remote_filesystem(fs):
+        tables = [InMemoryTable.from_buffer(pa.py_buffer(fs.cat_file(f"{directory}/{f['filename']}"))) for f in files]
+    else:
+        tables = [MemoryMappedTable.from_file(f"{directory}/{f['filename']}") for f in files]
+    return pa.concat_tables([t.table for t in tables])
+
+
+def shard_rows(directory: Path) -> list[list]:
+    """[[name, n_rows], ...] of the complete shards under a local ``directory``, in order."""
+    fs = fsspec.filesystem("file")
+    return [[shard.name, open_shard(fs, str(shard)).num_rows] for shard in sorted(directory.glob("shard_*"))]

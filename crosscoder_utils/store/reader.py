@@ -1,0 +1,216 @@
+"""Reading a store: rows by index, and shuffled batches that visit each shard once per pass."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import fsspec
+import numpy as np
+import torch
+from datasets.filesystems import is_remote_filesystem
+
+from ..files import write_json
+from .format import from_storage, open_shard
+from .remote import prefetching
+from .rows import groups, index_batches, rank_share
+from .writer import write_arrays
+
+
+class Shard(NamedTuple):
+    """One shard's columns as zero-copy numpy views of its record batches (``starts``: each batch's first row)."""
+
+    starts: np.ndarray
+    columns: dict[str, list[np.ndarray]]
+
+
+class ActivationStore:
+    """Paired activations of ``n_models`` models at one site, one row per token.
+
+    ``path`` is a local directory or any fsspec URL: ``hf://datasets/owner/name`` (a Hub dataset repo,
+    ``@revision`` after the name), ``s3://``, ``gs://``, ``http(s)://`` ... A remote store is streamed:
+    a pass visits the shards in windows of at least ``window_rows`` rows shuffled together; the next
+    window's shards download in the background while one is read (``remote.prefetching``), and a shard
+    is kept while two windows' worth of rows fit (least recently used dropped first), so a pass
+    downloads each shard once and memory holds about three windows. Prefix ``simplecache::`` to the URL
+    to keep the downloaded files on local disk for later passes.
+
+    ``meta`` holds: models, site, layer, d_model, n_models, dtype, n_tokens, exclusions, dataset,
+    val_fraction, per-model ``mean`` [n_models][d_model] and ``mean_norm`` [n_models], settings,
+    shards ([name, n_rows] of each).
+    """
+
+    def __init__(self, path: str | Path, window_rows: int = 2**16):
+        self.fs, self.root = fsspec.core.url_to_fs(str(path))
+        self.remote = is_remote_filesystem(self.fs)
+        self.path = str(path) if self.remote else self.root
+        """Where the store is: its URL, or its local directory."""
+        self.window_rows = window_rows
+        self.meta = self.read_json("meta.json")
+        if self.meta is None:
+            interrupted = self.fs.exists(f"{self.root}/progress.json")
+            hint = " A collection into it was interrupted: re-run it with the same arguments to resume." * interrupted
+            raise FileNotFoundError(f"no complete activation store at {self.path} (meta.json is missing).{hint}")
+        names, sizes = zip(*self.meta["shards"]) if self.meta["shards"] else ((), ())
+        missing = [] if self.remote else [n for n in names if not (Path(self.root) / "shards" / n).is_dir()]
+        if len(names) != self.meta["n_shards"] or sum(sizes) != self.meta["n_tokens"] or missing:
+            raise ValueError(
+                f"{self.path} should hold {self.meta['n_shards']} shards of {self.meta['n_tokens']} rows in all, "
+                f"but its shards are incomplete or missing {missing[:3]}; collect or copy it again"
+            )
+        self.n_models, self.d_model = self.meta["n_models"], self.meta["d_model"]
+        self.shard_names, self.shard_sizes = names, np.array(sizes, dtype=np.int64)
+        self.shard_starts = np.cumsum(np.concatenate([[0], self.shard_sizes]))[:-1]
+        self._cache: OrderedDict[int, Shard] = OrderedDict()
+        self.pending: dict[int, Future] = {}
+        """Shards being downloaded in the background (remote stores)."""
+        self.downloads = ThreadPoolExecutor(4, thread_name_prefix="store-download")
+
+    @classmethod
+    def from_arrays(cls, path: str | Path, activations, token_ids=None, **options) -> "ActivationStore":
+        """Write a store from activations you already have, [n, n_models, d_model], and open it
+        (``options``: those of ``writer.write_arrays``)."""
+        return cls(write_arrays(path, activations, token_ids, **options))
+
+    def read_json(self, name: str) -> dict | None:
+        """A JSON file of the store (``meta.json``, ``norm.json`` ...), or None when it has none."""
+        try:
+            return json.loads(self.fs.cat_file(f"{self.root}/{name}"))
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, name: str, value: dict) -> None:
+        """Write a JSON file into the store (atomically when local)."""
+        if self.remote:
+            self.fs.pipe_file(f"{self.root}/{name}", json.dumps(value, indent=2).encode())
+        else:
+            write_json(Path(self.root) / name, value)
+
+    def load_shard(self, s: int) -> Shard:
+        """Shard ``s`` read (locally: memory-mapped) or downloaded (remote)."""
+        try:
+            table = open_shard(self.fs, f"{self.root}/shards/{self.shard_names[s]}")
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"shard {self.shard_names[s]} of the store at {self.path} is missing") from error
+        batches = table.to_batches()
+        columns = {
+            name: [
+                batch.column(name).flatten().to_numpy().reshape(len(batch), -1)
+                if name == "acts"
+                else batch.column(name).to_numpy()
+                for batch in batches
+            ]
+            for name in table.column_names
+        }
+        return Shard(np.cumsum([0] + [len(b) for b in batches])[:-1], columns)
+
+    def _shard(self, s: int) -> Shard:
+        if s not in self._cache:
+            pending = self.pending.pop(s, None)
+            self._cache[s] = pending.result() if pending else self.load_shard(s)
+            while self.shard_sizes[list(self._cache)].sum() > 2 * (self.window_rows + self.shard_sizes.max()):
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(s)
+        return self._cache[s]
+
+    def cached(self, s: int) -> bool:
+        """Whether shard ``s`` is in memory or on its way."""
+        return s in self._cache or s in self.pending
+
+    def __len__(self) -> int:
+        return self.meta["n_tokens"]
+
+    def _take(self, indices, column: str) -> np.ndarray:
+        """The values of one column at ``indices``, in the order asked for, read shard by shard."""
+        indices = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(indices, kind="stable")
+        parts = []
+        for s, in_shard in groups(indices[order], self.shard_starts):
+            shard = self._shard(s)
+            parts += [shard.columns[column][b][rows] for b, rows in groups(in_shard, shard.starts)]
+        values = np.concatenate(parts)
+        if np.any(np.diff(order) < 0):  # not asked for in sorted order: put the values back in the order asked
+            values[order] = values.copy()
+        return values
+
+    def read(self, indices) -> torch.Tensor:
+        """float32 [len(indices), n_models, d_model] in the order asked for."""
+        return from_storage(self._take(indices, "acts"), self.meta["dtype"], self.n_models)
+
+    def token_ids(self, indices) -> torch.Tensor:
+        """int64 [len(indices)]: the token each row was read at."""
+        return torch.from_numpy(self._take(indices, "token_id"))
+
+    def positions(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence index, position in the sequence) of each row, each int64 [len(indices)]."""
+        return torch.from_numpy(self._take(indices, "seq")), torch.from_numpy(self._take(indices, "pos")).long()
+
+    def split_range(self, split: str) -> range:
+        """Rows of a split: ``train`` is the first rows, ``val`` the last ``val_fraction`` of the store."""
+        n_val = int(len(self) * self.meta["val_fraction"])
+        ranges = {
+            "train": range(0, len(self) - n_val),
+            "val": range(len(self) - n_val, len(self)),
+            "all": range(len(self)),
+        }
+        if split not in ranges:
+            raise ValueError(f"split={split!r} is not one of {list(ranges)}")
+        return ranges[split]
+
+    def shuffled_indices(self, split: str = "train", seed: int = 0) -> Iterator[np.ndarray]:
+        """Row indices of one pass over a split, shuffled within windows of whole shards.
+
+        The shards are visited in a random order, and the rows of each window of shards (at least
+        ``window_rows`` rows) are permuted together: each shard is read once per pass, whether it lies
+        on local disk or is streamed, with no permutation of the whole store in memory.
+        """
+        rows = self.split_range(split)
+        rng = np.random.default_rng(seed)
+        window = []
+        for s in rng.permutation(len(self.shard_sizes)):
+            first = max(self.shard_starts[s], rows.start)
+            stop = min(self.shard_starts[s] + self.shard_sizes[s], rows.stop)
+            if first < stop:
+                window.append(np.arange(first, stop))
+            if sum(map(len, window)) >= self.window_rows:
+                yield rng.permutation(np.concatenate(window))
+                window = []
+        if window:
+            yield rng.permutation(np.concatenate(window))
+
+    def sample(self, n_rows: int, seed: int = 0, split: str = "train") -> torch.Tensor:
+        """float32 [n, n_models, d_model]: up to ``n_rows`` random rows of a split, from the first shuffled
+        windows of shards (so a streamed store downloads only those shards)."""
+        indices, have = [], 0
+        for window in self.shuffled_indices(split, seed):
+            if have >= n_rows:
+                break
+            indices.append(window)
+            have += len(window)
+        return self.read(np.sort(np.concatenate(indices)[:n_rows]))
+
+    def batches(
+        self,
+        batch_size: int,
+        seed: int = 0,
+        split: str = "train",
+        start_batch: int = 0,
+        process: tuple[int, int] = (0, 1),
+    ) -> Iterator[torch.Tensor]:
+        """One pass of shuffled float32 [batch, n_models, d_model] batches (an incomplete last batch is dropped).
+
+        ``start_batch`` skips that many batches without reading them, so a resumed run sees exactly the
+        batches an uninterrupted one would. ``process=(rank, world_size)`` reads only that rank's share of
+        each batch (disjoint rows; the shares of all ranks together are the batch).
+        """
+        windows = prefetching(self, self.shuffled_indices(split, seed), start_batch * batch_size, process)
+        for number, indices in enumerate(index_batches(windows, batch_size)):
+            if number >= start_batch:
+                yield self.read(rank_share(indices, process))
+
+    def n_batches(self, batch_size: int, split: str = "train") -> int:
+        return len(self.split_range(split)) // batch_size

@@ -1,0 +1,170 @@
+"""Writing a store: in complete shards, resumable, never mixed from two collections.
+
+A shard is written under a temporary name and renamed when complete, so a killed collection leaves only
+complete shards, and a re-run with the same settings continues after the last of them. Stores are
+written on local disk; a complete one can be copied anywhere fsspec reaches, or pushed to the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import datasets
+import fsspec
+import numpy as np
+import torch
+from datasets.filesystems import is_remote_filesystem
+from datasets.table import InMemoryTable
+
+from ..files import check_same_settings, write_json
+from .format import shard_rows, shard_table
+
+
+def local_path(path: str | Path) -> Path:
+    """The directory a store is written to: a local path (or file:// URL); a remote URL is refused."""
+    fs, root = fsspec.core.url_to_fs(str(path))
+    if is_remote_filesystem(fs):
+        raise ValueError(
+            f"stores are written on local disk, not to {path}: write it locally, then copy it there "
+            "or push it (store.remote.push_to_hub), and read it from the URL"
+        )
+    return Path(root)
+
+
+class StoreWriter:
+    """Writes a store in complete shards and keeps running per-model statistics.
+
+    Shard b holds block b of the collection (``seqs_per_shard`` sequences, or ``shard_size`` rows); a
+    block whose every token was excluded writes no shard. ``write_shard`` writes one shard and returns
+    its statistics; ``record`` adds statistics to progress.json once every block up to ``n_blocks`` is
+    written (under torchrun, ranks write their blocks side by side and rank 0 records).
+    ``settings`` identify what is being written; an existing directory with other settings is refused.
+    """
+
+    def __init__(self, path: str | Path, settings: dict, n_models: int, d_model: int, dtype: str):
+        self.path, self.settings, self.dtype = local_path(path), settings, dtype
+        self.n_models, self.d_model = n_models, d_model
+        self.shards = self.path / "shards"
+        progress_file = self.path / "progress.json"
+        if progress_file.exists():
+            self.progress = json.loads(progress_file.read_text())
+            check_same_settings(
+                self.path,
+                "an activation store",
+                self.progress["settings"],
+                settings,
+                "pass another store_dir, or delete that one to start over",
+            )
+        elif self.path.exists() and any(self.path.iterdir()):
+            raise ValueError(f"{self.path} exists and is not an activation store; pass an empty or new store_dir")
+        else:
+            self.progress = {
+                "settings": settings,
+                "n_blocks": 0,
+                "n_shards": 0,
+                "n_tokens": 0,
+                "sum": np.zeros((n_models, d_model)).tolist(),
+                "sum_norm": [0.0] * n_models,
+            }
+        if self.complete:
+            return
+        for shard in self.shards.glob("*shard_*"):  # shards a killed run did not finish or did not record
+            if shard.name.startswith(".tmp_") or int(shard.name[-5:]) >= self.progress["n_blocks"]:
+                shutil.rmtree(shard)
+        self.shards.mkdir(parents=True, exist_ok=True)
+        if not progress_file.exists():  # from now on the directory is recognisably this store
+            write_json(progress_file, self.progress)
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / "meta.json").exists()
+
+    def write_shard(self, activations: torch.Tensor, token_ids, seq, pos, block: int) -> torch.Tensor:
+        """Write block ``block``'s rows: activations [n, n_models, d_model]; token_ids, seq, pos [n].
+        Returns its statistics as float64 [n_models·d_model sums, n_models norm sums, n_tokens, n_shards]."""
+        stats = torch.zeros(self.n_models * self.d_model + self.n_models + 2, dtype=torch.float64)
+        if len(activations) == 0:  # every token of this block was excluded
+            return stats
+        if not torch.isfinite(activations).all():
+            row, model = (~torch.isfinite(activations)).any(-1).nonzero()[0].tolist()
+            raise ValueError(
+                f"non-finite activations (NaN or inf) at row {row}, model {model}; nothing of this shard was written"
+            )
+        name = f"shard_{block:05d}"
+        datasets.disable_progress_bars()
+        table = shard_table(activations, token_ids, seq, pos, self.dtype)
+        datasets.Dataset(InMemoryTable(table)).save_to_disk(str(self.shards / f".tmp_{name}"))
+        datasets.enable_progress_bars()
+        os.replace(self.shards / f".tmp_{name}", self.shards / name)
+        acts64 = activations.double().cpu()
+        sums = [acts64.sum(0).flatten(), acts64.norm(dim=-1).sum(0), torch.tensor([len(activations), 1.0])]
+        return torch.cat(sums)
+
+    def record(self, stats: torch.Tensor, n_blocks: int) -> None:
+        """Add the statistics of written shards to progress.json: blocks before ``n_blocks`` are done."""
+        progress, nd = self.progress, self.n_models * self.d_model
+        progress["sum"] = (np.array(progress["sum"]) + stats[:nd].view(self.n_models, self.d_model).numpy()).tolist()
+        progress["sum_norm"] = (np.array(progress["sum_norm"]) + stats[nd:-2].numpy()).tolist()
+        progress["n_tokens"] += int(stats[-2])
+        progress["n_shards"] += int(stats[-1])
+        progress["n_blocks"] = n_blocks
+        write_json(self.path / "progress.json", progress)
+
+    def finish(self, **meta) -> Path:
+        """Write meta.json, which marks the store complete; returns the store's directory."""
+        n = self.progress["n_tokens"]
+        if n == 0:
+            raise ValueError("no tokens were written: the data is empty, or every token was excluded")
+        meta = {
+            **meta,
+            "n_tokens": n,
+            "dtype": self.dtype,
+            "n_shards": self.progress["n_shards"],
+            "mean": (np.array(self.progress["sum"]) / n).tolist(),
+            "mean_norm": (np.array(self.progress["sum_norm"]) / n).tolist(),
+            "settings": self.settings,
+            "shards": shard_rows(self.shards),
+        }
+        write_json(self.path / "meta.json", meta)
+        return self.path
+
+
+def write_arrays(
+    path: str | Path,
+    activations,
+    token_ids=None,
+    shard_size: int = 65536,
+    val_fraction: float = 0.05,
+    dtype: str = "float32",
+    **meta,
+) -> Path:
+    """Write a store from activations you already have: [n, n_models, d_model] (tensor or array), with
+    optional ``token_ids`` [n]; ``meta`` adds or overrides entries of meta.json (e.g. ``models``)."""
+    activations = torch.as_tensor(activations)
+    if activations.ndim != 3 or activations.shape[1] < 2 or len(activations) == 0:
+        raise ValueError(f"activations must be [n_tokens > 0, n_models >= 2, d_model], got {tuple(activations.shape)}")
+    n, n_models, d_model = activations.shape
+    token_ids = np.full(n, -1) if token_ids is None else np.asarray(token_ids)
+    if len(token_ids) != n:
+        raise ValueError(f"token_ids has {len(token_ids)} entries for {n} activation rows")
+    meta = {
+        "models": [f"model_{m}" for m in range(n_models)],
+        "site": None,
+        "layer": None,
+        **meta,
+        "n_models": n_models,
+        "d_model": d_model,
+        "val_fraction": val_fraction,
+    }
+    writer = StoreWriter(path, {"from_arrays": n, "shard_size": shard_size}, n_models, d_model, dtype)
+    if writer.complete:
+        raise ValueError(f"{path} already holds a complete store; pass a new path")
+    rows = np.arange(n)
+    for block in range(writer.progress["n_blocks"], -(-n // shard_size)):
+        part = slice(block * shard_size, (block + 1) * shard_size)
+        stats = writer.write_shard(activations[part], token_ids[part], rows[part], np.zeros_like(rows[part]), block)
+        writer.record(stats, n_blocks=block + 1)
+    return writer.finish(**meta)
