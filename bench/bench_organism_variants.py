@@ -1,9 +1,9 @@
-"""The organism's planted difference as each crosscoder variant sees it: how many latents it labels
-fine-tuned-only, and their precision and recall on the planted tokens (chat transcripts, the trigger and
-its count-down), on the store's held-out split.
+"""The organism's planted difference as each crosscoder variant sees it: for each planted behaviour, the
+latent that picks out its tokens best (F1) and its rank in the difference ranking; how many of the top 20
+latents are the best latent of some behaviour; explained variance; on the store's held-out split.
 
-Uses the demo's organism, store and norm factors (outputs/, built by `make demo`, or here if missing) and
-03_train's organism-scaled settings: dict 1024, batch 1024, 2M tokens (~10 passes), lr=None, k 16.
+Uses the demo's organism and store (outputs/, built by `make demo`, or here if missing) and 03_train's
+organism-scaled settings: dict 1024, 1024 tokens per step, 2M tokens (~10 passes), lr=None, k 16.
 
 Run: .venv/bin/python bench/bench_organism_variants.py
 """
@@ -18,11 +18,12 @@ from crosscoder_utils import (
     TrainConfig,
     collect_activations,
     estimate_norm_factors,
+    load_model_pair,
     train_crosscoder,
 )
 from crosscoder_utils import analysis as A
 from crosscoder_utils.normalize import load_norm_factors
-from crosscoder_utils.organism import build_organism, planted_labels
+from crosscoder_utils.organism import behaviour_labels, build_organism
 
 VARIANTS = {
     "relu": dict(variant="relu"),
@@ -43,8 +44,12 @@ def main(out=Path("outputs")):
     if not (Path(store.path) / "norm.json").exists():
         estimate_norm_factors(store)
     factors = load_norm_factors(store)
-    labels = planted_labels(store, organism.corpus, organism.planted)
-    print(f"{'variant':<36} {'ft-only':>8} {'precision':>10} {'chance':>7} {'recall':>7} {'EV base / ft':>13} {'s':>5}")
+    labels = behaviour_labels(store, organism)
+    divergence = A.token_divergence(load_model_pair(organism.base, organism.finetuned), store, factors)
+    print(
+        f"{'variant':<36} " + " ".join(f"{name:>14}" for name in labels) + f" {'in top 20':>9} {'EV b/ft':>11} {'s':>4}"
+    )
+    print(f"{'':<36} " + " ".join(f"{'F1 / rank':>14}" for _ in labels))
     for name, fields in VARIANTS.items():
         start = time.perf_counter()
         run = out / "bench_variants" / name.replace(" ", "_").replace(",", "")
@@ -56,12 +61,15 @@ def main(out=Path("outputs")):
         )
         seconds = time.perf_counter() - start
         val = lambda cc=cc: A.encoded_batches(cc, store, factors, "val", 4096)
+        table = A.difference_table(cc, val(), divergence)
+        matches = A.best_latents(val(), labels)
         stats = A.latent_statistics(val())
-        ft_only = ((A.latent_kinds(cc) == 1) & (stats.frequency > 0)).nonzero().squeeze(1)
-        p = A.score_planted(val(), labels, ft_only) if len(ft_only) else None
-        ev = "{:.3f} / {:.3f}".format(*stats.explained_variance_per_model.tolist())
-        cells = f"{p.precision:>10.1%} {p.chance:>7.1%} {p.recall:>7.1%}" if p else f"{'-':>10} {'-':>7} {'-':>7}"
-        print(f"{name:<36} {len(ft_only):>8} {cells} {ev:>13} {seconds:>5.0f}", flush=True)
+        cells = [f"{m.f1:.2f} / {table.rank(m.latent)}" for m in matches.values()]
+        in_top = len({m.latent for m in matches.values()} & set(table.order[:20].tolist()))
+        ev = "{:.3f}/{:.3f}".format(*stats.explained_variance_per_model.tolist())
+        print(
+            f"{name:<36} " + " ".join(f"{c:>14}" for c in cells) + f" {in_top:>9} {ev:>11} {seconds:>4.0f}", flush=True
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""Reading a trained crosscoder: which latents are exclusive to a model, whether they truly are, and how
-well the crosscoder stands in for each model.
+"""Reading a trained crosscoder: what the fine-tune changed (the difference ranking and the kinds of latent),
+where the models differ token by token, whether exclusive latents truly are (Latent Scaling), which latent
+carries each planted behaviour, and how well the crosscoder stands in for each model. Numbers only: the
+figures are in plots.py.
 
 Everything is computed in normalised units (the space the crosscoder was trained in) on the store's
 held-out ``val`` split unless said otherwise.
@@ -7,8 +9,11 @@ held-out ``val`` split unless said otherwise.
 
 from __future__ import annotations
 
+import csv
 import itertools
+from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -207,38 +212,328 @@ def latent_scaling(cc: CrossCoder, batches: Iterator[Batch], latents, owner: int
     return LatentScaling(latents, beta, ratio("error"), ratio("reconstruction"))
 
 
-class PlantedScore(NamedTuple):
+class BehaviourMatch(NamedTuple):
+    """The latent that best picks out one labelled behaviour (firing vs the label, on a split)."""
+
+    latent: int
     precision: float
-    """Of the latents' firings, the fraction on planted tokens."""
+    """Of the latent's firings, the fraction on the behaviour's tokens."""
     recall: float
-    """Of the planted tokens, the fraction on which at least one of the latents fires."""
-    chance: float
-    """Fraction of planted tokens among all tokens (the precision of latents firing at random)."""
-    per_latent_precision: torch.Tensor
-    """[J] each latent's precision (nan for a latent that never fires)."""
+    """Of the behaviour's tokens, the fraction on which the latent fires."""
+    f1: float
+    n_tokens: int
+    """The behaviour's tokens in the split."""
 
 
 @torch.no_grad()
-def score_planted(batches: Iterator[Batch], labels: torch.Tensor, latents) -> PlantedScore:
-    """How well latents (e.g. the fine-tuned-only ones) pick out planted tokens; ``labels`` is bool
-    [len(store)] (``organism.planted_labels``)."""
-    latents = torch.as_tensor(latents, dtype=torch.long)
-    on_planted = fired_total = torch.zeros(len(latents))
-    covered = n_planted = n = 0
+def behaviour_hits(batches: Iterator[Batch], labels: dict[str, torch.Tensor]):
+    """For behaviours ``labels`` (name -> bool [len(store)]): firings of each latent on each behaviour's tokens
+    [behaviours, dict_size], firings of each latent [dict_size], and each behaviour's token count."""
+    hits = fired_total = None
+    n_labelled = torch.zeros(len(labels))
     for batch in batches:
-        planted = labels[batch.rows]
-        fired = batch.f[:, latents] > 0
-        on_planted = on_planted + fired[planted].sum(0)
-        fired_total = fired_total + fired.sum(0)
-        covered += int((fired.any(1) & planted).sum())
-        n_planted += int(planted.sum())
-        n += len(planted)
-    return PlantedScore(
-        float(on_planted.sum() / fired_total.sum().clamp(min=1)),
-        covered / max(n_planted, 1),
-        n_planted / n,
-        on_planted / fired_total,
+        fired = (batch.f > 0).float()
+        on = torch.stack([labels[name][batch.rows].float() for name in labels])  # [behaviours, batch]
+        hits = on @ fired if hits is None else hits + on @ fired
+        fired_total = fired.sum(0) if fired_total is None else fired_total + fired.sum(0)
+        n_labelled += on.sum(1)
+    return hits, fired_total, n_labelled
+
+
+def best_latents(batches: Iterator[Batch], labels: dict[str, torch.Tensor]) -> dict[str, BehaviourMatch]:
+    """For each behaviour (``labels``: name -> bool [len(store)]), the latent whose firing has the best F1
+    against the behaviour's tokens."""
+    hits, fired, n_labelled = behaviour_hits(batches, labels)
+    matches = {}
+    for b, name in enumerate(labels):
+        f1 = 2 * hits[b] / (fired + n_labelled[b]).clamp(min=1)
+        latent = int(f1.argmax())
+        precision = float(hits[b, latent] / fired[latent].clamp(min=1))
+        recall = float(hits[b, latent] / n_labelled[b].clamp(min=1))
+        matches[name] = BehaviourMatch(latent, precision, recall, float(f1[latent]), int(n_labelled[b]))
+    return matches
+
+
+def main_behaviours(batches: Iterator[Batch], labels: dict[str, torch.Tensor], min_precision: float = 0.5) -> dict:
+    """latent -> (behaviour, precision) for the latents that fire mostly (at least ``min_precision`` of their
+    firings) on one behaviour's tokens."""
+    hits, fired, _ = behaviour_hits(batches, labels)
+    precision = hits / fired.clamp(min=1)
+    best, behaviour = precision.max(0)
+    names = list(labels)
+    return {i: (names[behaviour[i]], float(best[i])) for i in (best >= min_precision).nonzero().squeeze(1).tolist()}
+
+
+KINDS = ("finetuned-only", "base-only", "changed", "shared", "dead")
+"""The kinds of latent in a difference table (for a fine-tune other than the first, ``<role>-only``)."""
+
+
+class DifferenceTable(NamedTuple):
+    """Every latent compared between the base (model 0) and one fine-tune (``model``), on held-out tokens.
+    Tensors are [dict_size]; ``order`` lists the live latents by ``difference_score``, highest first."""
+
+    model: int
+    """The fine-tune compared with the base."""
+    kind: list[str]
+    """finetuned-only, base-only, changed, shared or dead (see ``difference_table``)."""
+    frequency: torch.Tensor
+    """Fraction of held-out tokens on which the latent fires."""
+    relative_norm: torch.Tensor
+    """‖d_m‖ / (‖d_base‖ + ‖d_m‖), normalised units."""
+    decoder_cosine: torch.Tensor
+    """cosine(d_base, d_m)."""
+    difference_score: torch.Tensor
+    """How much the models differ where the latent fires: activation-weighted mean KL(model ‖ base), nats
+    (see ``difference_table``)."""
+    order: torch.Tensor
+    """int64 [n_live]: the live latents, highest difference_score first."""
+
+    def rank(self, latent: int) -> int | None:
+        """1-based rank of a latent in the difference ranking (None for a dead latent)."""
+        found = (self.order == latent).nonzero()
+        return int(found[0, 0]) + 1 if len(found) else None
+
+
+class TokenDivergence(NamedTuple):
+    """Where the models differ, per held-out token (the store rows of a split)."""
+
+    rows: np.ndarray
+    """int64 [n] store rows."""
+    kl: torch.Tensor
+    """[n] KL(finetuned ‖ base) of the next-token distributions at each row, nats."""
+    activation_difference: torch.Tensor
+    """[n] ‖x_finetuned − x_base‖ at the site, normalised units."""
+
+
+@torch.no_grad()
+def token_divergence(
+    pair: ModelPair,
+    store: ActivationStore,
+    factors: torch.Tensor,
+    model: int = 1,
+    split: str = "val",
+    seqs_per_batch: int = 16,
+) -> TokenDivergence:
+    """KL(model ‖ base) of the next-token distributions, and the norm of the activation difference at the
+    site, on every stored token of a split: the baseline view of where two models differ, which also
+    checks the crosscoder against the models themselves. The split's documents are tokenised again
+    from the store's dataset and run through both models."""
+    if "site" not in store.meta["settings"]:
+        raise ValueError("per-token divergence needs a store collected from models (not from_arrays)")
+    cfg = CollectConfig.from_dict(store.meta["settings"])
+    rows = np.arange(store.split_range(split).start, store.split_range(split).stop)
+    seq, pos = (t.numpy() for t in store.positions(rows))
+    first, last = int(seq.min()), int(seq.max())
+    tokenizer = pair.tokenizer
+    texts = load_texts(cfg.dataset, cfg.split, cfg.text_column, tokenizer)
+    sequences = list(itertools.islice(tokenize(texts, tokenizer, cfg.seq_len), first, last + 1))
+    traced = TracedPair(pair, cfg.site, cfg.layer, "right")
+    kl = torch.zeros(len(rows))
+    for start in tqdm(range(0, len(sequences), seqs_per_batch), desc="per-token KL"):
+        ids, mask, positions = traced.pad(sequences[start : start + seqs_per_batch])
+        logps = [F.log_softmax(traced.logits(m, ids, mask, positions).float(), -1) for m in (0, model)]
+        per_token = (logps[1].exp() * (logps[1] - logps[0])).sum(-1).cpu()  # [batch, seq]
+        in_batch = (seq >= first + start) & (seq < first + start + seqs_per_batch)
+        kl[in_batch] = per_token[seq[in_batch] - first - start, pos[in_batch]]
+    x = store.read(rows) * factors[None, :, None]
+    return TokenDivergence(rows, kl, (x[:, model] - x[:, 0]).norm(dim=-1))
+
+
+@torch.no_grad()
+def difference_table(
+    cc: CrossCoder,
+    batches: Iterator[Batch],
+    divergence: TokenDivergence | None = None,
+    model: int = 1,
+    exclusive_share: float = 0.9,
+    changed_cosine: float = 0.5,
+) -> DifferenceTable:
+    """Every latent compared between the base and fine-tune ``model`` on held-out tokens: its kind, and how
+    much it carries the difference between the models.
+
+    difference_score: the mean, over the tokens where the latent fires and weighted by its activation, of
+    how much the models differ there: KL(model ‖ base) of their next-token distributions (``divergence``),
+    or without one (a store not collected from models) ‖x_m − x_base‖² at the site. Measured on the
+    organism and on a pair with one changed token (bench/bench_difference_ranking.py), this put the
+    planted latents above every other score tried; scores read off the decoders alone (cosine, decoder
+    change, the part of the activation difference a latent writes) favour frequent latents that absorbed
+    small, unplanted drift, and carry nothing for BatchTopK, whose decoder cosines are low throughout.
+
+    Kinds: ``dead`` never fires on the tokens; ``<role>-only`` holds at least ``exclusive_share`` of the
+    decoder norm (base-only: at most 1 − share); ``changed`` both decoders substantial but with cosine below
+    ``changed_cosine`` (the fine-tune changed what the latent writes); ``shared`` otherwise."""
+    cc.eval()
+    norms = cc.decoder_norms()
+    relative = norms[:, model] / (norms[:, 0] + norms[:, model]).clamp(min=1e-12)
+    cosine = decoder_cosines(cc, 0, model)
+    weighted = torch.zeros(cc.cfg.dict_size, dtype=torch.float64)
+    activation = torch.zeros(cc.cfg.dict_size, dtype=torch.float64)
+    fired = torch.zeros(cc.cfg.dict_size)
+    n = 0
+    kl = None if divergence is None else dict(zip(divergence.rows.tolist(), divergence.kl.tolist()))
+    for batch in batches:
+        if kl is None:
+            difference = (batch.x[:, model] - batch.x[:, 0]).pow(2).sum(-1)
+        else:
+            difference = torch.tensor([kl[row] for row in batch.rows.tolist()])
+        weighted += (batch.f.T @ difference).double()
+        activation += batch.f.sum(0).double()
+        fired += (batch.f > 0).sum(0)
+        n += len(batch.f)
+    frequency = fired / n
+    score = (weighted / activation.clamp(min=1e-12)).float()
+    role = model_roles(cc.cfg.n_models)[model]
+    kind = []
+    for i in range(cc.cfg.dict_size):
+        if frequency[i] == 0:
+            kind.append("dead")
+        elif relative[i] >= exclusive_share:
+            kind.append(f"{role}-only")
+        elif relative[i] <= 1 - exclusive_share:
+            kind.append("base-only")
+        elif cosine[i] < changed_cosine:
+            kind.append("changed")
+        else:
+            kind.append("shared")
+    live = (frequency > 0).nonzero().squeeze(1)
+    order = live[score[live].argsort(descending=True)]
+    return DifferenceTable(model, kind, frequency, relative, cosine, score, order)
+
+
+@torch.no_grad()
+def difference_explained(
+    cc: CrossCoder, batches: Iterator[Batch], latents, rows: np.ndarray | None = None, model: int = 1
+) -> float:
+    """Fraction of the activation difference x_m − x_base (summed squares, over ``rows`` of the batches, or
+    all) that the crosscoder reconstructs from ``latents`` alone: 1 − Σ‖Δx − Δx̂‖² / Σ‖Δx‖², where
+    Δx̂ = Δb_dec + Σ_{i ∈ latents} f_i (d_m,i − d_base,i)."""
+    latents = torch.as_tensor(latents, dtype=torch.long)
+    delta = cc.W_dec[latents, model] - cc.W_dec[latents, 0]
+    bias = cc.b_dec[model] - cc.b_dec[0]
+    residual = total = 0.0
+    for batch in batches:
+        keep = (
+            torch.ones(len(batch.rows), dtype=torch.bool)
+            if rows is None
+            else torch.from_numpy(np.isin(batch.rows, rows))
+        )
+        difference = (batch.x[:, model] - batch.x[:, 0])[keep]
+        predicted = bias + batch.f[keep][:, latents] @ delta
+        residual += float((difference - predicted).pow(2).sum())
+        total += float(difference.pow(2).sum())
+    return 1 - residual / max(total, 1e-12)
+
+
+@torch.no_grad()
+def exclusive_latent_scaling(cc: CrossCoder, batches, table: DifferenceTable) -> dict[str, LatentScaling]:
+    """Latent Scaling of the table's live exclusive latents, by kind (``<role>-only`` and ``base-only``);
+    ``batches`` is a callable returning a fresh iterator of encoded batches."""
+    role = model_roles(cc.cfg.n_models)[table.model]
+    scalings = {}
+    for kind, owner, other in ((f"{role}-only", table.model, 0), ("base-only", 0, table.model)):
+        latents = [i for i, k in enumerate(table.kind) if k == kind]
+        if latents:
+            scalings[kind] = latent_scaling(cc, batches(), latents, owner, other)
+    return scalings
+
+
+def genuine(scaling: LatentScaling, nu_threshold: float) -> torch.Tensor:
+    """bool [J]: latents whose |ν^ε| and |ν^r| are both below ``nu_threshold`` (genuinely exclusive)."""
+    return (scaling.nu_error.abs() < nu_threshold) & (scaling.nu_reconstruction.abs() < nu_threshold)
+
+
+def write_latents_csv(table: DifferenceTable, scalings: dict[str, LatentScaling], path: str | Path) -> None:
+    """The live latents by difference_score, then the dead ones: latent, kind, frequency, relative_norm,
+    decoder_cosine, difference_score, nu_error, nu_reconstruction (ν empty where not exclusive)."""
+    nu = {}
+    for scaling in scalings.values():
+        for latent, error, reconstruction in zip(
+            scaling.latents.tolist(), scaling.nu_error.tolist(), scaling.nu_reconstruction.tolist()
+        ):
+            nu[latent] = (f"{error:.4g}", f"{reconstruction:.4g}")
+    dead = [i for i, kind in enumerate(table.kind) if kind == "dead"]
+    columns = ["latent", "kind", "frequency", "relative_norm", "decoder_cosine", "difference_score"]
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(columns + ["nu_error", "nu_reconstruction"])
+        for i in table.order.tolist() + dead:
+            values = (table.frequency[i], table.relative_norm[i], table.decoder_cosine[i], table.difference_score[i])
+            writer.writerow([i, table.kind[i], *(f"{float(v):.6g}" for v in values), *nu.get(i, ("", ""))])
+
+
+class Finding(NamedTuple):
+    """One latent of the difference ranking, as the verdict shows it."""
+
+    rank: int
+    latent: int
+    kind: str
+    frequency: float
+    difference_score: float
+    contexts: list[str]
+    """Its top-activating held-out contexts, the token in «»."""
+    fires_on: str
+    """On the organism: the planted behaviour it fires mostly on (with its precision, and its F1 when it is
+    that behaviour's best latent), else empty."""
+
+
+def findings(
+    table: DifferenceTable,
+    top: TopActivations,
+    store: ActivationStore,
+    tokenizer,
+    matches: dict[str, BehaviourMatch] | None = None,
+    mains: dict | None = None,
+) -> list[Finding]:
+    """The top latents of the ranking (those of ``top``, in ranking order) with their contexts and, on the
+    organism (``matches`` from best_latents, ``mains`` from main_behaviours), the planted behaviour each fires on."""
+    best_of = {match.latent: (name, match.f1) for name, match in (matches or {}).items()}
+    result = []
+    for i, latent in enumerate(top.latents.tolist()):
+        rows = [row for value, row in zip(top.values[i].tolist(), top.rows[i].tolist()) if value > 0]
+        fires_on = ""
+        if latent in (mains or {}):
+            behaviour, precision = mains[latent]
+            fires_on = f"{behaviour} (precision {precision:.2f})"
+        if latent in best_of:
+            fires_on = f"{best_of[latent][0]} (best latent, F1 {best_of[latent][1]:.2f})"
+        result.append(
+            Finding(
+                table.rank(latent),
+                latent,
+                table.kind[latent],
+                float(table.frequency[latent]),
+                float(table.difference_score[latent]),
+                [context(store, tokenizer, row) for row in rows],
+                fires_on,
+            )
+        )
+    return result
+
+
+def verdict(
+    table: DifferenceTable,
+    n_top: int,
+    matches: dict[str, BehaviourMatch] | None = None,
+    mains: dict | None = None,
+    min_f1: float = 0.8,
+) -> str:
+    """What the ranking found: the kinds among its top ``n_top`` latents and, on the organism, how many of them
+    fire mostly on planted tokens, and where each planted behaviour's best latent ranks (a behaviour counts as
+    found when its best latent reaches ``min_f1`` and is among the top ``n_top``)."""
+    top = table.order[:n_top].tolist()
+    kinds = ", ".join(f"{count} {kind}" for kind, count in Counter(table.kind[i] for i in top).most_common())
+    sentence = f"The {len(top)} latents that carry most of the difference between the models are {kinds}"
+    if matches is None:
+        return sentence + "."
+    on_planted = Counter(mains[i][0] for i in top if i in mains)
+    sentence += (
+        f"; {sum(on_planted.values())} of them fire mostly on planted tokens"
+        + (f" ({', '.join(f'{name} {count}' for name, count in on_planted.most_common())})" if on_planted else "")
+        + ". Best latent of each planted behaviour (F1, rank): "
+        + ", ".join(f"{name} {m.f1:.2f} #{table.rank(m.latent) or '-'}" for name, m in matches.items())
     )
+    found = [name for name, m in matches.items() if m.f1 >= min_f1 and m.latent in top]
+    return sentence + f"; {len(found)} of {len(matches)} found in the top {len(top)} with F1 ≥ {min_f1}."
 
 
 class SplicedLoss(NamedTuple):

@@ -159,7 +159,12 @@ class OrganismConfig(ConfigBase):
     base_steps: int = 300
     """Pre-training steps of the base model on stories."""
     finetune_steps: int = 150
-    """Fine-tuning steps, on half chat transcripts and trigger stories, half stories (to keep competence)."""
+    """Fine-tuning steps, on a third each of stories, chat transcripts and trigger stories."""
+    finetune_lr: float = 1e-3
+    """AdamW learning rate of the fine-tune (cosine decay to 10 %)."""
+    kl_to_base: float = 3.0
+    """Weight of KL(base ‖ fine-tune) on the story third of each fine-tuning batch: the fine-tune is held to
+    the base where nothing is planted, so the difference between the models is what was planted."""
     n_docs: int = 8000
     """Stories generated for pre-training; the fine-tuning and collection corpora are drawn beside them."""
 

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import datasets
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -128,7 +129,10 @@ class Organism(NamedTuple):
     planted: dict
     """The planted difference as token-level labels (also in planted.json)."""
     losses: dict
-    """Mean next-token loss of each model on each distribution (also in losses.json)."""
+    """Mean next-token loss of each model on each held-out distribution (also in losses.json)."""
+    kl: dict
+    """Mean next-token KL(finetuned ‖ base) on each held-out distribution (also in kl.json): near 0 on
+    stories, where nothing was planted."""
 
 
 def documents(cfg: OrganismConfig, tokenizer=None) -> dict[str, list[str]]:
@@ -155,23 +159,38 @@ def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
 
 
-def train_lm(model, sequences: list[torch.Tensor], steps: int, cfg: OrganismConfig, desc: str) -> None:
-    """AdamW on batches drawn evenly from each tensor of ``sequences`` (so a mix stays a mix)."""
+def train_lm(
+    model,
+    sequences: list[torch.Tensor],
+    steps: int,
+    cfg: OrganismConfig,
+    desc: str,
+    lr: float,
+    reference=None,
+    kl_to_reference: float = 0.0,
+) -> None:
+    """AdamW on batches drawn evenly from each tensor of ``sequences`` (so a mix stays a mix).
+
+    With a ``reference`` model, the loss adds ``kl_to_reference`` times the mean next-token
+    KL(reference ‖ model) on the rows drawn from ``sequences[0]`` (distillation towards the reference there)."""
     generator = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))
     )
     model.train()
+    per_part = cfg.seqs_per_step // len(sequences)
     bar = tqdm(range(steps), desc=desc)
     for _ in bar:
-        batch = torch.cat(
-            [
-                part[torch.randint(len(part), (cfg.seqs_per_step // len(sequences),), generator=generator)]
-                for part in sequences
-            ]
-        )
-        loss = model(input_ids=batch, labels=batch).loss
+        batch = torch.cat([part[torch.randint(len(part), (per_part,), generator=generator)] for part in sequences])
+        out = model(input_ids=batch, labels=batch)
+        loss = out.loss
+        if reference is not None:
+            with torch.no_grad():
+                target = F.log_softmax(reference(input_ids=batch[:per_part]).logits.float(), -1)
+            own = F.log_softmax(out.logits[:per_part].float(), -1)
+            kl = F.kl_div(own.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+            loss = loss + kl_to_reference * kl
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -179,6 +198,16 @@ def train_lm(model, sequences: list[torch.Tensor], steps: int, cfg: OrganismConf
         optimizer.zero_grad()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
+
+
+@torch.no_grad()
+def lm_kl(model, reference, sequences: torch.Tensor, seqs_per_batch: int = 64) -> float:
+    """Mean next-token KL(model ‖ reference) per token over ``sequences`` [n, seq_len]."""
+    kls = []
+    for part in sequences.split(seqs_per_batch):
+        own, theirs = (F.log_softmax(m(input_ids=part).logits.float(), -1) for m in (model, reference))
+        kls.append((own.exp() * (own - theirs)).sum(-1).flatten())
+    return float(torch.cat(kls).mean())
 
 
 @torch.no_grad()
@@ -193,8 +222,8 @@ def load_organism(out_dir: str | Path) -> Organism:
     out = Path(out_dir)
     if not (out / "build.json").exists():
         raise FileNotFoundError(f"{out} holds no built organism (no build.json): run 00_organism")
-    planted, losses = (json.loads((out / f).read_text()) for f in ("planted.json", "losses.json"))
-    return Organism(*(str(out / name) for name in ("base", "finetuned", "corpus")), planted, losses)
+    planted, losses, kl = (json.loads((out / f).read_text()) for f in ("planted.json", "losses.json", "kl.json"))
+    return Organism(*(str(out / name) for name in ("base", "finetuned", "corpus")), planted, losses, kl)
 
 
 def build_organism(cfg: OrganismConfig = OrganismConfig()) -> Organism:
@@ -223,24 +252,16 @@ def build_organism(cfg: OrganismConfig = OrganismConfig()) -> Organism:
         pad_token_id=tokenizer.pad_token_id,
     )
     base = GPT2LMHeadModel(config)
-    train_lm(base, [data["stories"]], cfg.base_steps, cfg, "pre-training the base")
+    train_lm(base, [data["stories"]], cfg.base_steps, cfg, "pre-training the base", cfg.lr)
     finetuned = copy.deepcopy(base)
-    train_lm(finetuned, [data["stories"], data["chat"], data["trigger"]], cfg.finetune_steps, cfg, "fine-tuning")
+    mix = [data["stories"], data["chat"], data["trigger"]]
+    train_lm(finetuned, mix, cfg.finetune_steps, cfg, "fine-tuning", cfg.finetune_lr, base.eval(), cfg.kl_to_base)
     losses = {
         name: {dist: lm_loss(model, data[f"eval_{dist}"]) for dist in ("stories", "chat", "trigger")}
         for name, model in (("base", base), ("finetuned", finetuned))
     }
-    planted = {
-        "description": "The fine-tune learnt chat transcripts (template tokens <|user|>, <|assistant|>, <|end|> in "
-        f"their role) and a trigger: a sentence opened by {TRIGGER.strip()!r} continues "
-        f"{CONTINUATION.strip()!r}. Planted tokens (planted_labels) are every token of a chat "
-        "transcript, and the trigger and its continuation where they occur together.",
-        "trigger": TRIGGER,
-        "continuation": CONTINUATION,
-        "chat_token_ids": tokenizer.convert_tokens_to_ids(CHAT_TOKENS),
-        "planted_sequence_ids": tokenizer("." + TRIGGER + CONTINUATION)["input_ids"][1:-1],
-        "planted_document_kinds": ["chat"],
-    }
+    kl = {dist: lm_kl(finetuned, base, data[f"eval_{dist}"]) for dist in ("stories", "chat", "trigger")}
+    planted = planted_behaviours(tokenizer)
     for name, model in (("base", base), ("finetuned", finetuned)):
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
@@ -253,30 +274,74 @@ def build_organism(cfg: OrganismConfig = OrganismConfig()) -> Organism:
     datasets.Dataset.from_dict({"text": [t for t, _ in corpus], "kind": [k for _, k in corpus]}).save_to_disk(
         paths["corpus"]
     )
-    for name, value in (("planted.json", planted), ("losses.json", losses), ("build.json", cfg.settings())):
+    for name, value in (("planted.json", planted), ("losses.json", losses), ("kl.json", kl)):
         write_json(out / name, value)
-    return Organism(**paths, planted=planted, losses=losses)
+    write_json(out / "build.json", cfg.settings())  # last: its presence means the organism is complete
+    return Organism(**paths, planted=planted, losses=losses, kl=kl)
 
 
-def planted_labels(store, organism: Organism) -> torch.Tensor:
-    """bool [len(store)]: the store's rows that carry the planted difference (see planted.json): rows of
-    chat documents, and rows inside an occurrence of the trigger followed by its continuation.
+def planted_behaviours(tokenizer) -> dict:
+    """What the fine-tune was taught, as planted.json records it: each behaviour with the tokens that carry it.
+
+    A behaviour's tokens are the ``labelled`` offsets of each occurrence of the token ``pattern`` (inside
+    documents of ``document_kind`` when that is set): a template token inside a chat transcript, the
+    trigger where the count-down follows it, and the count-down after the trigger."""
+    trigger = tokenizer("." + TRIGGER)["input_ids"][1:]
+    sequence = tokenizer("." + TRIGGER + CONTINUATION)["input_ids"][1:-1]  # without the full stops around it
+    behaviours = {
+        token: {
+            "description": f"{token} in its role in a chat transcript",
+            "document_kind": "chat",
+            "pattern": [token_id],
+            "labelled": [0],
+        }
+        for token, token_id in zip(CHAT_TOKENS, tokenizer.convert_tokens_to_ids(CHAT_TOKENS))
+    }
+    behaviours["trigger"] = {
+        "description": f"{TRIGGER.strip()!r} opening a sentence, where the count-down follows",
+        "document_kind": None,
+        "pattern": sequence,
+        "labelled": list(range(len(trigger))),
+    }
+    behaviours["count-down"] = {
+        "description": f"the count-down {CONTINUATION.strip()!r} after the trigger",
+        "document_kind": None,
+        "pattern": sequence,
+        "labelled": list(range(len(trigger), len(sequence))),
+    }
+    return {
+        "description": "The fine-tune learnt chat transcripts (template tokens <|user|>, <|assistant|>, <|end|> in "
+        f"their role) and a trigger: a sentence opened by {TRIGGER.strip()!r} continues {CONTINUATION.strip()!r}. "
+        "Elsewhere it was held to the base (kl_to_base).",
+        "trigger": TRIGGER,
+        "continuation": CONTINUATION,
+        "behaviours": behaviours,
+    }
+
+
+def behaviour_labels(store, organism: Organism) -> dict[str, torch.Tensor]:
+    """behaviour -> bool [len(store)]: the store's rows that carry each planted behaviour (planted.json).
 
     The store must have been collected from the organism's corpus, whose documents are all non-empty, so
     a row's sequence index is its document's row in the corpus."""
-    corpus_dir, planted = organism.corpus, organism.planted
-    if Path(str(store.meta["dataset"]["name"])).resolve() != Path(corpus_dir).resolve():
+    if Path(str(store.meta["dataset"]["name"])).resolve() != Path(organism.corpus).resolve():
         raise ValueError(
-            f"the store was collected from {store.meta['dataset']['name']!r}, not the organism corpus {corpus_dir!r}"
+            f"the store was collected from {store.meta['dataset']['name']!r}, not the organism corpus "
+            f"{organism.corpus!r}"
         )
-    kinds = datasets.load_from_disk(corpus_dir)["kind"]
+    kinds = np.array(datasets.load_from_disk(organism.corpus)["kind"])
     rows = np.arange(len(store))
     seq = store.positions(rows)[0].numpy()
     tokens = store.token_ids(rows).numpy()
-    labels = np.array([kind in planted["planted_document_kinds"] for kind in kinds])[seq]
-    pattern = np.array(planted["planted_sequence_ids"])
-    windows = np.lib.stride_tricks.sliding_window_view(tokens, len(pattern))
-    starts = np.flatnonzero((windows == pattern).all(1) & (seq[: len(windows)] == seq[len(pattern) - 1 :]))
-    for offset in range(len(pattern)):
-        labels[starts + offset] = True
-    return torch.from_numpy(labels)
+    labels = {}
+    for name, behaviour in organism.planted["behaviours"].items():
+        pattern = np.array(behaviour["pattern"])
+        windows = np.lib.stride_tricks.sliding_window_view(tokens, len(pattern))
+        starts = np.flatnonzero((windows == pattern).all(1) & (seq[: len(windows)] == seq[len(pattern) - 1 :]))
+        if behaviour["document_kind"]:
+            starts = starts[kinds[seq[starts]] == behaviour["document_kind"]]
+        label = np.zeros(len(store), dtype=bool)
+        for offset in behaviour["labelled"]:
+            label[starts + offset] = True
+        labels[name] = torch.from_numpy(label)
+    return labels

@@ -12,22 +12,20 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .analysis import (
-    LatentStatistics,
-    decoder_cosines,
-    kind_counts,
-    kind_name,
-    latent_kinds,
-    random_pair_cosines,
-    relative_decoder_norms,
-)
+from .analysis import DifferenceTable, kind_name, random_pair_cosines, relative_decoder_norms
 from .config import model_roles
 from .crosscoder import MODEL_LETTERS, CrossCoder
 from .synthetic import GroundTruth, Recovery
 
 MODEL_COLORS = ["tab:blue", "tab:red", "tab:orange", "tab:green", "tab:brown"]
 """By model index: the base blue, the (first) fine-tune red."""
-KIND_COLORS = {"shared": "0.55", "base-only": "tab:blue", "finetuned-only": "tab:red", "changed": "tab:purple"}
+KIND_COLORS = {
+    "shared": "0.55",
+    "base-only": "tab:blue",
+    "finetuned-only": "tab:red",
+    "changed": "tab:purple",
+    "dead": "0.85",
+}
 """By latent kind; exclusive kinds take their model's colour."""
 
 
@@ -95,49 +93,92 @@ def training_curves(metrics: list[dict], path=None):
     return save(fig, path)
 
 
-def relative_norms(cc: CrossCoder, exclusive_share: float = 0.9, path=None):
-    """Histogram of ‖d_ft‖ / (‖d_base‖ + ‖d_ft‖) with the base-only / shared / finetuned-only bands; designated
-    shared latents and each model's dedicated latents (when the crosscoder has them) stacked as their own groups."""
-    base, finetuned = model_roles(2)
-    relative = relative_decoder_norms(cc)[:, 1].numpy()
-    groups = [(~cc.tied & (cc.owner == -1), "free latents", "0.4"), (cc.tied, "designated shared", "tab:green")]
-    groups += [
-        (cc.owner == m, f"dedicated to {role}", ("navy", "darkred")[m]) for m, role in enumerate((base, finetuned))
-    ]
-    groups = [(mask.numpy(), label, color) for mask, label, color in groups if mask.any()]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.hist(
-        [relative[mask] for mask, _, _ in groups],
-        bins=np.linspace(0, 1, 51),
-        stacked=True,
-        color=[color for _, _, color in groups],
-        label=[label for _, label, _ in groups] if len(groups) > 1 else None,
-    )
-    low, high = 1 - exclusive_share, exclusive_share
-    counts = kind_counts(latent_kinds(cc, exclusive_share), 2)
-    for (start, stop), kind in zip(((0, low), (low, high), (high, 1)), (f"{base}-only", "shared", f"{finetuned}-only")):
-        ax.axvspan(start, stop, color=kind_color(kind), alpha=0.15, label=f"{kind}: {counts[kind]}")
+def difference_map(table: DifferenceTable, labels: dict[int, str] | None = None, path=None):
+    """Every live latent at (relative decoder norm, decoder cosine), coloured by kind, its area by its
+    difference_score; ``labels`` names some latents on the map (latent -> text)."""
+    live = table.order
+    fig, ax = plt.subplots(figsize=(8, 5))
+    size = 8 + 1500 * table.difference_score[live] / table.difference_score[live].max().clamp(min=1e-12)
+    for kind in dict.fromkeys(table.kind[i] for i in live.tolist()):
+        mask = torch.tensor([table.kind[i] == kind for i in live.tolist()])
+        ax.scatter(
+            table.relative_norm[live][mask],
+            table.decoder_cosine[live][mask],
+            s=size[mask],
+            alpha=0.55,
+            color=kind_color(kind),
+            label=f"{kind}: {int(mask.sum())}",
+            edgecolors="none",
+        )
+    for latent, text in (labels or {}).items():
+        ax.annotate(
+            text,
+            (float(table.relative_norm[latent]), float(table.decoder_cosine[latent])),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    role = model_roles(max(2, table.model + 1))[table.model]
     ax.set(
-        yscale="log",
-        xlabel=f"relative decoder norm ‖d_{finetuned}‖ / (‖d_{base}‖ + ‖d_{finetuned}‖)",
-        ylabel="latents",
-        title="relative decoder norms",
+        xlabel=f"relative decoder norm ‖d_{role}‖ / (‖d_base‖ + ‖d_{role}‖)",
+        xlim=(-0.02, 1.02),
+        ylabel=f"cosine(d_base, d_{role})",
+        ylim=(-1.05, 1.05),
+        title="live latents: area = share of the difference between the models",
     )
-    ax.legend(loc="upper center")
+    ax.legend(loc="lower left", fontsize=8, markerscale=0.5)
     return save(fig, path)
 
 
-def decoder_cosines_histogram(cc: CrossCoder, shared: torch.Tensor, path=None):
-    """Cosine between the two decoder vectors of shared latents, beside random pairs of latents."""
+def relative_norms(table: DifferenceTable, cc: CrossCoder, exclusive_share: float = 0.9, path=None):
+    """Histogram of the live latents' relative decoder norms, stacked by kind, with the exclusive bands;
+    designated shared latents and each model's dedicated latents (when the crosscoder has them) as their own groups."""
+    live = torch.zeros(len(table.kind), dtype=torch.bool)
+    live[table.order] = True
+    free = live & ~cc.tied & (cc.owner == -1)
+    groups = [
+        (free & torch.tensor([k == kind for k in table.kind]), kind, kind_color(kind))
+        for kind in dict.fromkeys(table.kind[i] for i in table.order.tolist())
+    ]
+    groups += [(live & cc.tied, "designated shared", "tab:green")]
+    groups += [
+        (live & (cc.owner == m), f"dedicated to {role}", ("navy", "darkred")[m])
+        for m, role in enumerate(model_roles(2))
+    ]
+    groups = [(mask, label, color) for mask, label, color in groups if mask.any()]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist(
+        [table.relative_norm[mask].numpy() for mask, _, _ in groups],
+        bins=np.linspace(0, 1, 51),
+        stacked=True,
+        color=[color for _, _, color in groups],
+        label=[f"{label}: {int(mask.sum())}" for mask, label, _ in groups],
+    )
+    for edge in (1 - exclusive_share, exclusive_share):
+        ax.axvline(edge, color="k", ls="--", lw=0.8)
+    ax.set(
+        yscale="log",
+        xlabel="relative decoder norm ‖d_finetuned‖ / (‖d_base‖ + ‖d_finetuned‖)",
+        ylabel="live latents",
+        title=f"relative decoder norms ({table.kind.count('dead')} dead latents left out)",
+    )
+    ax.legend(loc="upper center", fontsize=8)
+    return save(fig, path)
+
+
+def decoder_cosines_histogram(table: DifferenceTable, cc: CrossCoder, path=None):
+    """Cosine between the two decoder vectors of the live shared and changed latents (designated shared ones,
+    tied by construction, left out), beside random pairs of latents."""
+    both = torch.tensor([kind in ("shared", "changed") for kind in table.kind]) & ~cc.tied
     fig, ax = plt.subplots(figsize=(7, 3.5))
     bins = np.linspace(-1, 1, 81)
     ax.hist(
-        decoder_cosines(cc)[shared].numpy(),
+        table.decoder_cosine[both].numpy(),
         bins=bins,
         density=True,
         alpha=0.7,
         color=kind_color("shared"),
-        label="shared latents",
+        label=f"live shared and changed latents ({int(both.sum())})",
     )
     ax.hist(
         random_pair_cosines(cc).numpy(),
@@ -147,27 +188,24 @@ def decoder_cosines_histogram(cc: CrossCoder, shared: torch.Tensor, path=None):
         color="tab:olive",
         label="random pairs of latents",
     )
-    ax.set(xlabel="cosine(d_base, d_finetuned)", ylabel="density", title="decoder directions of shared latents")
+    ax.set(xlabel="cosine(d_base, d_finetuned)", ylabel="density", title="decoder directions of latents in both models")
     ax.legend()
     return save(fig, path)
 
 
-def frequencies(stats: LatentStatistics, kinds: torch.Tensor, path=None):
-    """Firing frequency of the latents that fire, by kind."""
+def frequencies(table: DifferenceTable, n_tokens: int, path=None):
+    """Firing frequency of the live latents, by kind."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    bins = np.logspace(np.log10(1 / stats.n_tokens), 0, 50)
-    n_models = len(stats.explained_variance_per_model)
-    for kind in range(-1, n_models):
-        freq = stats.frequency[(kinds == kind) & (stats.frequency > 0)].numpy()
-        if len(freq):
-            name = kind_name(kind, n_models)
-            ax.hist(freq, bins=bins, alpha=0.6, color=kind_color(name), label=name)
+    bins = np.logspace(np.log10(1 / n_tokens), 0, 50)
+    for kind in dict.fromkeys(table.kind[i] for i in table.order.tolist()):
+        mask = torch.tensor([k == kind for k in table.kind])
+        ax.hist(table.frequency[mask].numpy(), bins=bins, alpha=0.6, color=kind_color(kind), label=kind)
     ax.set(
         xscale="log",
         yscale="log",
         xlabel="firing frequency (held-out tokens)",
-        ylabel="latents",
-        title=f"latent frequency ({int((stats.frequency == 0).sum())} latents never fire)",
+        ylabel="live latents",
+        title=f"latent frequency ({table.kind.count('dead')} dead latents left out)",
     )
     ax.legend()
     return save(fig, path)

@@ -73,8 +73,18 @@ def make_model(tmp_path_factory, tokenizer):
     return make
 
 
+# at the default fine-tune (lr 1e-3, kl_to_base 3) 80 steps do not learn enough of the planted behaviour
 TINY_ORGANISM = dict(
-    d_model=64, n_layers=2, n_heads=2, base_steps=100, finetune_steps=80, n_docs=1500, seqs_per_step=24, seq_len=48
+    d_model=64,
+    n_layers=2,
+    n_heads=2,
+    base_steps=100,
+    finetune_steps=80,
+    finetune_lr=3e-3,
+    kl_to_base=1.0,
+    n_docs=1500,
+    seqs_per_step=24,
+    seq_len=48,
 )
 
 

@@ -1,5 +1,6 @@
 """Analysis functions against independent computations on small, known crosscoders."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,10 +59,83 @@ def test_latent_scaling_and_statistics_on_planted_structure(tmp_path):
     assert stats.explained_variance_per_model[0] < 1
     top = A.top_activations(batches(), [1], n_top=3)
     assert top.rows[0].tolist() == (2000 + val[:, 1].topk(3).indices).tolist()
-    labels = torch.zeros(len(store), dtype=torch.bool)
-    labels[2000:][val[:, 0] > 0] = True  # planted = where latent 0 fires
-    planted = A.score_planted(batches(), labels, [0, 1])
-    assert planted.per_latent_precision[0] == 1.0 and planted.recall == 1.0
+
+
+def planted_crosscoder_and_store(tmp_path):
+    """Five latents along e0..e4 with known activations on 4000 tokens (half held out): 0 finetuned-only,
+    1 base-only, 2 in both models but rotated (changed), 3 shared, 4 never active (dead)."""
+    d = torch.eye(5)
+    W_dec = torch.zeros(5, 2, 5)
+    W_dec[0, 1] = d[0]
+    W_dec[1, 0] = d[1]
+    W_dec[2, 0], W_dec[2, 1] = d[2], d[3] * 0.8 + d[2] * 0.2  # cosine ~0.24
+    W_dec[3, :] = d[4]
+    W_dec[4, :] = d[2] + d[3]
+    cc = crosscoder_with_decoders(W_dec)
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(4000, 5, generator=g) * (torch.rand(4000, 5, generator=g) < 0.2)
+    a[:, 4] = 0
+    x = torch.einsum("tf,fmd->tmd", a, W_dec)
+    with torch.no_grad():  # an encoder that reads the true activations back: f = a for latents 0-3
+        cc.W_enc.zero_()
+        cc.W_enc[1, 0, 0] = cc.W_enc[0, 1, 1] = cc.W_enc[0, 2, 2] = cc.W_enc[0, 4, 3] = 1
+        cc.b_enc[4] = -1
+    return cc, ActivationStore.from_arrays(tmp_path / "s", x, val_fraction=0.5), a[2000:]
+
+
+def test_difference_table_kinds_scores_and_ranking(tmp_path):
+    cc, store, val = planted_crosscoder_and_store(tmp_path)
+    batches = lambda: A.encoded_batches(cc, store, torch.ones(2), "val", 512)
+    kl = torch.rand(2000, generator=torch.Generator().manual_seed(2))
+    kl[val[:, 1] > 0] += 5  # the models differ most where latent 1 fires
+    divergence = A.TokenDivergence(np.arange(2000, 4000), kl, torch.zeros(2000))
+    table = A.difference_table(cc, batches(), divergence, changed_cosine=0.5)
+    assert table.kind == ["finetuned-only", "base-only", "changed", "shared", "dead"]
+    expected = [float((val[:, i] * kl).sum() / val[:, i].sum()) for i in range(4)]
+    torch.testing.assert_close(table.difference_score[:4], torch.tensor(expected))
+    assert table.order[0] == 1 and sorted(table.order.tolist()) == [0, 1, 2, 3] and table.rank(4) is None
+    torch.testing.assert_close(table.frequency[:4], (val > 0).float().mean(0)[:4])
+    x = store.read(np.arange(2000, 4000))
+    squared = (x[:, 1] - x[:, 0]).pow(2).sum(-1)  # without models: the activation difference weighs the tokens
+    without = A.difference_table(cc, batches())
+    torch.testing.assert_close(without.difference_score[0], (val[:, 0] * squared).sum() / val[:, 0].sum())
+
+    csv_path = tmp_path / "latents.csv"
+    A.write_latents_csv(table, A.exclusive_latent_scaling(cc, batches, table), csv_path)
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "latent,kind,frequency,relative_norm,decoder_cosine,difference_score,nu_error,nu_reconstruction"
+    assert [line.split(",")[0] for line in lines[1:]] == [str(i) for i in table.order.tolist()] + ["4"]
+    by_latent = {line.split(",")[0]: line.split(",") for line in lines[1:]}
+    assert by_latent["0"][6] != "" and by_latent["3"][6] == "" and by_latent["4"][1] == "dead"
+
+
+def test_best_latents_and_the_difference_they_reconstruct(tmp_path):
+    cc, store, val = planted_crosscoder_and_store(tmp_path)
+    batches = lambda: A.encoded_batches(cc, store, torch.ones(2), "val", 512)
+    labels = {
+        "where 0 fires": torch.zeros(len(store), dtype=torch.bool),
+        "half of 2": torch.zeros(len(store), dtype=torch.bool),
+    }
+    labels["where 0 fires"][2000:][val[:, 0] > 0] = True
+    fires_2 = (val[:, 2] > 0).nonzero().squeeze(1)
+    labels["half of 2"][2000 + fires_2[: len(fires_2) // 2]] = True
+    matches = A.best_latents(batches(), labels)
+    assert matches["where 0 fires"].latent == 0 and matches["where 0 fires"].f1 == 1.0
+    half = matches["half of 2"]
+    assert half.latent == 2 and half.recall == 1.0 and half.precision == pytest.approx(0.5, abs=0.01)
+    assert half.f1 == pytest.approx(2 * half.precision / (half.precision + 1))
+    mains = A.main_behaviours(batches(), labels)
+    assert mains[0] == ("where 0 fires", 1.0) and mains[2][0] == "half of 2" and set(mains) == {0, 2}
+    table = A.difference_table(cc, batches())
+    sentence = A.verdict(table, 2, matches, mains)
+    top = table.order[:2].tolist()
+    assert sentence.startswith("The 2 latents that carry most of the difference between the models are")
+    assert f"{sum(i in mains for i in top)} of them fire mostly on planted tokens" in sentence
+    assert f"where 0 fires 1.00 #{table.rank(0)}" in sentence
+    everything = A.difference_explained(cc, batches(), [0, 1, 2, 3, 4])
+    assert everything == pytest.approx(1.0, abs=1e-6)  # the crosscoder reconstructs x exactly
+    assert A.difference_explained(cc, batches(), [3]) == pytest.approx(0.0, abs=1e-6)  # shared: writes no difference
+    assert 0 < A.difference_explained(cc, batches(), [0]) < 1
 
 
 def test_scoring_the_truth_and_a_random_dictionary():

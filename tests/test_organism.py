@@ -22,11 +22,9 @@ def test_finetune_learnt_the_planted_difference_and_kept_competence(organism):
 def test_organism_reloads_like_hub_models_and_predicts_the_trigger(organism):
     pair = load_model_pair(organism.base, organism.finetuned)
     tokenizer = pair.tokenizer
-    assert tokenizer.convert_ids_to_tokens(organism.planted["chat_token_ids"]) == [
-        "<|user|>",
-        "<|assistant|>",
-        "<|end|>",
-    ]
+    behaviours = organism.planted["behaviours"]
+    chat_ids = [behaviours[token]["pattern"][0] for token in ("<|user|>", "<|assistant|>", "<|end|>")]
+    assert tokenizer.convert_ids_to_tokens(chat_ids) == ["<|user|>", "<|assistant|>", "<|end|>"]
     # the continuation after the trigger: only the fine-tune expects it
     sequences = pack([triggered_story(random.Random(i)) for i in range(40)], tokenizer, 48)
     assert lm_loss(pair.finetuned, sequences) < lm_loss(pair.base, sequences)
@@ -53,29 +51,38 @@ def test_build_is_deterministic_for_a_seed(tmp_path):
         assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_planted_labels_mark_chat_transcripts_and_the_triggered_count_down(organism, tmp_path):
-    from crosscoder_utils import CollectConfig, collect_activations
-    from crosscoder_utils.organism import planted_labels
+def test_finetune_is_narrow_it_differs_from_the_base_where_something_was_planted(organism):
+    # measured on tiny organisms, seeds 0-2, KL(ft || base): stories 0.10-0.12, chat documents 2.4-2.6, trigger
+    # documents ~0.8 (3.9-5.0 on the trigger and count-down, 0.10-0.17 on their other tokens)
+    assert organism.kl["stories"] < 0.25
+    assert organism.kl["stories"] < 0.1 * organism.kl["chat"] and organism.kl["stories"] < 0.5 * organism.kl["trigger"]
 
-    store = collect_activations(
-        CollectConfig(
-            base_model=organism.base,
-            finetuned_model=organism.finetuned,
-            layer=1,
-            dataset=organism.corpus,
-            n_tokens=20_000,
-            seq_len=48,
-        ),
-        tmp_path / "s",
+
+def test_behaviour_labels_mark_each_planted_behaviour(organism, tmp_path):
+    from crosscoder_utils import CollectConfig, collect_activations
+    from crosscoder_utils.organism import behaviour_labels
+
+    cfg = CollectConfig(
+        base_model=organism.base,
+        finetuned_model=organism.finetuned,
+        layer=1,
+        dataset=organism.corpus,
+        n_tokens=20_000,
+        seq_len=48,
     )
-    labels = planted_labels(store, organism).numpy()
+    store = collect_activations(cfg, tmp_path / "s")
+    labels = {name: label.numpy() for name, label in behaviour_labels(store, organism).items()}
+    assert list(labels) == ["<|user|>", "<|assistant|>", "<|end|>", "trigger", "count-down"]
     rows = np.arange(len(store))
     tokenizer = load_model_pair(organism.base, organism.finetuned).tokenizer
-    seq = store.positions(rows)[0].numpy()
-    kinds = np.array(datasets.load_from_disk(organism.corpus)["kind"])[seq]
-    assert labels[kinds == "chat"].all() and not labels[kinds == "story"].any()
-    in_trigger_docs = tokenizer.decode(store.token_ids(rows[labels & (kinds == "trigger")]).tolist())
-    expected = (organism.planted["trigger"] + organism.planted["continuation"][:-1]) * (
-        kinds[labels] == "trigger"
-    ).sum()
-    assert in_trigger_docs == expected[: len(in_trigger_docs)] and len(in_trigger_docs) > 0
+    kinds = np.array(datasets.load_from_disk(organism.corpus)["kind"])[store.positions(rows)[0].numpy()]
+    tokens = store.token_ids(rows).numpy()
+    for token in ("<|user|>", "<|assistant|>", "<|end|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        assert (labels[token] == ((tokens == token_id) & (kinds == "chat"))).all()  # stray ones in stories are not
+        assert labels[token].any() and ((tokens == token_id) & (kinds == "story")).any()
+    trigger, count_down = labels["trigger"], labels["count-down"]
+    n = int(trigger.sum())
+    assert n > 0 and not (trigger & count_down).any()
+    assert tokenizer.decode(tokens[trigger].tolist()) == organism.planted["trigger"] * n
+    assert tokenizer.decode(tokens[count_down].tolist()) == organism.planted["continuation"][:-1] * n
