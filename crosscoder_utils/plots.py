@@ -95,10 +95,10 @@ def training_curves(metrics: list[dict], path=None):
 
 def difference_map(table: DifferenceTable, labels: dict[int, str] | None = None, path=None):
     """Every live latent at (relative decoder norm, decoder cosine), coloured by kind, its area by its
-    difference_score; ``labels`` names some latents on the map (latent -> text)."""
+    difference_score (the KL between the models where it fires); ``labels`` names some latents on the map."""
     live = table.order
     fig, ax = plt.subplots(figsize=(8, 5))
-    size = 8 + 1500 * table.difference_score[live] / table.difference_score[live].max().clamp(min=1e-12)
+    size = 4 + 400 * table.difference_score[live] / table.difference_score[live].max().clamp(min=1e-12)
     for kind in dict.fromkeys(table.kind[i] for i in live.tolist()):
         mask = torch.tensor([table.kind[i] == kind for i in live.tolist()])
         ax.scatter(
@@ -123,8 +123,8 @@ def difference_map(table: DifferenceTable, labels: dict[int, str] | None = None,
         xlabel=f"relative decoder norm ‖d_{role}‖ / (‖d_base‖ + ‖d_{role}‖)",
         xlim=(-0.02, 1.02),
         ylabel=f"cosine(d_base, d_{role})",
-        ylim=(-1.05, 1.05),
-        title="live latents: area = share of the difference between the models",
+        ylim=(min(-0.1, float(table.decoder_cosine[live].min()) - 0.05), 1.05),
+        title="live latents; area: how much the models' predictions differ where the latent fires",
     )
     ax.legend(loc="lower left", fontsize=8, markerscale=0.5)
     return save(fig, path)

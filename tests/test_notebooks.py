@@ -104,26 +104,34 @@ def test_normalize_and_train_notebooks(trained):
     assert list((run_dir / "wandb").glob("offline-run-*"))
 
 
-def test_analyze_notebook_completes_the_chain(trained, organism):
+def test_analyze_notebook_leads_with_the_verdict(trained, organism):
     out = trained[0]
     analyze_nb = run_notebook(
         "04_analyze",
         out,
         run_dir=str(out / "run"),
-        n_show=2,
-        n_top=2,
+        n_top=5,
         n_eval_sequences=8,
         organism_dir=str(Path(organism.base).parent),
     )
     analysis = out / "run/analysis"
-    for figure in ("relative_norms", "decoder_cosines", "frequencies"):
+    for figure in ("difference_map", "relative_norms", "decoder_cosines", "frequencies"):
         assert (analysis / f"{figure}.png").stat().st_size > 10_000
+    rows = (analysis / "latents.csv").read_text().splitlines()
+    assert rows[0].split(",")[:6] == [
+        "latent",
+        "kind",
+        "frequency",
+        "relative_norm",
+        "decoder_cosine",
+        "difference_score",
+    ]
     summary = json.loads((analysis / "summary.json").read_text())
-    assert sum(summary["latents"].values()) == 128
-    assert summary["latents"]["base-only"] >= 8 and summary["latents"]["finetuned-only"] >= 8  # the dedicated ones
-    assert set(summary["ce_loss_recovered"]) == {"base", "finetuned"}
-    assert all(0 < v <= 1.01 for v in summary["ce_loss_recovered"].values())
-    assert "recall" in outputs_text(analyze_nb) and "latent " in outputs_text(analyze_nb)
+    assert len(rows) - 1 == 128 == sum(summary["live latents by kind"].values()) + summary["dead latents"]
+    assert summary["verdict"].startswith("The 5 latents that carry most of the difference")
+    assert 0 < summary["loss recovered, base"] <= 1.01 and 0 < summary["loss recovered, finetuned"] <= 1.01
+    text = outputs_text(analyze_nb)
+    assert text.index("carry most of the difference") < text.index("precision")  # the verdict comes first
 
 
 def test_ground_truth_notebook(tmp_path):
