@@ -11,9 +11,13 @@ $(VENV)/installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-.PHONY: test demo lint
-test: $(VENV)/installed
+.PHONY: test demo lint browser
+test: $(VENV)/installed browser
 	$(PYTHON) -m pytest -q
+
+# the dashboard tests open pages in a real Chromium: Debian's package (playwright's own download needs the network)
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 lint: $(VENV)/installed
 	$(VENV)/bin/ruff format --check .

@@ -168,6 +168,61 @@ def context(store: ActivationStore, tokenizer, row: int, width: int = 8) -> str:
     return "".join(f"«{tokenizer.decode([t])}»" if r == row else tokenizer.decode([t]) for r, t in zip(window, tokens))
 
 
+class LatentSamples(NamedTuple):
+    """Each latent's top activations and a uniform sample of its other activations, from one pass."""
+
+    top_values: torch.Tensor
+    """[dict_size, n_top] largest activations, descending (0 where it fired fewer times)."""
+    top_rows: torch.Tensor
+    """[dict_size, n_top] their store rows (-1 where none)."""
+    sample_values: torch.Tensor
+    """[dict_size, n_sample] activations drawn uniformly from all its firings, ascending (0 where none)."""
+    sample_rows: torch.Tensor
+    """[dict_size, n_sample] their store rows (-1 where none)."""
+
+
+def _keep_first(latents: torch.Tensor, order_key: torch.Tensor, n: int, n_latents: int) -> torch.Tensor:
+    """Indices of the first ``n`` entries of each latent by ascending ``order_key``."""
+    order = order_key.argsort(stable=True)
+    order = order[latents[order].argsort(stable=True)]
+    counts = torch.bincount(latents, minlength=n_latents)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(len(order)) - starts[latents[order]]
+    return order[position < n]
+
+
+@torch.no_grad()
+def latent_samples(batches: Iterator[Batch], n_top: int = 10, n_sample: int = 30, seed: int = 0) -> LatentSamples:
+    """One pass over encoded batches: each latent's ``n_top`` largest activations and ``n_sample`` firings
+    drawn uniformly (random priorities, the smallest kept), with their store rows."""
+    g = torch.Generator().manual_seed(seed)
+    kept = None  # (latent, value, row, priority) of the candidates so far
+    for batch in batches:
+        rows, latents = (batch.f > 0).nonzero(as_tuple=True)
+        new = (latents, batch.f[rows, latents], torch.as_tensor(batch.rows)[rows], torch.rand(len(rows), generator=g))
+        both = new if kept is None else tuple(torch.cat(pair) for pair in zip(kept, new))
+        n_latents = batch.f.shape[1]
+        top = _keep_first(both[0], -both[1], n_top, n_latents)
+        sample = _keep_first(both[0], both[3], n_sample, n_latents)
+        keep = torch.unique(torch.cat([top, sample]))
+        kept = tuple(column[keep] for column in both)
+    latents, values, rows, priority = kept
+
+    def table(index: torch.Tensor, width: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = index[key[index].argsort(stable=True)]
+        index = index[latents[index].argsort(stable=True)]
+        counts = torch.bincount(latents[index], minlength=n_latents)
+        position = torch.arange(len(index)) - (torch.cumsum(counts, 0) - counts)[latents[index]]
+        out_values, out_rows = torch.zeros(n_latents, width), torch.full((n_latents, width), -1)
+        out_values[latents[index], position] = values[index]
+        out_rows[latents[index], position] = rows[index]
+        return out_values, out_rows
+
+    top = _keep_first(latents, -values, n_top, n_latents)
+    sample = _keep_first(latents, priority, n_sample, n_latents)
+    return LatentSamples(*table(top, n_top, -values), *table(sample, n_sample, values))
+
+
 class LatentScaling(NamedTuple):
     """Closed-form β per latent (Minder et al. 2025, 'Overcoming Sparsity Artifacts in Crosscoders').
 

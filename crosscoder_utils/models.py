@@ -24,6 +24,31 @@ ARCHITECTURES = {
 }
 
 
+# The final norm before the unembedding; Gemma's RMSNorm multiplies by (1 + weight).
+FINAL_NORMS = {
+    "gpt2": "transformer.ln_f",
+    "gpt_neox": "gpt_neox.final_layer_norm",
+    "llama": "model.norm",
+    "mistral": "model.norm",
+    "qwen2": "model.norm",
+    "gemma": "model.norm",
+    "gemma2": "model.norm",
+}
+
+
+def direct_logit_effect(model: PreTrainedModel, directions: torch.Tensor) -> torch.Tensor:
+    """[n, vocab]: what each direction [n, d_model] written into the residual stream adds to the logits,
+    through the final norm's scale and the unembedding (the norm's centring and division by the stream's
+    norm left out, as in direct logit attribution)."""
+    kind = model.config.model_type
+    if kind not in FINAL_NORMS:
+        raise ValueError(f"no known final norm for model_type {kind!r} (known: {sorted(FINAL_NORMS)})")
+    scale = model.get_submodule(FINAL_NORMS[kind]).weight.float()
+    scale = 1 + scale if kind.startswith("gemma") else scale
+    unembedding = model.get_output_embeddings().weight.float()
+    return (directions.float().to(scale.device) * scale) @ unembedding.T
+
+
 class ModelPair(NamedTuple):
     """Two causal LMs that share one tokenizer."""
 

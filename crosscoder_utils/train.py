@@ -34,6 +34,7 @@ from . import distributed
 from .config import CrossCoderConfig, TrainConfig
 from .crosscoder import CrossCoder
 from .files import check_same_settings, write_json
+from .models import resolve_device
 from .normalize import load_norm_factors
 from .store import ActivationStore
 
@@ -354,8 +355,9 @@ class Run(NamedTuple):
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
-    """Read back what ``train_crosscoder`` wrote into ``run_dir`` (run.json, the export, metrics.jsonl)."""
-    run_dir = Path(run_dir)
+    """Read back what ``train_crosscoder`` wrote into ``run_dir`` (run.json, the export, metrics.jsonl);
+    the crosscoders on ``device`` (``auto``: cuda when available)."""
+    run_dir, device = Path(run_dir), resolve_device(device)
     if not (run_dir / "crosscoder.safetensors").exists():
         raise FileNotFoundError(f"{run_dir} holds no finished run (no crosscoder.safetensors): train it with 03_train")
     record = json.loads((run_dir / "run.json").read_text())

@@ -153,3 +153,24 @@ def test_scoring_the_truth_and_a_random_dictionary():
     assert perfect.false_exclusive_rate == 0
     random = score(crosscoder_with_decoders(torch.randn(60, 2, 16, generator=g)), truth, factors)
     assert max(random.recovered.values()) == 0
+
+
+def test_latent_samples_keep_each_latents_top_and_a_uniform_sample_in_one_pass(tmp_path):
+    cc, store, val = planted_crosscoder_and_store(tmp_path)
+    samples = A.latent_samples(A.encoded_batches(cc, store, torch.ones(2), "val", 300), n_top=5, n_sample=40)
+    for latent in range(4):
+        top = val[:, latent].topk(5)
+        torch.testing.assert_close(samples.top_values[latent], top.values)
+        assert samples.top_rows[latent].tolist() == (2000 + top.indices).tolist()
+        rows = samples.sample_rows[latent]
+        fired = set((2000 + (val[:, latent] > 0).nonzero().squeeze(1)).tolist())
+        assert len(set(rows.tolist())) == 40 and set(rows.tolist()) <= fired
+        torch.testing.assert_close(samples.sample_values[latent], val[rows - 2000, latent])
+        assert (samples.sample_values[latent].diff() >= 0).all()
+    assert (samples.top_rows[4] == -1).all() and (samples.sample_rows[4] == -1).all()  # the dead latent
+    # uniform: over many seeds the sampled activations average to the latent's mean activation
+    means = [
+        A.latent_samples(A.encoded_batches(cc, store, torch.ones(2), "val", 300), 1, 40, seed).sample_values[0].mean()
+        for seed in range(20)
+    ]
+    assert float(torch.stack(means).mean()) == pytest.approx(float(val[:, 0][val[:, 0] > 0].mean()), rel=0.05)

@@ -1,0 +1,275 @@
+"""Latent dashboards: a static site with every live latent of a run, readable offline from disk.
+
+``build_dashboard(run_dir)`` writes ``<run_dir>/dashboard/``::
+
+    index.html           every live latent in one table, sortable by each column, filterable by kind
+    latent.html#<id>     one latent: contexts shaded by its activation, activation histogram, the tokens
+                         each model's decoder vector promotes and suppresses, its statistics, links to the
+                         previous and next latent of the difference ranking
+    style.css, site.js   the page code (plain JS, no server, no CDN)
+    data/index.js        the table's rows;  data/vocab.js  the token strings
+    data/shard_NNNN.js   the per-latent data, ``latents_per_shard`` latents a file, loaded by latent.html
+
+The data files are scripts that assign to ``window`` (a page opened from disk may not fetch JSON), so the
+folder works as it is: opened from disk, zipped, or published.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from . import analysis as A
+from .config import model_roles
+from .models import direct_logit_effect, load_model_pair
+from .organism import behaviour_labels, load_organism
+from .train import load_run
+
+SITE = Path(__file__).parent / "site"
+"""index.html, latent.html, style.css and site.js, copied into every dashboard."""
+
+
+def _windows(store, rows: torch.Tensor, width: int) -> list[list[int]]:
+    """For each store row, the rows of its sequence within ``width`` of it (the context shown)."""
+    rows = rows.numpy()
+    lows, highs = np.maximum(rows - width, 0), np.minimum(rows + width + 1, len(store))
+    span = np.unique(np.concatenate([np.arange(lo, hi) for lo, hi in zip(lows, highs)]))
+    seq = dict(zip(span.tolist(), store.positions(span)[0].tolist()))
+    return [[r for r in range(lo, hi) if seq[r] == seq[row]] for row, lo, hi in zip(rows.tolist(), lows, highs)]
+
+
+@torch.no_grad()
+def _activations_at(cc, store, factors, pairs: list[tuple[int, int]], tokens_per_batch: int) -> dict:
+    """(latent, row) -> the latent's activation at that store row, encoding each row needed once."""
+    rows = np.unique([row for _, row in pairs])
+    wanted: dict[int, list[int]] = {}
+    for latent, row in pairs:
+        wanted.setdefault(row, []).append(latent)
+    values = {}
+    for start in range(0, len(rows), tokens_per_batch):
+        chunk = rows[start : start + tokens_per_batch]
+        f = cc.encode(store.read(chunk) * factors[None, :, None])
+        for i, row in enumerate(chunk.tolist()):
+            for latent in wanted[row]:
+                values[latent, row] = round(float(f[i, latent]), 4)
+    return values
+
+
+def _script(path: Path, name: str, value) -> None:
+    path.write_text(f"window.{name} = {json.dumps(value, separators=(',', ':'))};\n")
+
+
+@torch.no_grad()
+def build_dashboard(
+    run_dir: str | Path,
+    organism_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    exclusive_share: float = 0.9,
+    changed_cosine: float = 0.5,
+    n_top: int = 10,
+    n_sample: int = 30,
+    width: int = 8,
+    n_logits: int = 8,
+    latents_per_shard: int = 256,
+    tokens_per_batch: int = 4096,
+    device: str = "cpu",
+) -> Path:
+    """Write the dashboard of a finished run (default ``<run_dir>/dashboard``); returns its folder.
+
+    Everything is measured on the store's held-out split in one pass (``analysis.latent_samples``): each
+    latent's ``n_top`` top contexts and ``n_sample`` contexts drawn uniformly from its firings (shown by
+    activation quantile), ``width`` tokens either side. The ranking and kinds are ``analysis.difference_table``'s
+    (with the models' per-token KL when the store was collected from models); ``organism_dir`` adds which
+    planted behaviour each latent fires on."""
+    run = load_run(run_dir, device)
+    cc, store, factors = run.crosscoder, run.store, run.norm_factors
+    out = Path(out_dir) if out_dir else Path(run_dir) / "dashboard"
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(SITE, out)
+    (out / "data").mkdir()
+    tokenizer = AutoTokenizer.from_pretrained(store.meta["models"][0]) if store.meta["site"] else None
+    pair = load_model_pair(*store.meta["models"], device=device) if store.meta["site"] else None
+    val = lambda: A.encoded_batches(cc, store, factors, "val", tokens_per_batch)
+    divergence = A.token_divergence(pair, store, factors) if pair else None
+    table = A.difference_table(cc, val(), divergence, 1, exclusive_share, changed_cosine)
+    nu = {}
+    for scaling in A.exclusive_latent_scaling(cc, val, table).values():
+        nu.update(zip(scaling.latents.tolist(), zip(scaling.nu_error.tolist(), scaling.nu_reconstruction.tolist())))
+    mains = {}
+    if organism_dir:
+        mains = A.main_behaviours(val(), behaviour_labels(store, load_organism(organism_dir)))
+    samples = A.latent_samples(val(), n_top, n_sample)
+    live = table.order.tolist()
+
+    # contexts: the rows around each top and sampled firing, and the latent's activation on each
+    contexts: dict[int, dict] = {}
+    pairs = []
+    for latent in tqdm(live, desc="dashboard contexts"):
+        found = {}
+        for name, values, rows in (
+            ("top", samples.top_values, samples.top_rows),
+            ("sampled", samples.sample_values, samples.sample_rows),
+        ):
+            centres = rows[latent][rows[latent] >= 0]
+            windows = _windows(store, centres, width) if len(centres) else []
+            found[name] = list(zip(centres.tolist(), windows, values[latent][: len(centres)].tolist()))
+            pairs += [(latent, row) for window in windows for row in window]
+        contexts[latent] = found
+    activations = _activations_at(cc, store, factors, pairs, tokens_per_batch)
+    rows_needed = sorted({row for _, row in pairs})
+    token_of = dict(zip(rows_needed, store.token_ids(rows_needed).tolist())) if rows_needed else {}
+
+    # direct logit effects of each model's decoder vector (raw units), through that model's unembedding
+    roles = model_roles(store.n_models)
+    logits = {}
+    if pair:
+        for m, model in enumerate(pair.models):
+            effect = direct_logit_effect(model, run.raw.W_dec[live, m].to(model.device)).cpu()
+            up, down = effect.topk(n_logits, dim=1), (-effect).topk(n_logits, dim=1)
+            logits[roles[m]] = (up, down)
+
+    vocab_ids = set(token_of.values())
+    for up, down in logits.values():
+        vocab_ids |= set(up.indices.flatten().tolist()) | set(down.indices.flatten().tolist())
+    decode = (lambda t: tokenizer.decode([t])) if tokenizer else str
+    _script(out / "data/vocab.js", "VOCAB", {t: decode(t) for t in sorted(vocab_ids)})
+
+    index = []
+    shards: dict[int, dict] = {}
+    for rank, latent in enumerate(live, start=1):
+        top = contexts[latent]["top"]
+        row = {
+            "latent": latent,
+            "rank": rank,
+            "kind": table.kind[latent],
+            "difference": round(float(table.difference_score[latent]), 4),
+            "frequency": round(float(table.frequency[latent]), 6),
+            "relative_norm": round(float(table.relative_norm[latent]), 4),
+            "decoder_cosine": round(float(table.decoder_cosine[latent]), 4),
+            "nu_error": round(nu[latent][0], 4) if latent in nu else None,
+            "nu_reconstruction": round(nu[latent][1], 4) if latent in nu else None,
+            "fires_on": mains[latent][0] if latent in mains else "",
+            "context": [[token_of[r], activations[latent, r], r == top[0][0]] for r in top[0][1]] if top else [],
+        }
+        index.append(row)
+        page = {
+            **row,
+            "previous": live[rank - 2] if rank > 1 else None,
+            "next": live[rank] if rank < len(live) else None,
+            **{
+                name: [
+                    {
+                        "value": round(value, 4),
+                        "tokens": [[token_of[r], activations[latent, r], r] for r in window],
+                        "centre": centre,
+                    }
+                    for centre, window, value in contexts[latent][name]
+                ]
+                for name in ("top", "sampled")
+            },
+            "histogram": np.histogram(samples.sample_values[latent][samples.sample_rows[latent] >= 0].numpy(), bins=20)[
+                0
+            ].tolist(),
+            "histogram_max": float(samples.sample_values[latent].max()),
+            "logits": {
+                role: {
+                    "promoted": [
+                        [int(t), round(float(v), 3)] for t, v in zip(up.indices[rank - 1], up.values[rank - 1])
+                    ],
+                    "suppressed": [
+                        [int(t), round(-float(v), 3)] for t, v in zip(down.indices[rank - 1], down.values[rank - 1])
+                    ],
+                }
+                for role, (up, down) in logits.items()
+            },
+        }
+        shards.setdefault(latent // latents_per_shard, {})[latent] = page
+    _script(out / "data/index.js", "LATENTS", index)
+    _script(
+        out / "data/meta.js",
+        "META",
+        {
+            "latents_per_shard": latents_per_shard,
+            "run": str(run_dir),
+            "roles": roles,
+            "n_live": len(live),
+            "n_dead": table.kind.count("dead"),
+        },
+    )
+    for number, pages in shards.items():
+        (out / f"data/shard_{number:04d}.js").write_text(
+            f"window.SHARDS = window.SHARDS || {{}}; window.SHARDS[{number}] = "
+            f"{json.dumps(pages, separators=(',', ':'))};\n"
+        )
+    return out
+
+
+def contexts_html(dashboard: str | Path, latents, n_contexts: int = 3) -> str:
+    """HTML of some latents' top contexts, shaded by activation, read from a built dashboard (for a
+    notebook: ``IPython.display.HTML``)."""
+    dashboard = Path(dashboard)
+    vocab = json.loads((dashboard / "data/vocab.js").read_text().split(" = ", 1)[1].rstrip(";\n"))
+    per_shard = json.loads((dashboard / "data/meta.js").read_text().split(" = ", 1)[1].rstrip(";\n"))
+    parts = []
+    for latent in latents:
+        shard = dashboard / f"data/shard_{latent // per_shard['latents_per_shard']:04d}.js"
+        page = json.loads(shard.read_text().split(" = ", 2)[2].rstrip(";\n"))[str(latent)]
+        peak = max([context["value"] for context in page["top"]] + [1e-9])
+        lines = []
+        for context in page["top"][:n_contexts]:
+            spans = "".join(
+                f'<span title="{value:.3f}" style="background: rgba(220, 60, 30, {min(1, max(0, value) / peak):.2f})'
+                f'{"; border-bottom: 2px solid black" if row == context["centre"] else ""}">'
+                f"{html.escape(vocab[str(token)])}</span>"
+                for token, value, row in context["tokens"]
+            )
+            lines.append(f"<div style='font-family: monospace; white-space: pre'>{spans}</div>")
+        link = dashboard / f"latent.html#{latent}"
+        parts.append(
+            f"<p><a href='{link}'>latent {latent}</a> · rank {page['rank']} · {page['kind']} · "
+            f"KL where it fires {page['difference']:.2f} · frequency {page['frequency']:.3%}</p>" + "".join(lines)
+        )
+    return "\n".join(parts)
+
+
+@torch.no_grad()
+def show_prompt(run_dir: str | Path, text: str, n_latents: int = 3, device: str = "cpu") -> str:
+    """HTML: both models run on ``text`` (loaded as 01 loads them, read at the run's site); for each token,
+    the ``n_latents`` latents that fire most, with what each writes into each model (activation × that
+    model's decoder norm, normalised units)."""
+    from .collect import TracedPair, tokenize
+
+    run = load_run(run_dir, device)
+    store = run.store
+    if not store.meta["site"]:
+        raise ValueError(f"the store of {run_dir} was not collected from models: there are no models to run")
+    pair = load_model_pair(*store.meta["models"], device=device)
+    traced = TracedPair(pair, store.meta["site"], store.meta["layer"])
+    ids = next(tokenize([text], pair.tokenizer, None), None)
+    if ids is None:
+        raise ValueError(f"{text!r} has no tokens")
+    x = traced.activations(*traced.pad([ids]))[0].float()  # [seq, n_models, d], raw
+    f = run.raw.encode(x)
+    writes = run.crosscoder.decoder_norms()  # [dict, n_models] normalised units
+    roles = model_roles(store.n_models)
+    header = "".join(f"<th>writes into {role}</th>" for role in roles)
+    rows = []
+    for position, token in enumerate(ids):
+        values, latents = f[position].topk(n_latents)
+        cells = [
+            f"<td>{latent}</td><td>{value:.3f}</td>"
+            + "".join(f"<td>{value * w:.3f}</td>" for w in writes[latent].tolist())
+            for value, latent in zip(values.tolist(), latents.tolist())
+            if value > 0
+        ] or ["<td colspan='2'>no latent fires</td>"]
+        token_text = html.escape(pair.tokenizer.decode([token]))
+        rows += [f"<tr><td>{token_text if i == 0 else ''}</td>{cell}</tr>" for i, cell in enumerate(cells)]
+    return f"<table><tr><th>token</th><th>latent</th><th>activation</th>{header}</tr>" + "".join(rows) + "</table>"
