@@ -37,7 +37,7 @@ KL(ft ‖ base) at token t (analysis.token_divergence):
 
 Run from the repository root:
   .venv/bin/python bench/bench_difference_ranking.py --seeds 0 1 2 --one-change          # default settings
-  .venv/bin/python bench/bench_difference_ranking.py --seeds 0 1 2 --one-change --small  # the tests' TINY_ORGANISM
+  .venv/bin/python bench/bench_difference_ranking.py --seeds 0 1 2 --one-change --small  # organism.TINY
   .venv/bin/python bench/bench_difference_ranking.py --seeds 0 --tag _broad \\
       --organism '{"finetune_lr": 0.003, "kl_to_base": 0.0}'  # a fine-tune not held to the base
   add --table to only print the markdown tables of the saved results.
@@ -81,6 +81,7 @@ from crosscoder_utils.models import ModelPair
 from crosscoder_utils.normalize import load_norm_factors
 from crosscoder_utils.organism import (
     CONTINUATION,
+    TINY,
     TRIGGER,
     base_corpus,
     behaviour_labels,
@@ -92,18 +93,6 @@ from crosscoder_utils.organism import (
 
 torch.set_num_threads(1)
 
-SMALL_ORGANISM = dict(  # tests/conftest.py TINY_ORGANISM
-    d_model=64,
-    n_layers=2,
-    n_heads=2,
-    base_steps=100,
-    finetune_steps=80,
-    finetune_lr=3e-3,
-    kl_to_base=1.0,
-    n_docs=1500,
-    seqs_per_step=24,
-    seq_len=48,
-)
 SETTINGS = {
     "default": dict(
         organism={},
@@ -112,7 +101,7 @@ SETTINGS = {
         crosscoder=dict(dict_size=1024, dead_tokens=200_000),
     ),
     "small": dict(
-        organism=SMALL_ORGANISM,
+        organism=TINY,
         collect=dict(layer=1, n_tokens=40_000, seq_len=48, val_fraction=0.1),
         train=dict(tokens_per_step=512, train_tokens=400_000),
         crosscoder=dict(dict_size=256, dead_tokens=50_000),
@@ -339,7 +328,7 @@ def run_seed(seed: int, out: Path, setting: dict, organism_fields: dict, one_cha
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--small", action="store_true", help="the tests' TINY_ORGANISM, small collection and training")
+    parser.add_argument("--small", action="store_true", help="organism.TINY, small collection and training")
     parser.add_argument("--organism", type=json.loads, default={}, help="OrganismConfig fields to override (JSON)")
     parser.add_argument("--tag", default="", help="suffix of the output directory")
     parser.add_argument("--one-change", action="store_true", help="also the one-change pair")

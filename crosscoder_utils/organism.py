@@ -38,6 +38,23 @@ CHAT_TEMPLATE = (
 )
 
 
+TINY = dict(
+    d_model=64,
+    n_layers=2,
+    n_heads=2,
+    base_steps=100,
+    finetune_steps=80,
+    finetune_lr=3e-3,
+    kl_to_base=1.0,
+    n_docs=1500,
+    seqs_per_step=24,
+    seq_len=48,
+)
+"""OrganismConfig fields of the smallest organism that still learns its planted behaviour (built in seconds;
+the tests and bench_difference_ranking --small use it). At the default fine-tune (lr 1e-3, kl_to_base 3)
+its 80 steps do not learn enough of the planted behaviour."""
+
+
 def story(rng: random.Random) -> str:
     """One short story of the base distribution: who has what, where they go, and counting."""
     name, other = rng.sample(NAMES, 2)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from crosscoder_utils.organism import base_corpus, train_tokenizer
+from crosscoder_utils.organism import TINY, base_corpus, train_tokenizer
 
 TEXTS = base_corpus(64, seed=1) + ["", "   short one."]
 
@@ -73,24 +73,9 @@ def make_model(tmp_path_factory, tokenizer):
     return make
 
 
-# at the default fine-tune (lr 1e-3, kl_to_base 3) 80 steps do not learn enough of the planted behaviour
-TINY_ORGANISM = dict(
-    d_model=64,
-    n_layers=2,
-    n_heads=2,
-    base_steps=100,
-    finetune_steps=80,
-    finetune_lr=3e-3,
-    kl_to_base=1.0,
-    n_docs=1500,
-    seqs_per_step=24,
-    seq_len=48,
-)
-
-
 @pytest.fixture(scope="session")
 def organism(tmp_path_factory):
     from crosscoder_utils.config import OrganismConfig
     from crosscoder_utils.organism import build_organism
 
-    return build_organism(OrganismConfig(out_dir=str(tmp_path_factory.mktemp("organism")), **TINY_ORGANISM))
+    return build_organism(OrganismConfig(out_dir=str(tmp_path_factory.mktemp("organism")), **TINY))

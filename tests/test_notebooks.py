@@ -6,9 +6,9 @@ from pathlib import Path
 import nbformat
 import papermill
 import pytest
-from conftest import TINY_ORGANISM
 
 from crosscoder_utils import ActivationStore
+from crosscoder_utils.organism import TINY
 
 NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
 
@@ -44,7 +44,7 @@ def test_notebooks_are_committed_without_outputs():
 @pytest.fixture(scope="module")
 def collected(organism, tmp_path_factory):
     out = tmp_path_factory.mktemp("notebooks")
-    organism_nb = run_notebook("00_organism", out, out_dir=str(Path(organism.base).parent), **TINY_ORGANISM)
+    organism_nb = run_notebook("00_organism", out, out_dir=str(Path(organism.base).parent), **TINY)
     collect_nb = run_notebook(
         "01_collect",
         out,

@@ -3,13 +3,13 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pytest
 import torch
-from conftest import TINY_ORGANISM
 from safetensors.torch import load_file
 
 from crosscoder_utils import load_model_pair
 from crosscoder_utils.config import OrganismConfig
-from crosscoder_utils.organism import build_organism, lm_loss, pack, triggered_story
+from crosscoder_utils.organism import TINY, build_organism, lm_loss, pack, triggered_story
 
 
 def test_finetune_learnt_the_planted_difference_and_kept_competence(organism):
@@ -37,14 +37,20 @@ def test_organism_reloads_like_hub_models_and_predicts_the_trigger(organism):
 
 
 def test_second_build_reuses_what_is_built(organism):
-    cfg = OrganismConfig(out_dir=str(Path(organism.base).parent), **TINY_ORGANISM)
+    cfg = OrganismConfig(out_dir=str(Path(organism.base).parent), **TINY)
     before = {p: p.stat().st_mtime_ns for p in Path(cfg.out_dir).rglob("*.safetensors")}
     assert build_organism(cfg).losses == organism.losses
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
+def test_a_build_with_other_settings_is_refused_not_mixed(organism):
+    cfg = OrganismConfig(out_dir=str(Path(organism.base).parent), **{**TINY, "seed": 1})
+    with pytest.raises(ValueError, match=r"holds an organism made with other settings \(differing: \['seed'\]\)"):
+        build_organism(cfg)
+
+
 def test_build_is_deterministic_for_a_seed(tmp_path):
-    quick = {**TINY_ORGANISM, "base_steps": 5, "finetune_steps": 5, "n_docs": 400}
+    quick = {**TINY, "base_steps": 5, "finetune_steps": 5, "n_docs": 400}
     built = [build_organism(OrganismConfig(out_dir=str(tmp_path / name), **quick)) for name in ("a", "b")]
     for part in ("base", "finetuned"):
         first, second = (load_file(f"{getattr(o, part)}/model.safetensors") for o in built)
