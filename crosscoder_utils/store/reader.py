@@ -195,7 +195,7 @@ class ActivationStore:
 
     def batches(
         self,
-        batch_size: int,
+        tokens_per_batch: int,
         seed: int = 0,
         split: str = "train",
         start_batch: int = 0,
@@ -207,10 +207,10 @@ class ActivationStore:
         batches an uninterrupted one would. ``process=(rank, world_size)`` reads only that rank's share of
         each batch (disjoint rows; the shares of all ranks together are the batch).
         """
-        windows = prefetching(self, self.shuffled_indices(split, seed), start_batch * batch_size, process)
-        for number, indices in enumerate(index_batches(windows, batch_size)):
+        windows = prefetching(self, self.shuffled_indices(split, seed), start_batch * tokens_per_batch, process)
+        for number, indices in enumerate(index_batches(windows, tokens_per_batch)):
             if number >= start_batch:
                 yield self.read(rank_share(indices, process))
 
-    def n_batches(self, batch_size: int, split: str = "train") -> int:
-        return len(self.split_range(split)) // batch_size
+    def n_batches(self, tokens_per_batch: int, split: str = "train") -> int:
+        return len(self.split_range(split)) // tokens_per_batch

@@ -22,11 +22,11 @@ def groups(ordered: np.ndarray, starts: np.ndarray) -> list[tuple[int, np.ndarra
     return [(u, ordered[edges[u] : edges[u + 1]] - starts[u]) for u in np.flatnonzero(edges[1:] > edges[:-1])]
 
 
-def index_batches(windows: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
-    """Cut a stream of index windows into batches of exactly ``batch_size``."""
+def index_batches(windows: Iterable[np.ndarray], tokens_per_batch: int) -> Iterator[np.ndarray]:
+    """Cut a stream of index windows into batches of exactly ``tokens_per_batch``."""
     pending = np.empty(0, dtype=np.int64)
     for window in windows:
         pending = np.concatenate([pending, window])
-        while len(pending) >= batch_size:
-            yield pending[:batch_size]
-            pending = pending[batch_size:]
+        while len(pending) >= tokens_per_batch:
+            yield pending[:tokens_per_batch]
+            pending = pending[tokens_per_batch:]
