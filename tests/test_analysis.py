@@ -174,3 +174,17 @@ def test_latent_samples_keep_each_latents_top_and_a_uniform_sample_in_one_pass(t
         for seed in range(20)
     ]
     assert float(torch.stack(means).mean()) == pytest.approx(float(val[:, 0][val[:, 0] > 0].mean()), rel=0.05)
+
+
+def test_each_finetune_of_several_is_compared_with_the_base(tmp_path):
+    d = torch.eye(3)
+    W_dec = torch.zeros(3, 3, 3)
+    W_dec[0, 2] = d[0]  # only in the second fine-tune
+    W_dec[1, 0] = d[1]  # only in the base
+    W_dec[2, :] = d[2]  # everywhere
+    cc = crosscoder_with_decoders(W_dec)
+    x = torch.einsum("tf,fmd->tmd", torch.rand(400, 3, generator=torch.Generator().manual_seed(0)), W_dec)
+    store = ActivationStore.from_arrays(tmp_path / "s", x, val_fraction=0.5)
+    tables = {m: A.difference_table(cc, A.encoded_batches(cc, store, torch.ones(3), "val"), model=m) for m in (1, 2)}
+    assert tables[2].kind == ["finetuned_2-only", "base-only", "shared"]
+    assert tables[1].kind[1:] == ["base-only", "shared"]  # latent 0 writes into neither the base nor fine-tune 1
