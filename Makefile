@@ -17,7 +17,8 @@ test: $(VENV)/installed browser
 
 # the dashboard tests open pages in a real Chromium: Debian's package (playwright's own download needs the network)
 browser:
-	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 lint: $(VENV)/installed
 	$(VENV)/bin/ruff format --check .

@@ -577,7 +577,7 @@ def verdict(
     found when its best latent reaches ``min_f1`` and is among the top ``n_top``)."""
     top = table.order[:n_top].tolist()
     kinds = ", ".join(f"{count} {kind}" for kind, count in Counter(table.kind[i] for i in top).most_common())
-    sentence = f"The {len(top)} latents that carry most of the difference between the models are {kinds}"
+    sentence = f"Where the models' predictions differ most: the top {len(top)} latents of the ranking are {kinds}"
     if matches is None:
         return sentence + "."
     on_planted = Counter(mains[i][0] for i in top if i in mains)

@@ -232,7 +232,7 @@ def contexts_html(dashboard: str | Path, latents, n_contexts: int = 3) -> str:
                 for token, value, row in context["tokens"]
             )
             lines.append(f"<div style='font-family: monospace; white-space: pre'>{spans}</div>")
-        link = dashboard / f"latent.html#{latent}"
+        link = (dashboard / "latent.html").resolve().as_uri() + f"#{latent}"
         parts.append(
             f"<p><a href='{link}'>latent {latent}</a> · rank {page['rank']} · {page['kind']} · "
             f"KL where it fires {page['difference']:.2f} · frequency {page['frequency']:.3%}</p>" + "".join(lines)

@@ -86,7 +86,8 @@ def training_curves(metrics: list[dict], path=None):
             steps, [s[f"explained_variance_{MODEL_LETTERS[m]}"] for s in metrics], label=role, color=MODEL_COLORS[m]
         )
     axes[2].plot(steps, [m["explained_variance"] for m in metrics], label="all models", color="k")
-    axes[2].set(title="explained variance", xlabel="step", ylim=(0, 1))
+    lowest = min(min(s[k] for k in s if k.startswith("explained_variance")) for s in metrics)
+    axes[2].set(title="explained variance", xlabel="step", ylim=(max(0.0, lowest - 0.02), 1))
     for ax in axes[[0, 2]]:
         ax.legend()
     fig.tight_layout()
@@ -162,7 +163,7 @@ def relative_norms(table: DifferenceTable, cc: CrossCoder, exclusive_share: floa
         ylabel="live latents",
         title=f"relative decoder norms ({table.kind.count('dead')} dead latents left out)",
     )
-    ax.legend(loc="upper center", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     return save(fig, path)
 
 

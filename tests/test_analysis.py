@@ -129,7 +129,7 @@ def test_best_latents_and_the_difference_they_reconstruct(tmp_path):
     table = A.difference_table(cc, batches())
     sentence = A.verdict(table, 2, matches, mains)
     top = table.order[:2].tolist()
-    assert sentence.startswith("The 2 latents that carry most of the difference between the models are")
+    assert sentence.startswith("Where the models' predictions differ most: the top 2 latents of the ranking are")
     assert f"{sum(i in mains for i in top)} of them fire mostly on planted tokens" in sentence
     assert f"where 0 fires 1.00 #{table.rank(0)}" in sentence
     everything = A.difference_explained(cc, batches(), [0, 1, 2, 3, 4])

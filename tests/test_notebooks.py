@@ -128,10 +128,10 @@ def test_analyze_notebook_leads_with_the_verdict(trained, organism):
     ]
     summary = json.loads((analysis / "summary.json").read_text())
     assert len(rows) - 1 == 128 == sum(summary["live latents by kind"].values()) + summary["dead latents"]
-    assert summary["verdict"].startswith("The 5 latents that carry most of the difference")
+    assert summary["verdict"].startswith("Where the models' predictions differ most: the top 5 latents")
     assert 0 < summary["loss recovered, base"] <= 1.01 and 0 < summary["loss recovered, finetuned"] <= 1.01
     text = outputs_text(analyze_nb)
-    assert text.index("carry most of the difference") < text.index("precision")  # the verdict comes first
+    assert text.index("predictions differ most") < text.index("precision")  # the verdict comes first
 
 
 def test_ground_truth_notebook(tmp_path):

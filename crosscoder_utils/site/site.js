@@ -91,11 +91,16 @@ function loadLatent() {
   const show = () => {
     const latent = parseInt(location.hash.slice(1), 10);
     const shard = Math.floor(latent / META.latents_per_shard);
-    const render = () => renderLatent(window.SHARDS[shard][latent]);
+    const render = () => {
+      const page = window.SHARDS && window.SHARDS[shard] && window.SHARDS[shard][latent];
+      if (page) { renderLatent(page); return; }
+      document.getElementById("title").textContent = `Latent ${location.hash.slice(1)}: not a live latent of this run`;
+    };
     if (window.SHARDS && window.SHARDS[shard]) { render(); return; }
     const script = document.createElement("script");
     script.src = `data/shard_${String(shard).padStart(4, "0")}.js`;
     script.onload = render;
+    script.onerror = render;
     document.head.appendChild(script);
   };
   window.addEventListener("hashchange", show);
