@@ -202,6 +202,7 @@ def build_dashboard(
             "roles": roles,
             "n_live": len(live),
             "n_dead": table.kind.count("dead"),
+            "shards": sorted(shards),
         },
     )
     for number, pages in shards.items():

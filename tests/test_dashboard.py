@@ -129,3 +129,10 @@ def test_show_prompt_gives_the_latents_of_both_models_on_any_text(dashboard, org
     expected = [(latent, value) for latent, value in zip(latents.tolist(), values.tolist()) if value > 0]
     assert [latent for latent, _ in shown] == [latent for latent, _ in expected]
     assert all(abs(a - b) < 2e-3 for (_, a), (_, b) in zip(shown, expected))
+
+
+def test_a_latent_that_is_not_live_gets_a_message_not_an_error(dashboard, browser):
+    _, site = dashboard
+    page, errors = open_page(browser, (site / "latent.html").as_uri() + "#99999")
+    page.wait_for_function("document.getElementById('title').textContent.includes('not a live latent')")
+    assert errors == []

@@ -96,11 +96,10 @@ function loadLatent() {
       if (page) { renderLatent(page); return; }
       document.getElementById("title").textContent = `Latent ${location.hash.slice(1)}: not a live latent of this run`;
     };
-    if (window.SHARDS && window.SHARDS[shard]) { render(); return; }
+    if ((window.SHARDS && window.SHARDS[shard]) || !META.shards.includes(shard)) { render(); return; }
     const script = document.createElement("script");
     script.src = `data/shard_${String(shard).padStart(4, "0")}.js`;
     script.onload = render;
-    script.onerror = render;
     document.head.appendChild(script);
   };
   window.addEventListener("hashchange", show);
