@@ -181,14 +181,15 @@ class LatentSamples(NamedTuple):
     """[dict_size, n_sample] their store rows (-1 where none)."""
 
 
-def _keep_first(latents: torch.Tensor, order_key: torch.Tensor, n: int, n_latents: int) -> torch.Tensor:
-    """Indices of the first ``n`` entries of each latent by ascending ``order_key``."""
-    order = order_key.argsort(stable=True)
+def _first_per_latent(latents: torch.Tensor, key: torch.Tensor, n: int, n_latents: int):
+    """(indices, positions): the first ``n`` entries of each latent by ascending ``key``, grouped by latent,
+    and each one's position in its group."""
+    order = key.argsort(stable=True)
     order = order[latents[order].argsort(stable=True)]
     counts = torch.bincount(latents, minlength=n_latents)
-    starts = torch.cumsum(counts, 0) - counts
-    position = torch.arange(len(order)) - starts[latents[order]]
-    return order[position < n]
+    position = torch.arange(len(order)) - (torch.cumsum(counts, 0) - counts)[latents[order]]
+    keep = position < n
+    return order[keep], position[keep]
 
 
 @torch.no_grad()
@@ -202,25 +203,22 @@ def latent_samples(batches: Iterator[Batch], n_top: int = 10, n_sample: int = 30
         new = (latents, batch.f[rows, latents], torch.as_tensor(batch.rows)[rows], torch.rand(len(rows), generator=g))
         both = new if kept is None else tuple(torch.cat(pair) for pair in zip(kept, new))
         n_latents = batch.f.shape[1]
-        top = _keep_first(both[0], -both[1], n_top, n_latents)
-        sample = _keep_first(both[0], both[3], n_sample, n_latents)
-        keep = torch.unique(torch.cat([top, sample]))
-        kept = tuple(column[keep] for column in both)
+        top, _ = _first_per_latent(both[0], -both[1], n_top, n_latents)
+        sample, _ = _first_per_latent(both[0], both[3], n_sample, n_latents)
+        kept = tuple(column[torch.unique(torch.cat([top, sample]))] for column in both)
     latents, values, rows, priority = kept
 
-    def table(index: torch.Tensor, width: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        index = index[key[index].argsort(stable=True)]
-        index = index[latents[index].argsort(stable=True)]
-        counts = torch.bincount(latents[index], minlength=n_latents)
-        position = torch.arange(len(index)) - (torch.cumsum(counts, 0) - counts)[latents[index]]
+    def table(key: torch.Tensor, width: int, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n_latents, width] values and rows of the entries chosen by ``key``, each latent's laid out by ``order``."""
+        chosen, _ = _first_per_latent(latents, key, width, n_latents)
+        index, position = _first_per_latent(latents[chosen], order[chosen], width, n_latents)
+        index = chosen[index]
         out_values, out_rows = torch.zeros(n_latents, width), torch.full((n_latents, width), -1)
         out_values[latents[index], position] = values[index]
         out_rows[latents[index], position] = rows[index]
         return out_values, out_rows
 
-    top = _keep_first(latents, -values, n_top, n_latents)
-    sample = _keep_first(latents, priority, n_sample, n_latents)
-    return LatentSamples(*table(top, n_top, -values), *table(sample, n_sample, values))
+    return LatentSamples(*table(-values, n_top, -values), *table(priority, n_sample, values))
 
 
 class LatentScaling(NamedTuple):
