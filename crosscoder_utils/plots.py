@@ -94,6 +94,17 @@ def training_curves(metrics: list[dict], path=None):
     return save(fig, path)
 
 
+def _stacked_relative_norms(groups, labels, colors, exclusive_share: float, ylabel: str, title: str):
+    """A log-scale stacked histogram of relative decoder norms ``groups`` with the exclusive bands' edges."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist(groups, bins=np.linspace(0, 1, 51), stacked=True, label=labels, color=colors)
+    for edge in (1 - exclusive_share, exclusive_share):
+        ax.axvline(edge, color="k", ls="--", lw=0.8)
+    xlabel = "relative decoder norm ‖d_finetuned‖ / (‖d_base‖ + ‖d_finetuned‖)"
+    ax.set(yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+    return fig, ax
+
+
 def difference_map(table: DifferenceTable, labels: dict[int, str] | None = None, path=None):
     """Every live latent at (relative decoder norm, decoder cosine), coloured by kind, its area by its
     difference_score (the KL between the models where it fires); ``labels`` names some latents on the map."""
@@ -147,21 +158,13 @@ def relative_norms(table: DifferenceTable, cc: CrossCoder, exclusive_share: floa
         for m, role in enumerate(model_roles(2))
     ]
     groups = [(mask, label, color) for mask, label, color in groups if mask.any()]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.hist(
+    fig, ax = _stacked_relative_norms(
         [table.relative_norm[mask].numpy() for mask, _, _ in groups],
-        bins=np.linspace(0, 1, 51),
-        stacked=True,
-        color=[color for _, _, color in groups],
-        label=[f"{label}: {int(mask.sum())}" for mask, label, _ in groups],
-    )
-    for edge in (1 - exclusive_share, exclusive_share):
-        ax.axvline(edge, color="k", ls="--", lw=0.8)
-    ax.set(
-        yscale="log",
-        xlabel="relative decoder norm ‖d_finetuned‖ / (‖d_base‖ + ‖d_finetuned‖)",
-        ylabel="live latents",
-        title=f"relative decoder norms ({table.kind.count('dead')} dead latents left out)",
+        [f"{label}: {int(mask.sum())}" for mask, label, _ in groups],
+        [color for _, _, color in groups],
+        exclusive_share,
+        "live latents",
+        f"relative decoder norms ({table.kind.count('dead')} dead latents left out)",
     )
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     return save(fig, path)
@@ -243,21 +246,13 @@ def relative_norms_by_truth(
     matched = recovery.latent_feature
     true_kind = torch.where(matched >= 0, truth.kinds[matched.clamp(min=0)], -2)
     kinds = [(kind, kind_name(kind, 2)) for kind in (-1, 0, 1)]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.hist(
+    fig, ax = _stacked_relative_norms(
         [relative[(true_kind == kind).numpy()] for kind, _ in kinds] + [relative[(true_kind == -2).numpy()]],
-        bins=np.linspace(0, 1, 51),
-        stacked=True,
-        label=[f"true {name}" for _, name in kinds] + ["matches no true feature"],
-        color=[kind_color(name) for _, name in kinds] + ["0.85"],
-    )
-    for edge in (1 - exclusive_share, exclusive_share):
-        ax.axvline(edge, color="k", ls="--", lw=0.8)
-    ax.set(
-        yscale="log",
-        xlabel="relative decoder norm ‖d_finetuned‖ / (‖d_base‖ + ‖d_finetuned‖)",
-        ylabel="latents",
-        title=f"relative norms by true kind (false exclusives: {recovery.false_exclusive_rate:.1%})",
+        [f"true {name}" for _, name in kinds] + ["matches no true feature"],
+        [kind_color(name) for _, name in kinds] + ["0.85"],
+        exclusive_share,
+        "latents",
+        f"relative norms by true kind (false exclusives: {recovery.false_exclusive_rate:.1%})",
     )
     ax.legend(fontsize=8)
     return save(fig, path)
