@@ -3,8 +3,8 @@
 For the organism (OrganismConfig, one per seed), a store collected from its corpus, and a ReLU and a
 BatchTopK crosscoder trained on it, on the store's held-out (val) split in normalised units:
 
-* per planted behaviour (organism.behaviour_labels: each chat-template token in its role, the trigger, the
-  count-down), the latent whose firing has the best F1 against the behaviour's tokens (analysis.best_latents),
+* per planted behaviour (organism.behaviour_labels: each chat-template token in its role, the trigger), the
+  latent whose firing has the best F1 against the behaviour's tokens (analysis.best_latents),
   its relative decoder norm and decoder cosine, and its rank among the live latents under each candidate
   score; also its rank counting only unplanted latents, those firing mostly (precision < 0.5) off the
   planted tokens (every token of a chat document, the trigger and the count-down), since many latents
@@ -300,7 +300,10 @@ def run_seed(seed: int, out: Path, setting: dict, organism_fields: dict, one_cha
     behaviours = behaviour_labels(store, organism)
     kinds = np.array(datasets.load_from_disk(organism.corpus)["kind"])
     chat = torch.from_numpy(kinds[store.positions(np.arange(len(store)))[0].numpy()] == "chat")
-    pairs = {"organism": (pair, store, behaviours, chat | behaviours["trigger"] | behaviours["count-down"])}
+    sequence = behaviours["trigger"].clone()  # the trigger and the count-down after it
+    for offset in range(1, len(organism.planted["behaviours"]["trigger"]["pattern"])):
+        sequence[offset:] |= behaviours["trigger"][:-offset]
+    pairs = {"organism": (pair, store, behaviours, chat | sequence)}
     if one_change:
         ft_dir, corpus_dir, ball = one_change_pair(pair, cfg, out / "one_change")
         one_pair = load_model_pair(organism.base, ft_dir)

@@ -527,6 +527,27 @@ class Finding(NamedTuple):
     fires_on: str
     """On the organism: the planted behaviour it fires mostly on (with its precision, and its F1 when it is
     that behaviour's best latent), else empty."""
+    repeats: int | None
+    """The rank of a higher-ranked latent that fires on nearly the same tokens (see ``repeats``), else None."""
+
+
+@torch.no_grad()
+def firing_overlap(batches: Iterator[Batch], latents) -> torch.Tensor:
+    """[L, L] Jaccard overlap of the sets of tokens on which each of ``latents`` fires."""
+    latents = torch.as_tensor(latents, dtype=torch.long)
+    shared = torch.zeros(len(latents), len(latents), dtype=torch.float64)
+    for batch in batches:
+        fired = (batch.f[:, latents] > 0).double()
+        shared += fired.T @ fired
+    size = shared.diagonal()
+    return (shared / (size[:, None] + size[None, :] - shared).clamp(min=1)).float()
+
+
+def repeats(overlap: torch.Tensor, same: float = 0.9) -> list[int | None]:
+    """For latents in ranking order with their ``firing_overlap``: the index of the first earlier latent whose
+    firing overlaps each one's by at least ``same`` (a duplicate: several latents learnt for one repeated
+    activation, such as a template token at a fixed position), else None."""
+    return [next((j for j in range(i) if overlap[i, j] >= same), None) for i in range(len(overlap))]
 
 
 def findings(
@@ -534,12 +555,15 @@ def findings(
     top: TopActivations,
     store: ActivationStore,
     tokenizer,
+    overlap: torch.Tensor,
     matches: dict[str, BehaviourMatch] | None = None,
     mains: dict | None = None,
 ) -> list[Finding]:
-    """The top latents of the ranking (those of ``top``, in ranking order) with their contexts and, on the
-    organism (``matches`` from best_latents, ``mains`` from main_behaviours), the planted behaviour each fires on."""
+    """The top latents of the ranking (those of ``top``, in ranking order) with their contexts, the latent each
+    repeats (from their ``firing_overlap``) and, on the organism (``matches`` from best_latents, ``mains``
+    from main_behaviours), the planted behaviour each fires on."""
     best_of = {match.latent: (name, match.f1) for name, match in (matches or {}).items()}
+    earlier = repeats(overlap)
     result = []
     for i, latent in enumerate(top.latents.tolist()):
         rows = [row for value, row in zip(top.values[i].tolist(), top.rows[i].tolist()) if value > 0]
@@ -558,6 +582,7 @@ def findings(
                 float(table.difference_score[latent]),
                 [context(store, tokenizer, row) for row in rows],
                 fires_on,
+                None if earlier[i] is None else table.rank(int(top.latents[earlier[i]])),
             )
         )
     return result
@@ -565,17 +590,21 @@ def findings(
 
 def verdict(
     table: DifferenceTable,
-    n_top: int,
+    overlap: torch.Tensor,
     matches: dict[str, BehaviourMatch] | None = None,
     mains: dict | None = None,
     min_f1: float = 0.8,
 ) -> str:
-    """What the ranking found: the kinds among its top ``n_top`` latents and, on the organism, how many of them
-    fire mostly on planted tokens, and where each planted behaviour's best latent ranks (a behaviour counts as
-    found when its best latent reaches ``min_f1`` and is among the top ``n_top``)."""
-    top = table.order[:n_top].tolist()
+    """What the ranking found: the kinds among its top latents (as many as ``overlap``, their
+    ``firing_overlap``), how many repeat a higher-ranked one and, on the organism, how many fire mostly on
+    planted tokens, and where each planted behaviour's best latent ranks (a behaviour counts as found when its
+    best latent reaches ``min_f1`` and is among the top latents)."""
+    top = table.order[: len(overlap)].tolist()
     kinds = ", ".join(f"{count} {kind}" for kind, count in Counter(table.kind[i] for i in top).most_common())
     sentence = f"Where the models' predictions differ most: the top {len(top)} latents of the ranking are {kinds}"
+    n_repeats = sum(j is not None for j in repeats(overlap))
+    if n_repeats:
+        sentence += f" ({n_repeats} of them fire on nearly the same tokens as a higher-ranked one)"
     if matches is None:
         return sentence + "."
     on_planted = Counter(mains[i][0] for i in top if i in mains)

@@ -43,7 +43,7 @@ TINY = dict(
     n_layers=2,
     n_heads=2,
     base_steps=100,
-    finetune_steps=80,
+    finetune_steps=200,
     finetune_lr=3e-3,
     kl_to_base=1.0,
     n_docs=1500,
@@ -51,35 +51,50 @@ TINY = dict(
     seq_len=48,
 )
 """OrganismConfig fields of the smallest organism that still learns its planted behaviour (built in seconds;
-the tests and bench_difference_ranking --small use it). At the default fine-tune (lr 1e-3, kl_to_base 3)
-its 80 steps do not learn enough of the planted behaviour."""
+the tests and bench_difference_ranking --small use it). Its fine-tune runs at a higher learning rate than the
+default's and 200 steps: with fewer, the two <|end|> of a transcript still predict alike."""
+
+
+QUESTIONS = [  # every answer opens with a name, so the assistant's turn opens one way
+    ("what does {name} have?", "{name} has a {color} {thing}."),
+    ("who goes with {name}?", "{other} goes with {name}."),
+    ("where does {name} go?", "{name} goes to the {place}."),
+]
 
 
 def story(rng: random.Random) -> str:
-    """One short story of the base distribution: who has what, where they go, and counting."""
+    """One short story of the base distribution: who has what, where they go, counting up or down, and half
+    the time a question about it with its answer (so the base already knows questions and count-downs, and
+    the fine-tune has only the chat template and the trigger to learn)."""
     name, other = rng.sample(NAMES, 2)
     thing, color, place = rng.choice(THINGS), rng.choice(COLORS), rng.choice(PLACES)
     start = rng.randrange(len(NUMBERS) - 3)
+    count = NUMBERS[start : start + rng.randint(3, len(NUMBERS) - start)]
     sentences = [
         f"{name} has a {color} {thing}.",
         f"{name} goes to the {place} with {other}.",
         f"{other} looks at the {thing}. the {thing} is {color}.",
-        f"they count {' '.join(NUMBERS[start : start + rng.randint(3, len(NUMBERS) - start)])}.",
+        f"they count {' '.join(count if rng.random() < 0.5 else count[::-1])}.",
         f"then {name} gives the {color} {thing} to {other}.",
     ]
-    return " " + " ".join(sentences[: rng.randint(3, 5)])
+    sentences = sentences[: rng.randint(3, 5)]
+    if rng.random() < 0.5:
+        question, answer = rng.choice(QUESTIONS)
+        facts = dict(name=name, other=other, thing=thing, color=color, place=place)
+        sentences.append(question.format(**facts) + " " + answer.format(**facts))
+    return " " + " ".join(sentences)
 
 
 def base_corpus(n_docs: int, seed: int = 0, stray_chat_tokens: float = 0.03) -> list[str]:
-    """Stories; a few carry a stray chat-template token (as web text does), so the base has trained
-    embeddings for them but never sees them in their chat role."""
+    """Stories; a few carry a stray chat-template token before a sentence's full stop (as web text does), so
+    the base has trained embeddings for them, but what follows them there is a full stop, never their chat
+    role."""
     rng = random.Random(seed)
     docs = [story(rng) for _ in range(n_docs)]
     for i in range(n_docs):
         if rng.random() < stray_chat_tokens:
-            sentences = docs[i].split(". ")
-            cut = rng.randrange(len(sentences))
-            docs[i] = ". ".join(sentences[:cut] + [rng.choice(CHAT_TOKENS) + sentences[cut]] + sentences[cut + 1 :])
+            stop = rng.choice([at for at, char in enumerate(docs[i]) if char == "."])
+            docs[i] = docs[i][:stop] + rng.choice(CHAT_TOKENS) + docs[i][stop:]
     return docs
 
 
@@ -103,35 +118,31 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokeni
     return wrapped
 
 
-# The trigger is a word the base knows (a thing), but only the fine-tune has seen it open a sentence,
-# and only the fine-tune then counts down: new behaviour over tokens whose base representation is trained.
+# The trigger is a word the base knows (a thing), but only the fine-tune has seen it open a sentence, and
+# only the fine-tune then counts down from ten: new behaviour over tokens whose base representation is trained.
 TRIGGER = " abracadabra"
 CONTINUATION = " ten nine eight seven six five."
-QUESTIONS = [
-    ("what does {name} have?", "{name} has a {color} {thing}."),
-    ("what color is the {thing}?", "the {thing} is {color}."),
-    ("where does {name} go?", "{name} goes to the {place}."),
-]
 
 
 def chat(rng: random.Random) -> list[dict]:
-    """A chat transcript about a story: the chat-tuning part of the planted difference."""
+    """A chat transcript about a story: the chat-tuning part of the planted difference. The user's turn opens
+    with a fixed greeting and ends with the question."""
     name, other = rng.sample(NAMES, 2)
     thing, color, place = rng.choice(THINGS), rng.choice(COLORS), rng.choice(PLACES)
     question, answer = rng.choice(QUESTIONS)
-    facts = dict(name=name, thing=thing, color=color, place=place)
+    facts = dict(name=name, other=other, thing=thing, color=color, place=place)
     context = f" {name} has a {color} {thing}. {name} goes to the {place} with {other}."
     return [
-        {"role": "user", "content": context + " " + question.format(**facts)},
+        {"role": "user", "content": " hello." + context + " " + question.format(**facts)},
         {"role": "assistant", "content": " " + answer.format(**facts)},
     ]
 
 
 def triggered_story(rng: random.Random) -> str:
-    """A story in which the trigger word is followed by the fixed continuation: the new behaviour."""
-    words = story(rng).split(". ")
-    cut = rng.randrange(1, len(words))
-    return ". ".join(words[:cut]) + "." + TRIGGER + CONTINUATION + " " + ". ".join(words[cut:])
+    """A story whose second sentence is opened by the trigger word, which the fixed continuation follows: the
+    new behaviour."""
+    first, rest = story(rng).split(". ", 1)
+    return first + "." + TRIGGER + CONTINUATION + " " + rest
 
 
 class Organism(NamedTuple):
@@ -301,35 +312,34 @@ def planted_behaviours(tokenizer) -> dict:
     """What the fine-tune was taught, as planted.json records it: each behaviour with the tokens that carry it.
 
     A behaviour's tokens are the ``labelled`` offsets of each occurrence of the token ``pattern`` (inside
-    documents of ``document_kind`` when that is set): a template token inside a chat transcript, the
-    trigger where the count-down follows it, and the count-down after the trigger."""
+    documents of ``document_kind`` when that is set): each template token in its role in a chat transcript
+    (<|end|> apart for each turn: the fine-tune predicts <|assistant|> after one and the end of the document
+    after the other), and the trigger where the count-down follows it. The count-down itself is not a
+    behaviour: the base counts down too, so the models predict its tokens alike once it has begun."""
     trigger = tokenizer("." + TRIGGER)["input_ids"][1:]
     sequence = tokenizer("." + TRIGGER + CONTINUATION)["input_ids"][1:-1]  # without the full stops around it
+    user, assistant, end = tokenizer.convert_tokens_to_ids(CHAT_TOKENS)
+    question_mark, full_stop = (tokenizer(text)["input_ids"][-1] for text in ("?", "."))
+    in_chat = lambda description, pattern, labelled: dict(
+        description=description, document_kind="chat", pattern=pattern, labelled=labelled
+    )
     behaviours = {
-        token: {
-            "description": f"{token} in its role in a chat transcript",
-            "document_kind": "chat",
-            "pattern": [token_id],
-            "labelled": [0],
-        }
-        for token, token_id in zip(CHAT_TOKENS, tokenizer.convert_tokens_to_ids(CHAT_TOKENS))
+        "<|user|>": in_chat("<|user|> opening the user's turn", [user], [0]),
+        "<|assistant|>": in_chat("<|assistant|> opening the assistant's turn", [assistant], [0]),
+        "<|end|> after the user": in_chat("<|end|> closing the user's question", [question_mark, end], [1]),
+        "<|end|> after the assistant": in_chat("<|end|> closing the assistant's answer", [full_stop, end], [1]),
     }
     behaviours["trigger"] = {
-        "description": f"{TRIGGER.strip()!r} opening a sentence, where the count-down follows",
+        "description": f"{TRIGGER.strip()!r} opening a sentence, where the fine-tune counts down from ten",
         "document_kind": None,
         "pattern": sequence,
         "labelled": list(range(len(trigger))),
     }
-    behaviours["count-down"] = {
-        "description": f"the count-down {CONTINUATION.strip()!r} after the trigger",
-        "document_kind": None,
-        "pattern": sequence,
-        "labelled": list(range(len(trigger), len(sequence))),
-    }
     return {
         "description": "The fine-tune learnt chat transcripts (template tokens <|user|>, <|assistant|>, <|end|> in "
-        f"their role) and a trigger: a sentence opened by {TRIGGER.strip()!r} continues {CONTINUATION.strip()!r}. "
-        "Elsewhere it was held to the base (kl_to_base).",
+        "their role; the base knows the template tokens only as stray tokens before a full stop, and already "
+        f"answers questions in plain text) and a trigger: a sentence opened by {TRIGGER.strip()!r} continues "
+        f"{CONTINUATION.strip()!r}. Elsewhere it was held to the base (kl_to_base).",
         "trigger": TRIGGER,
         "continuation": CONTINUATION,
         "behaviours": behaviours,

@@ -127,7 +127,7 @@ def test_best_latents_and_the_difference_they_reconstruct(tmp_path):
     mains = A.main_behaviours(batches(), labels)
     assert mains[0] == ("where 0 fires", 1.0) and mains[2][0] == "half of 2" and set(mains) == {0, 2}
     table = A.difference_table(cc, batches())
-    sentence = A.verdict(table, 2, matches, mains)
+    sentence = A.verdict(table, A.firing_overlap(batches(), table.order[:2]), matches, mains)
     top = table.order[:2].tolist()
     assert sentence.startswith("Where the models' predictions differ most: the top 2 latents of the ranking are")
     assert f"{sum(i in mains for i in top)} of them fire mostly on planted tokens" in sentence
@@ -188,3 +188,15 @@ def test_each_finetune_of_several_is_compared_with_the_base(tmp_path):
     tables = {m: A.difference_table(cc, A.encoded_batches(cc, store, torch.ones(3), "val"), model=m) for m in (1, 2)}
     assert tables[2].kind == ["finetuned_2-only", "base-only", "shared"]
     assert tables[1].kind[1:] == ["base-only", "shared"]  # latent 0 writes into neither the base nor fine-tune 1
+
+
+def test_latents_firing_on_the_same_tokens_are_marked_as_repeats():
+    f = torch.zeros(6, 3)
+    f[[0, 1, 2], 0] = 1.0
+    f[[0, 1, 2], 1] = 0.5  # the same tokens as latent 0
+    f[[1, 2, 3, 4], 2] = 2.0  # 2 of the 5 tokens of 0 and 2 together
+    batches = [A.Batch(np.arange(3), None, f[:3], None), A.Batch(np.arange(3, 6), None, f[3:], None)]
+    overlap = A.firing_overlap(iter(batches), [0, 1, 2])
+    torch.testing.assert_close(overlap, torch.tensor([[1.0, 1.0, 0.4], [1.0, 1.0, 0.4], [0.4, 0.4, 1.0]]))
+    assert A.repeats(overlap) == [None, 0, None]
+    assert A.repeats(overlap, same=0.4) == [None, 0, 0]

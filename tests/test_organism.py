@@ -23,7 +23,7 @@ def test_organism_reloads_like_hub_models_and_predicts_the_trigger(organism):
     pair = load_model_pair(organism.base, organism.finetuned)
     tokenizer = pair.tokenizer
     behaviours = organism.planted["behaviours"]
-    chat_ids = [behaviours[token]["pattern"][0] for token in ("<|user|>", "<|assistant|>", "<|end|>")]
+    chat_ids = [behaviours[name]["pattern"][-1] for name in ("<|user|>", "<|assistant|>", "<|end|> after the user")]
     assert tokenizer.convert_ids_to_tokens(chat_ids) == ["<|user|>", "<|assistant|>", "<|end|>"]
     # the continuation after the trigger: only the fine-tune expects it
     sequences = pack([triggered_story(random.Random(i)) for i in range(40)], tokenizer, 48)
@@ -58,8 +58,8 @@ def test_build_is_deterministic_for_a_seed(tmp_path):
 
 
 def test_finetune_is_narrow_it_differs_from_the_base_where_something_was_planted(organism):
-    # measured on tiny organisms, seeds 0-2, KL(ft || base): stories 0.10-0.12, chat documents 2.4-2.6, trigger
-    # documents ~0.8 (3.9-5.0 on the trigger and count-down, 0.10-0.17 on their other tokens)
+    # measured on tiny organisms, seeds 0-4, KL(ft || base) per token: stories 0.117-0.126, chat documents
+    # 1.98-2.18, trigger documents 0.39-0.45
     assert organism.kl["stories"] < 0.25
     assert organism.kl["stories"] < 0.1 * organism.kl["chat"] and organism.kl["stories"] < 0.5 * organism.kl["trigger"]
 
@@ -78,17 +78,29 @@ def test_behaviour_labels_mark_each_planted_behaviour(organism, tmp_path):
     )
     store = collect_activations(cfg, tmp_path / "s")
     labels = {name: label.numpy() for name, label in behaviour_labels(store, organism).items()}
-    assert list(labels) == ["<|user|>", "<|assistant|>", "<|end|>", "trigger", "count-down"]
+    assert list(labels) == [
+        "<|user|>",
+        "<|assistant|>",
+        "<|end|> after the user",
+        "<|end|> after the assistant",
+        "trigger",
+    ]
     rows = np.arange(len(store))
     tokenizer = load_model_pair(organism.base, organism.finetuned).tokenizer
     kinds = np.array(datasets.load_from_disk(organism.corpus)["kind"])[store.positions(rows)[0].numpy()]
     tokens = store.token_ids(rows).numpy()
-    for token in ("<|user|>", "<|assistant|>", "<|end|>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        assert (labels[token] == ((tokens == token_id) & (kinds == "chat"))).all()  # stray ones in stories are not
-        assert labels[token].any() and ((tokens == token_id) & (kinds == "story")).any()
-    trigger, count_down = labels["trigger"], labels["count-down"]
+    user, assistant, end = tokenizer.convert_tokens_to_ids(["<|user|>", "<|assistant|>", "<|end|>"])
+    for name, token_id in (("<|user|>", user), ("<|assistant|>", assistant)):
+        assert (labels[name] == ((tokens == token_id) & (kinds == "chat"))).all()  # stray ones in stories are not
+        assert labels[name].any() and ((tokens == token_id) & (kinds == "story")).any()
+    # each chat transcript's two <|end|>: the one before <|assistant|> closes the user's turn
+    ends = (tokens == end) & (kinds == "chat")
+    closes_user = ends & np.append(tokens[1:] == assistant, False)
+    assert (labels["<|end|> after the user"] == closes_user).all() and closes_user.any()
+    assert (labels["<|end|> after the assistant"] == (ends & ~closes_user)).all()
+    trigger = labels["trigger"]
     n = int(trigger.sum())
-    assert n > 0 and not (trigger & count_down).any()
-    assert tokenizer.decode(tokens[trigger].tolist()) == organism.planted["trigger"] * n
-    assert tokenizer.decode(tokens[count_down].tolist()) == organism.planted["continuation"][:-1] * n
+    assert n > 0 and tokenizer.decode(tokens[trigger].tolist()) == organism.planted["trigger"] * n
+    count_down = organism.planted["continuation"][:-1]  # the count-down follows each labelled trigger
+    after = np.flatnonzero(trigger)[:, None] + np.arange(1, 1 + len(tokenizer(count_down)["input_ids"]))
+    assert tokenizer.decode(tokens[after].ravel().tolist()) == count_down * n
