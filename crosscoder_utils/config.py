@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
+from operator import ge, gt, le, lt
 from pathlib import Path
 from typing import ClassVar
 
 SITES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 STORE_DTYPES = ("float32", "float16", "bfloat16")
+MODEL_DTYPES = (*STORE_DTYPES, "float64")
 
 
 def model_roles(n_models: int) -> list[str]:
@@ -61,6 +64,27 @@ class ConfigBase:
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
+
+
+def check_range(name: str, value, at_least=None, above=None, at_most=None, below=None, optional=False) -> None:
+    """Refuse a ``value`` that is not a number within the bounds given: ``at_least`` or ``above`` (lower,
+    inclusive or exclusive), ``at_most`` or ``below`` (upper). ``optional``: None is allowed, where it stands
+    for an automatic default. NaN fails every comparison, so it is refused too."""
+    if value is None and optional:
+        return
+    bounds = [
+        (bound, sign, test)
+        for bound, sign, test in ((at_least, ">=", ge), (above, ">", gt), (at_most, "<=", le), (below, "<", lt))
+        if bound is not None
+    ]
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and all(t(value, b) for b, _, t in bounds):
+        return
+    if len(bounds) == 2:
+        (low, low_sign, _), (high, high_sign, _) = bounds
+        valid = f"in {'[' if low_sign == '>=' else '('}{low}, {high}{']' if high_sign == '<=' else ')'}"
+    else:
+        valid = f"{bounds[0][1]} {bounds[0][0]}"
+    raise ValueError(f"{name} must be {valid}{' or None' if optional else ''}, got {value!r}")
 
 
 @dataclass
@@ -120,16 +144,19 @@ class CollectConfig(ConfigBase):
                 f"site={self.site!r}: use one of {list(SITES)} or an explicit module path like 'model.layers.3.mlp'"
             )
         _check_choice("dtype", self.dtype, STORE_DTYPES)
+        _check_choice("model_dtype", self.model_dtype, MODEL_DTYPES)
         _check_choice("padding_side", self.padding_side, ("left", "right"))
+        check_range("layer", self.layer, at_least=0)
         for name in ("n_tokens", "seq_len", "seqs_per_batch", "seqs_per_shard"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            check_range(name, getattr(self, name), above=0)
         if self.seqs_per_shard % self.seqs_per_batch:
             raise ValueError(
                 f"seqs_per_shard ({self.seqs_per_shard}) must be a multiple of seqs_per_batch ({self.seqs_per_batch})"
             )
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        check_range("exclude_first_n", self.exclude_first_n, at_least=0)
+        for token_id in self.exclude_token_ids:
+            check_range("each of exclude_token_ids", token_id, at_least=0)
+        check_range("val_fraction", self.val_fraction, at_least=0, below=1)
 
 
 @dataclass
@@ -167,6 +194,17 @@ class OrganismConfig(ConfigBase):
     the base where nothing is planted, so the difference between the models is what was planted."""
     n_docs: int = 8000
     """Stories generated for pre-training; the fine-tuning and collection corpora are drawn beside them."""
+
+    def __post_init__(self):
+        check_range("seed", self.seed, at_least=0)
+        sizes = ("d_model", "n_layers", "n_heads", "vocab_size", "seq_len", "seqs_per_step", "base_steps")
+        for name in (*sizes, "finetune_steps", "n_docs"):
+            check_range(name, getattr(self, name), above=0)
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+        for name in ("lr", "finetune_lr"):
+            check_range(name, getattr(self, name), above=0, at_most=1)
+        check_range("kl_to_base", self.kl_to_base, at_least=0)
 
 
 @dataclass
@@ -212,15 +250,21 @@ class CrossCoderConfig(ConfigBase):
 
     def __post_init__(self):
         _check_choice("variant", self.variant, ("relu", "batchtopk"))
-        if self.n_models is not None and self.n_models < 2:
-            raise ValueError(f"n_models must be at least 2, got {self.n_models}")
-        if self.dict_size <= 0 or self.k <= 0:
-            raise ValueError(f"dict_size and k must be positive, got {self.dict_size} and {self.k}")
-        if self.n_shared_latents < 0 or self.n_dedicated < 0 or not 0 < self.shared_penalty_ratio <= 1:
-            raise ValueError(
-                "n_shared_latents and n_dedicated must be >= 0 and shared_penalty_ratio in (0, 1], got "
-                f"{self.n_shared_latents}, {self.n_dedicated}, {self.shared_penalty_ratio}"
-            )
+        check_range("d_model", self.d_model, above=0, optional=True)
+        check_range("n_models", self.n_models, at_least=2, optional=True)
+        check_range("dict_size", self.dict_size, above=0)
+        check_range("k", self.k, at_least=1)
+        if self.variant == "batchtopk" and self.k > self.dict_size:
+            raise ValueError(f"k ({self.k}) must be <= dict_size ({self.dict_size}) for variant 'batchtopk'")
+        check_range("l1_coeff", self.l1_coeff, at_least=0)
+        check_range("dec_init_norm", self.dec_init_norm, above=0)
+        check_range("aux_coeff", self.aux_coeff, at_least=0, optional=True)
+        check_range("k_aux", self.k_aux, at_least=1, optional=True)
+        check_range("dead_tokens", self.dead_tokens, above=0)
+        check_range("threshold_decay", self.threshold_decay, at_least=0, below=1)
+        check_range("n_shared_latents", self.n_shared_latents, at_least=0)
+        check_range("n_dedicated", self.n_dedicated, at_least=0)
+        check_range("shared_penalty_ratio", self.shared_penalty_ratio, above=0, at_most=1)
         partitioned = self.n_shared_latents + (self.n_models or 0) * self.n_dedicated
         if partitioned > self.dict_size:
             raise ValueError(
@@ -297,10 +341,21 @@ class TrainConfig(ConfigBase):
     def __post_init__(self):
         _check_choice("log_to", self.log_to, ("offline", "online", "none"))
         _check_choice("init", self.init, ("random", "data"))
+        check_range("lr", self.lr, above=0, at_most=1, optional=True)
+        check_range("lr_steps_product", self.lr_steps_product, above=0)
+        for name in ("beta1", "beta2"):
+            check_range(name, getattr(self, name), at_least=0, below=1)
         for name in ("tokens_per_step", "train_tokens", "log_every", "save_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.resample_every is not None and self.resample_every <= 0:
-            raise ValueError(f"resample_every must be positive or None, got {self.resample_every}")
+            check_range(name, getattr(self, name), above=0)
+        for name in ("lr_warmup_frac", "lr_decay_frac", "l1_warmup_frac", "k_anneal_frac"):
+            check_range(name, getattr(self, name), at_least=0, at_most=1)
+        if self.lr_warmup_frac + self.lr_decay_frac > 1:
+            raise ValueError(
+                f"lr_warmup_frac + lr_decay_frac ({self.lr_warmup_frac} + {self.lr_decay_frac}) must be <= 1"
+            )
+        check_range("max_grad_norm", self.max_grad_norm, above=0)
+        check_range("k_anneal_from", self.k_anneal_from, at_least=1, optional=True)
+        check_range("resample_every", self.resample_every, above=0, optional=True)
+        check_range("seed", self.seed, at_least=0)
         if self.train_tokens < self.tokens_per_step:
             raise ValueError(f"train_tokens ({self.train_tokens}) is less than one step ({self.tokens_per_step})")

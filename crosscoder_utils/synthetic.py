@@ -15,7 +15,7 @@ import torch
 from einops import einsum
 
 from .analysis import kind_name, latent_kinds
-from .config import ConfigBase, CrossCoderConfig, TrainConfig
+from .config import ConfigBase, CrossCoderConfig, TrainConfig, check_range
 from .crosscoder import CrossCoder
 
 
@@ -53,6 +53,28 @@ class SyntheticConfig(ConfigBase):
     """Rows to generate."""
     seed: int = 0
     """Seed of the dictionary and of the activations."""
+
+    def __post_init__(self):
+        check_range("d_model", self.d_model, above=0)
+        check_range("n_models", self.n_models, at_least=2)
+        check_range("n_shared", self.n_shared, above=0)  # parents (parent_frac) are drawn from the shared features
+        check_range("n_exclusive", self.n_exclusive, at_least=0)
+        for name in ("max_rate", "min_rate"):
+            check_range(name, getattr(self, name), above=0, at_most=1)
+        if self.min_rate > self.max_rate:
+            raise ValueError(f"min_rate ({self.min_rate}) must be <= max_rate ({self.max_rate})")
+        check_range("shared_cosine", self.shared_cosine, at_least=-1, at_most=1)
+        for name in ("gain_change_frac", "parent_frac", "parent_cofire"):
+            check_range(name, getattr(self, name), at_least=0, at_most=1)
+        if len(self.model_scales) != self.n_models:
+            raise ValueError(
+                f"model_scales {self.model_scales} must have one entry per model (n_models={self.n_models})"
+            )
+        for scale in self.model_scales:
+            check_range("each of model_scales", scale, above=0)
+        check_range("noise", self.noise, at_least=0)
+        check_range("n_tokens", self.n_tokens, above=0)
+        check_range("seed", self.seed, at_least=0)
 
 
 class GroundTruth(NamedTuple):

@@ -1,0 +1,90 @@
+"""What is refused before anything runs: config values out of range, local paths that do not exist (never
+sent to the Hub), and model pairs whose tokenizers differ in any part."""
+
+import re
+
+import pytest
+
+from crosscoder_utils.config import CollectConfig, CrossCoderConfig, OrganismConfig, TrainConfig
+from crosscoder_utils.organism import TINY
+from crosscoder_utils.synthetic import PRESETS, SyntheticConfig, preset
+
+BAD_VALUES = [
+    (CollectConfig, "layer", -1, "layer must be >= 0, got -1"),
+    (CollectConfig, "n_tokens", 0, "n_tokens must be > 0, got 0"),
+    (CollectConfig, "seq_len", -8, "seq_len must be > 0, got -8"),
+    (CollectConfig, "exclude_first_n", -1, "exclude_first_n must be >= 0, got -1"),
+    (CollectConfig, "exclude_token_ids", [3, -1], "each of exclude_token_ids must be >= 0, got -1"),
+    (CollectConfig, "val_fraction", 1.0, "val_fraction must be in [0, 1), got 1.0"),
+    (CollectConfig, "val_fraction", -0.1, "val_fraction must be in [0, 1), got -0.1"),
+    (CollectConfig, "model_dtype", "float8", "model_dtype='float8' is not one of"),
+    (OrganismConfig, "seed", -1, "seed must be >= 0, got -1"),
+    (OrganismConfig, "d_model", 0, "d_model must be > 0, got 0"),
+    (OrganismConfig, "n_heads", 3, "d_model (128) must be a multiple of n_heads (3)"),
+    (OrganismConfig, "base_steps", 0, "base_steps must be > 0, got 0"),
+    (OrganismConfig, "lr", 0.0, "lr must be in (0, 1], got 0.0"),
+    (OrganismConfig, "finetune_lr", 3.0, "finetune_lr must be in (0, 1], got 3.0"),
+    (OrganismConfig, "kl_to_base", -1.0, "kl_to_base must be >= 0, got -1.0"),
+    (CrossCoderConfig, "d_model", 0, "d_model must be > 0 or None, got 0"),
+    (CrossCoderConfig, "n_models", 1, "n_models must be >= 2 or None, got 1"),
+    (CrossCoderConfig, "dict_size", 0, "dict_size must be > 0, got 0"),
+    (CrossCoderConfig, "k", 0, "k must be >= 1, got 0"),
+    (CrossCoderConfig, "l1_coeff", -1.0, "l1_coeff must be >= 0, got -1.0"),
+    (CrossCoderConfig, "l1_coeff", float("nan"), "l1_coeff must be >= 0, got nan"),
+    (CrossCoderConfig, "dec_init_norm", 0.0, "dec_init_norm must be > 0, got 0.0"),
+    (CrossCoderConfig, "aux_coeff", -0.5, "aux_coeff must be >= 0 or None, got -0.5"),
+    (CrossCoderConfig, "k_aux", 0, "k_aux must be >= 1 or None, got 0"),
+    (CrossCoderConfig, "dead_tokens", -1, "dead_tokens must be > 0, got -1"),
+    (CrossCoderConfig, "threshold_decay", 1.0, "threshold_decay must be in [0, 1), got 1.0"),
+    (CrossCoderConfig, "n_shared_latents", -1, "n_shared_latents must be >= 0, got -1"),
+    (CrossCoderConfig, "shared_penalty_ratio", 0.0, "shared_penalty_ratio must be in (0, 1], got 0.0"),
+    (TrainConfig, "lr", 0.0, "lr must be in (0, 1] or None, got 0.0"),
+    (TrainConfig, "lr", -1e-3, "lr must be in (0, 1] or None, got -0.001"),
+    (TrainConfig, "lr", 10.0, "lr must be in (0, 1] or None, got 10.0"),
+    (TrainConfig, "lr", "1e-3", "lr must be in (0, 1] or None, got '1e-3'"),
+    (TrainConfig, "lr_steps_product", 0.0, "lr_steps_product must be > 0, got 0.0"),
+    (TrainConfig, "beta2", 1.0, "beta2 must be in [0, 1), got 1.0"),
+    (TrainConfig, "tokens_per_step", 0, "tokens_per_step must be > 0, got 0"),
+    (TrainConfig, "lr_warmup_frac", 1.5, "lr_warmup_frac must be in [0, 1], got 1.5"),
+    (TrainConfig, "lr_warmup_frac", 0.9, "lr_warmup_frac + lr_decay_frac (0.9 + 0.2) must be <= 1"),
+    (TrainConfig, "l1_warmup_frac", -0.05, "l1_warmup_frac must be in [0, 1], got -0.05"),
+    (TrainConfig, "k_anneal_frac", 2.0, "k_anneal_frac must be in [0, 1], got 2.0"),
+    (TrainConfig, "max_grad_norm", -1.0, "max_grad_norm must be > 0, got -1.0"),
+    (TrainConfig, "k_anneal_from", 0, "k_anneal_from must be >= 1 or None, got 0"),
+    (TrainConfig, "resample_every", 0, "resample_every must be > 0 or None, got 0"),
+    (TrainConfig, "seed", -3, "seed must be >= 0, got -3"),
+    (SyntheticConfig, "n_models", 1, "n_models must be >= 2, got 1"),
+    (SyntheticConfig, "n_shared", 0, "n_shared must be > 0, got 0"),
+    (SyntheticConfig, "max_rate", 1.5, "max_rate must be in (0, 1], got 1.5"),
+    (SyntheticConfig, "min_rate", 0.5, "min_rate (0.5) must be <= max_rate (0.03)"),
+    (SyntheticConfig, "shared_cosine", 1.2, "shared_cosine must be in [-1, 1], got 1.2"),
+    (SyntheticConfig, "parent_cofire", 1.1, "parent_cofire must be in [0, 1], got 1.1"),
+    (SyntheticConfig, "gain_change_frac", -0.2, "gain_change_frac must be in [0, 1], got -0.2"),
+    (SyntheticConfig, "model_scales", (1.0, 4.0, 2.0), "model_scales (1.0, 4.0, 2.0) must have one entry per model"),
+    (SyntheticConfig, "model_scales", (1.0, 0.0), "each of model_scales must be > 0, got 0.0"),
+    (SyntheticConfig, "noise", -0.01, "noise must be >= 0, got -0.01"),
+]
+
+
+@pytest.mark.parametrize("config,name,value,message", BAD_VALUES, ids=lambda v: getattr(v, "__name__", repr(v)))
+def test_a_config_value_out_of_range_is_refused_by_name(config, name, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config(**{name: value})
+
+
+def test_k_above_dict_size_is_refused_for_batchtopk():
+    with pytest.raises(ValueError, match=re.escape("k (100) must be <= dict_size (64) for variant 'batchtopk'")):
+        CrossCoderConfig(variant="batchtopk", dict_size=64)
+    CrossCoderConfig(variant="relu", dict_size=64)  # relu has no k
+
+
+def test_defaults_presets_and_none_for_automatic_values_are_valid():
+    for config in (CollectConfig, OrganismConfig, CrossCoderConfig, TrainConfig, SyntheticConfig):
+        config()
+    OrganismConfig(**TINY)
+    for name in PRESETS:
+        preset(name)
+    auto = CrossCoderConfig(d_model=None, n_models=None, aux_coeff=None, k_aux=None)
+    assert TrainConfig(lr=None, k_anneal_from=None, resample_every=None).resolved_lr() > 0
+    filled = CrossCoderConfig(d_model=8, n_models=2, variant="batchtopk", k=4, dict_size=64)
+    assert CrossCoderConfig.from_dict(filled.to_dict()) == filled and auto.aux_coeff == 0.0
