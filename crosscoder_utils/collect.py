@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import CollectConfig
-from .models import PROBE_TEXT, ModelPair, load_model_pair, resolve_site
+from .models import PROBE_TEXT, ModelPair, load_model_pair, local_or_hub, resolve_site
 from .store import ActivationStore, StoreWriter, local_path
 
 
@@ -40,7 +40,7 @@ def load_texts(dataset: str | list, split: str, text_column: str, tokenizer) -> 
     """
     if isinstance(dataset, (list, tuple)):
         return list(dataset)
-    path = Path(dataset)
+    path = Path(local_or_hub(dataset))
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         data = datasets.load_from_disk(str(path))
         data = data[split] if isinstance(data, datasets.DatasetDict) else data

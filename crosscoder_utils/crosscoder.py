@@ -23,6 +23,7 @@ from torch import nn
 
 from . import distributed
 from .config import CrossCoderConfig
+from .models import local_or_hub
 from .sparse_encode import sparse_encode
 
 MODEL_LETTERS = "ABCDEFGHIJ"
@@ -318,14 +319,13 @@ class CrossCoder(nn.Module):
 
     @classmethod
     def load(cls, directory_or_hub_id: str | Path, device: str = "cpu") -> "CrossCoder":
-        """Read what ``save`` wrote, from a local directory or a Hub model repository."""
-        directory = Path(directory_or_hub_id)
-        if not directory.is_dir():
+        """Read what ``save`` wrote, from a local directory or a Hub model repository (see
+        ``models.local_or_hub``: a missing local path is refused, never looked up on the Hub)."""
+        directory = local_or_hub(directory_or_hub_id)
+        if isinstance(directory, str):
             from huggingface_hub import snapshot_download
 
-            directory = Path(
-                snapshot_download(str(directory_or_hub_id), allow_patterns=["crosscoder.safetensors", "cfg.json"])
-            )
+            directory = Path(snapshot_download(directory, allow_patterns=["crosscoder.safetensors", "cfg.json"]))
         model = cls(CrossCoderConfig.load(directory / "cfg.json"))
         model.load_state_dict(load_file(directory / "crosscoder.safetensors", device=device))
         return model.to(device).eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -76,6 +77,22 @@ class Site(NamedTuple):
     """Read the module's input (``resid_pre``) rather than its output."""
 
 
+def local_or_hub(name: str | Path) -> str | Path:
+    """Where ``name`` is read from: a local Path, or the name itself as a Hub id.
+
+    A Path, a name that exists on disk, or one that looks like a path (starts with ``.``, ``/`` or ``~``, or
+    holds more than one ``/``) is local, and a missing one raises FileNotFoundError here: sent to the Hub it
+    would cost retries and end in an error about an invalid repository id. Only ``owner/name`` or a bare
+    ``name`` that is not on disk is a Hub id."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    text = str(name)
+    if isinstance(name, Path) or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"no such directory: {text}")
+    return text
+
+
 def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
@@ -88,19 +105,21 @@ def load_model_pair(
     trust_remote_code: bool = False,
     revision: str | None = None,
 ) -> ModelPair:
-    """Load two causal LMs (Hub ids or local directories) and refuse a pair whose tokenizers differ."""
+    """Load two causal LMs (Hub ids or local directories, see ``local_or_hub``) and refuse a pair whose
+    tokenizers differ."""
+    sources = [local_or_hub(name) for name in (base_model, finetuned_model)]  # a missing path fails here, at once
     tokenizers = [
-        AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-        for name in (base_model, finetuned_model)
+        AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+        for source in sources
     ]
     check_same_tokenizer(*tokenizers, names=(base_model, finetuned_model))
     models = [
         AutoModelForCausalLM.from_pretrained(
-            name, dtype=getattr(torch, dtype), revision=revision, trust_remote_code=trust_remote_code
+            source, dtype=getattr(torch, dtype), revision=revision, trust_remote_code=trust_remote_code
         )
         .to(resolve_device(device))
         .eval()
-        for name in (base_model, finetuned_model)
+        for source in sources
     ]
     for model in models:
         model.requires_grad_(False)

@@ -2,10 +2,15 @@
 sent to the Hub), and model pairs whose tokenizers differ in any part."""
 
 import re
+import time
+from pathlib import Path
 
 import pytest
 
+from crosscoder_utils import CrossCoder, load_model_pair
+from crosscoder_utils.collect import load_texts
 from crosscoder_utils.config import CollectConfig, CrossCoderConfig, OrganismConfig, TrainConfig
+from crosscoder_utils.models import local_or_hub
 from crosscoder_utils.organism import TINY
 from crosscoder_utils.synthetic import PRESETS, SyntheticConfig, preset
 
@@ -88,3 +93,36 @@ def test_defaults_presets_and_none_for_automatic_values_are_valid():
     assert TrainConfig(lr=None, k_anneal_from=None, resample_every=None).resolved_lr() > 0
     filled = CrossCoderConfig(d_model=8, n_models=2, variant="batchtopk", k=4, dict_size=64)
     assert CrossCoderConfig.from_dict(filled.to_dict()) == filled and auto.aux_coeff == 0.0
+
+
+def test_hub_ids_and_local_paths_are_told_apart(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/relu").mkdir(parents=True)
+    assert local_or_hub("owner/name") == "owner/name" and local_or_hub("gpt2") == "gpt2"
+    assert local_or_hub("runs/relu") == Path("runs/relu")  # shaped like owner/name, but on disk: local
+    assert local_or_hub(tmp_path / "runs") == tmp_path / "runs"
+    for name in ("./missing", "../missing", "/no/such/dir", "~/no-such-dir-here", "a/b/c", Path("missing")):
+        with pytest.raises(FileNotFoundError, match=re.escape(f"no such directory: {name}")):
+            local_or_hub(name)
+
+
+@pytest.mark.parametrize("missing", ["./missing", "/no/such/model"])
+def test_a_missing_local_model_is_refused_at_once(make_model, missing):
+    base = make_model()
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no such directory: {missing}")):
+        load_model_pair(base, missing)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no such directory: {missing}")):
+        load_model_pair(missing, base)
+    assert time.perf_counter() - start < 1  # no Hub lookup, no retries
+
+
+def test_a_missing_crosscoder_or_dataset_path_is_refused_and_an_existing_one_read_locally(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=re.escape("no such directory: ./runs/missing")):
+        CrossCoder.load("./runs/missing")
+    with pytest.raises(FileNotFoundError, match=re.escape("no such directory: data/corpus/missing")):
+        load_texts("data/corpus/missing", "train", "text", tokenizer=None)
+    cc = CrossCoder(CrossCoderConfig(d_model=4, n_models=2, dict_size=8))
+    cc.save(tmp_path / "runs/relu")
+    assert CrossCoder.load("runs/relu").cfg == cc.cfg  # an owner/name shape that exists is read from disk
