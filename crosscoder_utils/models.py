@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -11,6 +12,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from .config import SITES
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 1234 <|user|> Hello!\n"
+PROBE_TEXTS = (
+    PROBE_TEXT,
+    "Straße, café, NAÏVE Ångström: ﬁne ½ ①",
+    "  two  spaces,\ttab\n\nnewlines  ",
+    "def f(x):\n    return x ** 2  # 3.14159, 1e-9, 100000",
+    "emoji 🙂, 漢字, Привет",
+    "<s> </s> <bos> <eos> <pad> <unk> <|endoftext|> <|im_start|>",
+)
+"""Texts whose token ids show how two tokenizers differ: case, accents and compatibility characters
+(normalizers), whitespace, code and numbers (pre-tokenizers, merges), other scripts, special-token strings."""
+SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 
 # Where the blocks live, and the attention / MLP submodule whose output is added to the residual stream.
 # Gemma-2 normalises both branches again after them, so its branch outputs are those norms' outputs.
@@ -126,20 +138,70 @@ def load_model_pair(
     return ModelPair(models[0], models[1], tokenizers[0], (base_model, finetuned_model))
 
 
+def tokenizer_parts(tokenizer: PreTrainedTokenizerBase, serialised: bool) -> dict[str, object]:
+    """What decides how ``tokenizer`` turns text into ids and back, by part.
+
+    ``serialised`` (fast tokenizers): every part of the serialisation (added_tokens, normalizer, pre_tokenizer,
+    post_processor, decoder, the model's vocab, merges and settings as ``model <setting>``), except truncation
+    and padding, which calls switch on and off. Otherwise what every tokenizer has: the vocabulary, the added
+    tokens and, for a BPE tokenizer, its merges. Both with the special tokens' ids and ``all_special_tokens``."""
+    if serialised:
+        state = json.loads(tokenizer.backend_tokenizer.to_str())
+        model = state.pop("model")
+        parts = {key: value for key, value in state.items() if key not in ("version", "truncation", "padding")}
+        parts.update({key if key in ("vocab", "merges") else f"model {key}": value for key, value in model.items()})
+    else:
+        parts = {
+            "vocab": tokenizer.get_vocab(),
+            "added_tokens": {i: repr(token) for i, token in tokenizer.added_tokens_decoder.items()},
+        }
+        ranks = getattr(tokenizer, "bpe_ranks", None)
+        if ranks is not None:
+            parts["merges"] = sorted(ranks, key=ranks.get)
+    parts.update({name: getattr(tokenizer, name) for name in SPECIAL_TOKEN_IDS})
+    parts["all_special_tokens"] = sorted(tokenizer.all_special_tokens)
+    return parts
+
+
+def _describe(part: str, first, second) -> str:
+    """A differing part by name, with the values where they are short or can be summarised."""
+    if part in SPECIAL_TOKEN_IDS:
+        return f"{part} {first} vs {second}"
+    if part == "all_special_tokens":
+        return f"all_special_tokens ({sorted(set(first) ^ set(second))} in only one)"
+    if part == "vocab" and isinstance(first, dict) and isinstance(second, dict):
+        entries = len(set(first.items()) ^ set(second.items()))
+        return f"vocab ({entries} entries differ, sizes {len(first)} and {len(second)})"
+    return part
+
+
 def check_same_tokenizer(
     first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase, names=("base", "finetuned")
 ) -> None:
-    """Both models must read the same token ids, or their activations at a position are not paired."""
-    if first.get_vocab() != second.get_vocab():
-        only = set(first.get_vocab().items()) ^ set(second.get_vocab().items())
+    """Both models must read the same token ids, or their activations at a position are not paired: refuse
+    tokenizers that differ in any part both have (``tokenizer_parts``: the serialisations when both are fast)
+    or that split any of ``PROBE_TEXTS`` differently. The error names each differing part and the first probe
+    text split differently, from the first token where they part."""
+    serialised = first.is_fast and second.is_fast
+    parts = tokenizer_parts(first, serialised), tokenizer_parts(second, serialised)
+    found = [
+        _describe(part, parts[0][part], parts[1][part])
+        for part in parts[0]
+        if part in parts[1] and parts[0][part] != parts[1][part]
+    ]
+    for text in PROBE_TEXTS:
+        ids = first(text)["input_ids"], second(text)["input_ids"]
+        if ids[0] != ids[1]:
+            at = next((i for i, (a, b) in enumerate(zip(*ids)) if a != b), min(map(len, ids)))
+            pieces = [tokenizer.convert_ids_to_tokens(row[at : at + 4]) for tokenizer, row in zip((first, second), ids)]
+            found.append(
+                f"the first probe text they split differently is {text!r} (from token {at}: {pieces[0]} vs {pieces[1]})"
+            )
+            break
+    if found:
         raise ValueError(
-            f"the tokenizers of {names[0]!r} and {names[1]!r} differ ({len(only)} vocabulary entries differ, "
-            f"sizes {len(first)} and {len(second)}); a crosscoder needs both models on the same tokens"
-        )
-    if first(PROBE_TEXT)["input_ids"] != second(PROBE_TEXT)["input_ids"]:
-        raise ValueError(
-            f"the tokenizers of {names[0]!r} and {names[1]!r} share a vocabulary but split the probe text "
-            f"{PROBE_TEXT!r} differently; a crosscoder needs both models on the same tokens"
+            f"the tokenizers of {names[0]!r} and {names[1]!r} differ: {'; '.join(found)}; "
+            "a crosscoder needs both models on the same tokens"
         )
 
 

@@ -1,16 +1,21 @@
 """What is refused before anything runs: config values out of range, local paths that do not exist (never
 sent to the Hub), and model pairs whose tokenizers differ in any part."""
 
+import json
 import re
+import shutil
 import time
 from pathlib import Path
 
 import pytest
+import transformers
+from tokenizers import models, normalizers
+from transformers.models.clvp.tokenization_clvp import ClvpTokenizer
 
 from crosscoder_utils import CrossCoder, load_model_pair
 from crosscoder_utils.collect import load_texts
 from crosscoder_utils.config import CollectConfig, CrossCoderConfig, OrganismConfig, TrainConfig
-from crosscoder_utils.models import local_or_hub
+from crosscoder_utils.models import check_same_tokenizer, local_or_hub
 from crosscoder_utils.organism import TINY
 from crosscoder_utils.synthetic import PRESETS, SyntheticConfig, preset
 
@@ -126,3 +131,64 @@ def test_a_missing_crosscoder_or_dataset_path_is_refused_and_an_existing_one_rea
     cc = CrossCoder(CrossCoderConfig(d_model=4, n_models=2, dict_size=8))
     cc.save(tmp_path / "runs/relu")
     assert CrossCoder.load("runs/relu").cfg == cc.cfg  # an owner/name shape that exists is read from disk
+
+
+def _tokenizer_variant(model_dir: str, directory: Path, change) -> str:
+    """A copy of ``model_dir`` whose tokenizer ``change`` altered, saved with save_pretrained."""
+    shutil.copytree(model_dir, directory)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    change(tokenizer)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def _drop_second_merge(tokenizer):
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [tuple(merge) for merge in model["merges"]]
+    tokenizer.backend_tokenizer.model = models.BPE(vocab=model["vocab"], merges=merges[:1] + merges[2:])
+
+
+def _lowercase(tokenizer):
+    tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+
+
+def _bos_end(tokenizer):
+    tokenizer.bos_token = "<|end|>"
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (_drop_second_merge, r"differ: merges; the first probe text they split differently is 'The quick"),
+        (_bos_end, r"differ: bos_token_id 0 vs \d+; all_special_tokens \(\['<\|bos\|>'\] in only one\)"),
+        (_lowercase, r"differ: normalizer; the first probe text they split differently is 'The quick.* \(from token 0"),
+    ],
+    ids=["merges", "bos", "normalizer"],
+)
+def test_tokenizers_that_differ_in_one_part_are_refused_by_name(make_model, tmp_path, change, message):
+    other = _tokenizer_variant(make_model(), tmp_path / "other", change)
+    with pytest.raises(ValueError, match=f"the tokenizers of .* and '{re.escape(other)}' {message}"):
+        load_model_pair(make_model(), other)
+
+
+def test_a_saved_and_reloaded_copy_of_the_tokenizer_is_accepted(make_model, tmp_path):
+    def pad_a_batch(tokenizer):  # the saved serialisation then records padding, which does not change ids
+        tokenizer(["a", "longer text"], padding=True)
+
+    same = _tokenizer_variant(make_model(), tmp_path / "same", pad_a_batch)
+    assert json.loads((Path(same) / "tokenizer.json").read_text())["padding"] is not None
+    assert load_model_pair(make_model(), same).names[1] == same
+
+
+def test_slow_tokenizers_are_compared_by_vocabulary_merges_and_added_tokens(tokenizer, tmp_path):
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    (tmp_path / "vocab.json").write_text(json.dumps(model["vocab"]))
+    for name, merges in (("all", model["merges"]), ("fewer", model["merges"][:1] + model["merges"][2:])):
+        (tmp_path / f"{name}.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(merge) for merge in merges))
+    slow = [
+        ClvpTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / f"{name}.txt")) for name in ("all", "all", "fewer")
+    ]
+    assert not slow[0].is_fast
+    check_same_tokenizer(slow[0], slow[1])
+    with pytest.raises(ValueError, match="differ: merges; the first probe text"):
+        check_same_tokenizer(slow[0], slow[2])
