@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import warnings
 from collections.abc import Iterable, Iterator
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import CollectConfig
+from .files import differing_keys, fingerprint
 from .models import PROBE_TEXT, ModelPair, load_model_pair, local_or_hub, resolve_site
 from .store import ActivationStore, StoreWriter, local_path
 
@@ -164,16 +166,53 @@ def iter_activations(
         yield ActivationBatch(acts[keep].cpu(), ids[keep].cpu(), seq[keep].cpu(), pos[keep].cpu())
 
 
+def input_identity(cfg: CollectConfig, pair: ModelPair) -> dict:
+    """What a store records of its inputs, to notice one changed at the same path: for each model and the
+    dataset, the size and sha256 of each file when local, else the Hub commit the model resolved to (and
+    the dataset's name and split, all that can be known of a streamed Hub dataset offline)."""
+    identity = {}
+    for role, name, model in zip(("base_model", "finetuned_model"), (cfg.base_model, cfg.finetuned_model), pair.models):
+        local = Path(name).expanduser().exists()
+        identity[role] = fingerprint(name) if local else {"commit": getattr(model.config, "_commit_hash", None)}
+    if isinstance(cfg.dataset, str):
+        local = Path(cfg.dataset).expanduser().exists()
+        identity["dataset"] = fingerprint(cfg.dataset) if local else {"id": cfg.dataset, "split": cfg.split}
+    else:
+        identity["dataset"] = {"texts": hashlib.sha256("\0".join(cfg.dataset).encode()).hexdigest()}
+    return identity
+
+
+def check_inputs(store: ActivationStore, pair: ModelPair | None = None) -> None:
+    """Refuse a store whose models or dataset changed since it was collected (``input_identity``), naming
+    what changed: what is computed from the models again (04's per-token KL, the spliced-in loss) would
+    otherwise mix two versions."""
+    cfg = CollectConfig.from_dict(store.meta["settings"])
+    pair = pair or load_model_pair(cfg.base_model, cfg.finetuned_model, revision=cfg.revision)
+    changed = differing_keys(store.meta["identity"], input_identity(cfg, pair))
+    if changed:
+        raise ValueError(
+            f"the inputs of the store at {store.path} changed since it was collected: {changed}; restore them, "
+            "or collect a new store"
+        )
+
+
 def preflight(traced: TracedPair, cfg: CollectConfig) -> int:
     """Check the pair, the site and the data before any compute is spent. Returns d_model.
 
-    Refuses a pair whose widths at the site differ, and data with no tokens (an unknown site or layer
-    was already refused when the pair was traced)."""
+    Refuses a pair whose widths at the site differ, data with no tokens, and exclusions that leave no
+    token of the first batch (an unknown site or layer was already refused when the pair was traced)."""
     pair = traced.pair
     texts = load_texts(cfg.dataset, cfg.split, cfg.text_column, pair.tokenizer)
-    if next(tokenize(texts, pair.tokenizer, cfg.seq_len), None) is None:
+    first = list(itertools.islice(tokenize(texts, pair.tokenizer, cfg.seq_len), cfg.seqs_per_batch))
+    if not first:
         name = cfg.dataset if isinstance(cfg.dataset, str) else "list"
         raise ValueError(f"dataset {name} yields no tokens (split {cfg.split!r}, column {cfg.text_column!r})")
+    if not keep_mask(*traced.pad(first), cfg, pair.tokenizer.bos_token_id).any():
+        raise ValueError(
+            f"every token of the first {len(first)} sequences is excluded (seq_len {cfg.seq_len}, exclude_bos "
+            f"{cfg.exclude_bos}, exclude_first_n {cfg.exclude_first_n}, exclude_token_ids {cfg.exclude_token_ids}): "
+            "nothing would be stored; relax the exclusions or raise seq_len"
+        )
     probe = traced.pad([pair.tokenizer(PROBE_TEXT)["input_ids"]])
     widths = [traced.site_activation(m, *probe).shape[-1] for m in range(len(pair.models))]
     if widths[0] != widths[1]:
@@ -205,9 +244,12 @@ def collect_activations(cfg: CollectConfig, store_dir: str | Path, pair: ModelPa
         )
     traced = TracedPair(pair, cfg.site, cfg.layer, cfg.padding_side)
     d_model = preflight(traced, cfg)
+    identity = input_identity(cfg, pair)
     for turn in range(2):  # rank 0 first: it clears what a killed run left; then the others open the same progress
         if (rank == 0) == (turn == 0):
-            writer = StoreWriter(store_dir, settings, n_models=2, d_model=d_model, dtype=cfg.dtype)
+            writer = StoreWriter(
+                store_dir, settings, n_models=2, d_model=d_model, dtype=cfg.dtype, lock=rank == 0, identity=identity
+            )
         distributed.barrier()
     if writer.complete:
         return ActivationStore(store_dir)

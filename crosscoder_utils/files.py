@@ -1,8 +1,10 @@
-"""What every stage writes beside its results: JSON written atomically, and the one rule for reusing a
-directory (a directory made with other settings is refused, never mixed or overwritten)."""
+"""What every stage writes beside its results: JSON written atomically, the one rule for reusing a
+directory (a directory made with other settings is refused, never mixed or overwritten), and fingerprints
+of input files (so that inputs changed at the same path are noticed)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -34,3 +36,16 @@ def check_same_settings(directory: str | Path, what: str, recorded: dict, wanted
     differ = differing_keys(recorded, wanted)
     if differ:
         raise ValueError(f"{directory} holds {what} made with other settings (differing: {differ}); {remedy}")
+
+
+def fingerprint(path: str | Path) -> dict[str, list]:
+    """{file: [size, sha256]} of every file under a local directory (or of one file): what a store records of
+    the local models and data it was collected from."""
+    path = Path(path).expanduser()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    result = {}
+    for file in files:
+        with file.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        result[str(file.relative_to(path)) if path.is_dir() else file.name] = [file.stat().st_size, digest]
+    return result

@@ -22,7 +22,10 @@ PROBE_TEXTS = (
 )
 """Texts whose token ids show how two tokenizers differ: case, accents and compatibility characters
 (normalizers), whitespace, code and numbers (pre-tokenizers, merges), other scripts, special-token strings."""
-SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+SPECIAL_TOKEN_IDS = ("bos_token_id",)
+"""The special-token roles that must agree: BOS opens every collected document. A chat fine-tune often
+declares another EOS or pad token (Llama-3 and Qwen2.5 base vs instruct), which changes neither how text is
+split nor the ids both models read (a batch is padded the base's way, behind the attention mask)."""
 
 # Where the blocks live, and the attention / MLP submodule whose output is added to the residual stream.
 # Gemma-2 normalises both branches again after them, so its branch outputs are those norms' outputs.
@@ -144,7 +147,7 @@ def tokenizer_parts(tokenizer: PreTrainedTokenizerBase, serialised: bool) -> dic
     ``serialised`` (fast tokenizers): every part of the serialisation (added_tokens, normalizer, pre_tokenizer,
     post_processor, decoder, the model's vocab, merges and settings as ``model <setting>``), except truncation
     and padding, which calls switch on and off. Otherwise what every tokenizer has: the vocabulary, the added
-    tokens and, for a BPE tokenizer, its merges. Both with the special tokens' ids and ``all_special_tokens``."""
+    tokens and, for a BPE tokenizer, its merges. Both with the ids of ``SPECIAL_TOKEN_IDS``."""
     if serialised:
         state = json.loads(tokenizer.backend_tokenizer.to_str())
         model = state.pop("model")
@@ -159,7 +162,6 @@ def tokenizer_parts(tokenizer: PreTrainedTokenizerBase, serialised: bool) -> dic
         if ranks is not None:
             parts["merges"] = sorted(ranks, key=ranks.get)
     parts.update({name: getattr(tokenizer, name) for name in SPECIAL_TOKEN_IDS})
-    parts["all_special_tokens"] = sorted(tokenizer.all_special_tokens)
     return parts
 
 
@@ -167,8 +169,6 @@ def _describe(part: str, first, second) -> str:
     """A differing part by name, with the values where they are short or can be summarised."""
     if part in SPECIAL_TOKEN_IDS:
         return f"{part} {first} vs {second}"
-    if part == "all_special_tokens":
-        return f"all_special_tokens ({sorted(set(first) ^ set(second))} in only one)"
     if part == "vocab" and isinstance(first, dict) and isinstance(second, dict):
         entries = len(set(first.items()) ^ set(second.items()))
         return f"vocab ({entries} entries differ, sizes {len(first)} and {len(second)})"

@@ -24,6 +24,7 @@ def estimate_norm_factors(
         norms.append(batch.norm(dim=-1).mean(0))
     mean_norm = torch.stack(norms).mean(0)
     factors = math.sqrt(store.d_model) / mean_norm
+    check_factors(factors, store.n_models, f"the norm factors estimated from {store.path}")
     norm = {"norm_factors": factors.tolist(), "n_batches": len(norms), "models": store.meta["models"]}
     store.write_json("norm.json", norm)
     return factors
@@ -36,7 +37,18 @@ def load_norm_factors(store: ActivationStore) -> torch.Tensor:
         raise FileNotFoundError(
             f"{store.path} has no norm.json: run 02_normalize (estimate_norm_factors) on this store first"
         )
-    return torch.tensor(norm["norm_factors"])
+    factors = torch.tensor(norm["norm_factors"], dtype=torch.float32)
+    check_factors(factors, store.n_models, f"{store.path}/norm.json")
+    return factors
+
+
+def check_factors(factors: torch.Tensor, n_models: int, where: str) -> None:
+    """Refuse factors that are not one finite, positive number per model."""
+    if factors.shape != (n_models,) or not (torch.isfinite(factors) & (factors > 0)).all():
+        raise ValueError(
+            f"{where} must hold one finite, positive factor per model ({n_models}), got {factors.tolist()}: "
+            "estimate them again (02_normalize); an all-zero or non-finite model activation gives no factor"
+        )
 
 
 def activation_norms(store: ActivationStore, n_rows: int = 20_000, seed: int = 0) -> torch.Tensor:

@@ -15,10 +15,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -75,11 +77,6 @@ def training_batches(
     """Batches for steps start_step, start_step + 1, ...: pass e over the store is shuffled with seed + e;
     ``process=(rank, world_size)``: this rank's share of each batch."""
     per_pass = store.n_batches(cfg.tokens_per_step)
-    if per_pass == 0:
-        raise ValueError(
-            f"the store's train split ({len(store.split_range('train'))} tokens) is smaller than one step "
-            f"({cfg.tokens_per_step} tokens)"
-        )
     for epoch in itertools.count(start_step // per_pass):
         first = start_step - epoch * per_pass if epoch == start_step // per_pass else 0
         yield from store.batches(cfg.tokens_per_step, seed=cfg.seed + epoch, start_batch=first, process=process)
@@ -136,8 +133,14 @@ def resample_dead_latents(model: CrossCoder, optimizer: torch.optim.Adam, x: tor
     return len(dead)
 
 
-def save_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, step: int) -> None:
-    """Write checkpoints/step_N atomically (a temporary folder renamed), then drop the older ones."""
+def finite(model: CrossCoder) -> bool:
+    """Whether every weight of the crosscoder is finite."""
+    return all(bool(torch.isfinite(p).all()) for p in model.state_dict().values())
+
+
+def save_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, step: int, keep: int = 2) -> None:
+    """Write checkpoints/step_N atomically (a temporary folder renamed) and read its weights back; only then
+    drop the checkpoints older than the ``keep`` newest, so a damaged newest one still has one before it."""
     checkpoints = run_dir / "checkpoints"
     tmp = checkpoints / f".tmp_step_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -145,19 +148,43 @@ def save_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, step
     model.save(tmp)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     torch.save({"step": step, "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+    written = load_file(tmp / "crosscoder.safetensors")
+    if any(not torch.equal(written[k], v.cpu()) for k, v in model.state_dict().items()):
+        raise OSError(
+            f"{tmp / 'crosscoder.safetensors'} does not read back as written; the checkpoints before it are kept"
+        )
+    shutil.rmtree(checkpoints / f"step_{step:07d}", ignore_errors=True)  # a damaged one a resume skipped
     os.replace(tmp, checkpoints / f"step_{step:07d}")
-    for old in checkpoints.glob("*step_*"):
-        if old.name != f"step_{step:07d}":
-            shutil.rmtree(old)
+    for old in sorted(checkpoints.glob("step_*"))[:-keep]:
+        shutil.rmtree(old)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob("step_*"))
-    return found[-1] if found else None
+def load_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, device: str) -> int:
+    """Load the newest readable checkpoint into the model, optimizer and scheduler, and the RNG state; returns
+    its step (0 when there is none). A damaged checkpoint is skipped with a warning naming it."""
+    for checkpoint in sorted((run_dir / "checkpoints").glob("step_*"), reverse=True):
+        try:
+            weights = load_file(checkpoint / "crosscoder.safetensors", device=str(device))
+            states = torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location=device)
+            state = torch.load(checkpoint / "state.pt", weights_only=True)
+            if not all(bool(torch.isfinite(w).all()) for w in weights.values()):
+                raise ValueError("non-finite weights")
+        except Exception as error:  # a truncated or damaged file: fall back to the checkpoint before it
+            warnings.warn(f"checkpoint {checkpoint} cannot be used ({error}); trying the one before it", stacklevel=3)
+            continue
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(states["optimizer"])
+        scheduler.load_state_dict(states["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        return state["step"]
+    return 0
 
 
-def prepare_run(cfg: TrainConfig, cc_cfg: CrossCoderConfig, store: ActivationStore, run_dir: Path) -> CrossCoderConfig:
-    """Fill the crosscoder's shape from the store, and refuse a run directory written for something else."""
+def prepare_run(
+    cfg: TrainConfig, cc_cfg: CrossCoderConfig, store: ActivationStore, run_dir: Path, factors: torch.Tensor
+) -> tuple[CrossCoderConfig, dict]:
+    """Fill the crosscoder's shape from the store and check the run against the store and ``run_dir`` before
+    anything is written: returns the config and the identity run.json records (``write_run``)."""
     for name in ("d_model", "n_models"):
         given = getattr(cc_cfg, name)
         if given is not None and given != store.meta[name]:
@@ -165,7 +192,22 @@ def prepare_run(cfg: TrainConfig, cc_cfg: CrossCoderConfig, store: ActivationSto
                 f"CrossCoderConfig.{name}={given} but the store at {store.path} has {name}={store.meta[name]}"
             )
     cc_cfg = dataclasses.replace(cc_cfg, d_model=store.d_model, n_models=store.n_models)  # __post_init__ fills k_aux
-    identity = {"train": cfg.settings(), "crosscoder": cc_cfg.settings(), "store_identity": store_identity(store)}
+    train_rows = len(store.split_range("train"))
+    if store.n_batches(cfg.tokens_per_step) == 0:
+        raise ValueError(
+            f"the store's train split ({train_rows} tokens) is smaller than one step ({cfg.tokens_per_step} tokens)"
+        )
+    if cfg.init == "data" and train_rows < cc_cfg.dict_size:
+        raise ValueError(
+            f"init='data' starts each of the {cc_cfg.dict_size} latents from a distinct token, but the store's "
+            f"train split holds {train_rows}; collect more tokens, lower dict_size, or use init='random'"
+        )
+    identity = {
+        "train": cfg.settings(),
+        "crosscoder": cc_cfg.settings(),
+        "store_identity": store_identity(store),
+        "norm_factors": factors.tolist(),
+    }
     if (run_dir / "run.json").exists():
         if not cfg.resume:
             raise ValueError(f"{run_dir} already holds a run; pass resume=True to continue it, or another run_dir")
@@ -173,15 +215,19 @@ def prepare_run(cfg: TrainConfig, cc_cfg: CrossCoderConfig, store: ActivationSto
         check_same_settings(
             run_dir,
             "a run",
-            {k: before[k] for k in identity},
+            {k: before.get(k) for k in identity},
             identity,
-            "resume it with its settings, or use another run_dir",
+            "resume it with its settings and store (and the store's norm.json), or use another run_dir",
         )
-    distributed.barrier()  # every rank has checked before rank 0 writes
+    return cc_cfg, identity
+
+
+def write_run(run_dir: Path, identity: dict, store: ActivationStore) -> None:
+    """run.json: what the run is, written once every check has passed (every rank has checked first)."""
+    distributed.barrier()
     if distributed.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "run.json", {**identity, "store": store.path})
-    return cc_cfg
 
 
 class Objective(nn.Module):
@@ -212,7 +258,7 @@ def train_crosscoder(
     if cfg.tokens_per_step % world:
         raise ValueError(f"tokens_per_step {cfg.tokens_per_step} does not split evenly over {world} processes")
     factors = load_norm_factors(store)
-    cc_cfg = prepare_run(cfg, cc_cfg, store, run_dir)
+    cc_cfg, identity = prepare_run(cfg, cc_cfg, store, run_dir, factors)
     total_steps = cfg.total_steps
     torch.manual_seed(cfg.seed)
     model = CrossCoder(cc_cfg).to(device).train()
@@ -220,16 +266,8 @@ def train_crosscoder(
         data_init(model, (store.sample(cc_cfg.dict_size + 4096, seed=cfg.seed) * factors[None, :, None]).to(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.resolved_lr(), betas=(cfg.beta1, cfg.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, total_steps, cfg))
-    start = 0
-    checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
-    if checkpoint:
-        model.load_state_dict(load_file(checkpoint / "crosscoder.safetensors", device=str(device)))
-        states = torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location=device)
-        optimizer.load_state_dict(states["optimizer"])
-        scheduler.load_state_dict(states["scheduler"])
-        state = torch.load(checkpoint / "state.pt", weights_only=True)
-        start = state["step"]
-        torch.set_rng_state(state["torch_rng"])
+    start = load_checkpoint(run_dir, model, optimizer, scheduler, device) if cfg.resume else 0
+    write_run(run_dir, identity, store)
     objective = Objective(model)
     if world > 1:
         objective = DistributedDataParallel(
@@ -239,7 +277,7 @@ def train_crosscoder(
     if rank == 0:
         kept = (
             [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= start]
-            if checkpoint and metrics_file.exists()
+            if start and metrics_file.exists()
             else []
         )
         metrics_file.write_text("".join(line + "\n" for line in kept))
@@ -291,6 +329,8 @@ def train_crosscoder(
             }
             if cc_cfg.variant == "batchtopk":
                 metrics["threshold"] = model.threshold.item()
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(diverged(run_dir, step + 1, f"the loss is {metrics['loss']}"))
             if rank == 0:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(metrics) + "\n")
@@ -300,16 +340,30 @@ def train_crosscoder(
                 loss=f"{metrics['loss']:.3g}", L0=f"{metrics['l0']:.1f}", EV=f"{metrics['explained_variance']:.3f}"
             )
         if (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+            if not finite(model):
+                raise FloatingPointError(diverged(run_dir, step + 1, "the weights are not finite"))
             if rank == 0:
                 save_checkpoint(run_dir, model, optimizer, scheduler, step + 1)
             distributed.barrier()
     if run:
         run.finish()
     model.eval()
+    if not finite(model):
+        raise FloatingPointError(diverged(run_dir, total_steps, "the weights are not finite"))
     if rank == 0:
         export(model, factors, run_dir)
     distributed.barrier()
     return model
+
+
+def diverged(run_dir: Path, step: int, what: str) -> str:
+    """The message of a run stopped at ``step`` because ``what``."""
+    kept = sorted((run_dir / "checkpoints").glob("step_*"))
+    return (
+        f"training diverged: {what} at step {step}; nothing was exported"
+        + (f", and the last good checkpoint {kept[-1]} is kept" if kept else "")
+        + ". Lower the learning rate or max_grad_norm, or check the store (ActivationStore(path, verify=True))"
+    )
 
 
 def export(model: CrossCoder, factors: torch.Tensor, run_dir: Path) -> None:
@@ -363,11 +417,18 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     record = json.loads((run_dir / "run.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     factors = torch.tensor(json.loads((run_dir / "norm_factors.json").read_text())["norm_factors"])
+    store = ActivationStore(record["store"])
+    remedy = f"point {run_dir / 'run.json'}'s store at the store the run was trained on, or train again"
+    check_same_settings(store.path, "a store", store_identity(store), record["store_identity"], remedy)
+    if store.read_json("norm.json") is None or load_norm_factors(store).tolist() != factors.tolist():
+        raise ValueError(
+            f"the norm factors of the store at {store.path} are not those {run_dir} was trained with; {remedy}"
+        )
     return Run(
         TrainConfig.from_dict(record["train"]),
         CrossCoder.load(run_dir, device),
         CrossCoder.load(run_dir / "raw", device),
-        ActivationStore(record["store"]),
+        store,
         factors,
         metrics,
     )

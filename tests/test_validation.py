@@ -160,7 +160,7 @@ def _bos_end(tokenizer):
     "change,message",
     [
         (_drop_second_merge, r"differ: merges; the first probe text they split differently is 'The quick"),
-        (_bos_end, r"differ: bos_token_id 0 vs \d+; all_special_tokens \(\['<\|bos\|>'\] in only one\)"),
+        (_bos_end, r"differ: bos_token_id 0 vs \d+"),
         (_lowercase, r"differ: normalizer; the first probe text they split differently is 'The quick.* \(from token 0"),
     ],
     ids=["merges", "bos", "normalizer"],
@@ -169,6 +169,15 @@ def test_tokenizers_that_differ_in_one_part_are_refused_by_name(make_model, tmp_
     other = _tokenizer_variant(make_model(), tmp_path / "other", change)
     with pytest.raises(ValueError, match=f"the tokenizers of .* and '{re.escape(other)}' {message}"):
         load_model_pair(make_model(), other)
+
+
+def test_a_fine_tune_that_declares_another_eos_token_is_accepted(make_model, tmp_path):
+    def eos_end(tokenizer):  # as a chat fine-tune ends its turns with its own token
+        tokenizer.eos_token = "<|end|>"
+
+    other = _tokenizer_variant(make_model(), tmp_path / "other", eos_end)
+    pair = load_model_pair(make_model(), other)
+    assert pair.tokenizer.eos_token == "<|eos|>"
 
 
 def test_a_saved_and_reloaded_copy_of_the_tokenizer_is_accepted(make_model, tmp_path):

@@ -3,6 +3,7 @@
 Layout of a store directory::
 
     meta.json                written last: its presence means the store is complete; lists the shards
+                             ([name, n_rows, sha256 of its data files] each)
     norm.json                the norm scale factors (02_normalize)
     progress.json            collection progress (settings, blocks done, statistics so far), for resuming
     shards/shard_00000/ ...  HF datasets (``save_to_disk``), one row per token; shard b holds block b:
@@ -14,6 +15,7 @@ datasets has no bfloat16: bfloat16 activations are kept bit-exact as int16.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -42,11 +44,8 @@ def from_storage(flat: np.ndarray, dtype: str, n_models: int) -> torch.Tensor:
     return rearrange(values.float(), "n (model d) -> n model d", model=n_models)
 
 
-def shard_table(
-    activations: torch.Tensor, token_ids: np.ndarray, seq: np.ndarray, pos: np.ndarray, dtype: str
-) -> pa.Table:
-    """The columns of one shard: activations [n, n_models, d_model]; token_ids, seq, pos [n]."""
-    flat = to_storage(activations, dtype)
+def shard_table(flat: np.ndarray, token_ids: np.ndarray, seq: np.ndarray, pos: np.ndarray) -> pa.Table:
+    """The columns of one shard: activations as ``to_storage`` gives them; token_ids, seq, pos [n]."""
     return pa.table(
         {
             "acts": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1]),
@@ -57,17 +56,35 @@ def shard_table(
     )
 
 
+def data_files(fs: fsspec.AbstractFileSystem, directory: str) -> list[str]:
+    """The paths of the data files of a shard written by ``save_to_disk``."""
+    return [f"{directory}/{f['filename']}" for f in json.loads(fs.cat_file(f"{directory}/state.json"))["_data_files"]]
+
+
 def open_shard(fs: fsspec.AbstractFileSystem, directory: str) -> pa.Table:
     """The table of a shard written by ``save_to_disk``: memory-mapped when local, downloaded when remote."""
-    files = json.loads(fs.cat_file(f"{directory}/state.json"))["_data_files"]
+    files = data_files(fs, directory)
     if is_remote_filesystem(fs):
-        tables = [InMemoryTable.from_buffer(pa.py_buffer(fs.cat_file(f"{directory}/{f['filename']}"))) for f in files]
+        tables = [InMemoryTable.from_buffer(pa.py_buffer(fs.cat_file(f))) for f in files]
     else:
-        tables = [MemoryMappedTable.from_file(f"{directory}/{f['filename']}") for f in files]
+        tables = [MemoryMappedTable.from_file(f) for f in files]
     return pa.concat_tables([t.table for t in tables])
 
 
+def shard_checksum(fs: fsspec.AbstractFileSystem, directory: str) -> str:
+    """sha256 over the data files of a shard, in order."""
+    digest = hashlib.sha256()
+    for path in data_files(fs, directory):
+        with fs.open(path, "rb") as file:
+            while chunk := file.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def shard_rows(directory: Path) -> list[list]:
-    """[[name, n_rows], ...] of the complete shards under a local ``directory``, in order."""
+    """[[name, n_rows, sha256], ...] of the complete shards under a local ``directory``, in order."""
     fs = fsspec.filesystem("file")
-    return [[shard.name, open_shard(fs, str(shard)).num_rows] for shard in sorted(directory.glob("shard_*"))]
+    return [
+        [shard.name, open_shard(fs, str(shard)).num_rows, shard_checksum(fs, str(shard))]
+        for shard in sorted(directory.glob("shard_*"))
+    ]

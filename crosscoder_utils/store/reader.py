@@ -13,9 +13,10 @@ import fsspec
 import numpy as np
 import torch
 from datasets.filesystems import is_remote_filesystem
+from tqdm.auto import tqdm
 
 from ..files import write_json
-from .format import from_storage, open_shard
+from .format import from_storage, open_shard, shard_checksum
 from .remote import prefetching
 from .rows import groups, index_batches, rank_share
 from .writer import write_arrays
@@ -41,10 +42,12 @@ class ActivationStore:
 
     ``meta`` holds: models, site, layer, d_model, n_models, dtype, n_tokens, exclusions, dataset,
     val_fraction, per-model ``mean`` [n_models][d_model] and ``mean_norm`` [n_models], settings,
-    shards ([name, n_rows] of each).
+    shards ([name, n_rows, sha256] of each).
+
+    ``verify=True`` checks every shard against its checksum on opening (``verify``), which reads the whole store.
     """
 
-    def __init__(self, path: str | Path, window_rows: int = 2**16):
+    def __init__(self, path: str | Path, window_rows: int = 2**16, verify: bool = False):
         self.fs, self.root = fsspec.core.url_to_fs(str(path))
         self.remote = is_remote_filesystem(self.fs)
         self.path = str(path) if self.remote else self.root
@@ -55,7 +58,7 @@ class ActivationStore:
             interrupted = self.fs.exists(f"{self.root}/progress.json")
             hint = " A collection into it was interrupted: re-run it with the same arguments to resume." * interrupted
             raise FileNotFoundError(f"no complete activation store at {self.path} (meta.json is missing).{hint}")
-        names, sizes = zip(*self.meta["shards"]) if self.meta["shards"] else ((), ())
+        names, sizes, self.checksums = zip(*self.meta["shards"]) if self.meta["shards"] else ((), (), ())
         missing = [] if self.remote else [n for n in names if not (Path(self.root) / "shards" / n).is_dir()]
         if len(names) != self.meta["n_shards"] or sum(sizes) != self.meta["n_tokens"] or missing:
             raise ValueError(
@@ -69,6 +72,17 @@ class ActivationStore:
         self.pending: dict[int, Future] = {}
         """Shards being downloaded in the background (remote stores)."""
         self.downloads = ThreadPoolExecutor(4, thread_name_prefix="store-download")
+        if verify:
+            self.verify()
+
+    def verify(self) -> None:
+        """Check every shard's data files against the sha256 that meta.json records for it."""
+        for name, checksum in zip(tqdm(self.shard_names, desc="verifying shards"), self.checksums):
+            if shard_checksum(self.fs, f"{self.root}/shards/{name}") != checksum:
+                raise ValueError(
+                    f"shard {name} of the store at {self.path} is corrupt (its sha256 differs from meta.json's); "
+                    "collect or copy the store again"
+                )
 
     @classmethod
     def from_arrays(cls, path: str | Path, activations, token_ids=None, **options) -> "ActivationStore":
@@ -82,6 +96,8 @@ class ActivationStore:
             return json.loads(self.fs.cat_file(f"{self.root}/{name}"))
         except FileNotFoundError:
             return None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{self.root}/{name} is not valid JSON ({error}): the file is damaged") from error
 
     def write_json(self, name: str, value: dict) -> None:
         """Write a JSON file into the store (atomically when local)."""
@@ -96,6 +112,11 @@ class ActivationStore:
             table = open_shard(self.fs, f"{self.root}/shards/{self.shard_names[s]}")
         except FileNotFoundError as error:
             raise FileNotFoundError(f"shard {self.shard_names[s]} of the store at {self.path} is missing") from error
+        except (OSError, ValueError) as error:  # pyarrow's errors on a truncated or damaged file
+            raise ValueError(
+                f"shard {self.shard_names[s]} of the store at {self.path} cannot be read ({error}); "
+                "collect or copy the store again"
+            ) from error
         batches = table.to_batches()
         columns = {
             name: [

@@ -19,8 +19,8 @@ import torch
 from datasets.filesystems import is_remote_filesystem
 from datasets.table import InMemoryTable
 
-from ..files import check_same_settings, write_json
-from .format import shard_rows, shard_table
+from ..files import check_same_settings, differing_keys, write_json
+from .format import from_storage, shard_rows, shard_table, to_storage
 
 
 def local_path(path: str | Path) -> Path:
@@ -42,9 +42,22 @@ class StoreWriter:
     its statistics; ``record`` adds statistics to progress.json once every block up to ``n_blocks`` is
     written (under torchrun, ranks write their blocks side by side and rank 0 records).
     ``settings`` identify what is being written; an existing directory with other settings is refused.
+    ``lock``: hold ``writer.lock`` (the writing process's id) until ``finish``, so that a second writer to
+    the same store is refused while the first is alive (under torchrun only rank 0 locks).
+    ``identity``: fingerprints of the inputs (``collect.input_identity``), recorded and, on a resume,
+    compared: a store is never continued from changed models or data.
     """
 
-    def __init__(self, path: str | Path, settings: dict, n_models: int, d_model: int, dtype: str):
+    def __init__(
+        self,
+        path: str | Path,
+        settings: dict,
+        n_models: int,
+        d_model: int,
+        dtype: str,
+        lock: bool = True,
+        identity: dict | None = None,
+    ):
         self.path, self.settings, self.dtype = local_path(path), settings, dtype
         self.n_models, self.d_model = n_models, d_model
         self.shards = self.path / "shards"
@@ -58,7 +71,13 @@ class StoreWriter:
                 settings,
                 "pass another store_dir, or delete that one to start over",
             )
-        elif self.path.exists() and any(self.path.iterdir()):
+            changed = differing_keys(self.progress["identity"], identity or {})
+            if changed:
+                raise ValueError(
+                    f"the inputs of the store at {self.path} changed since it was collected: {changed}; "
+                    "restore them, or delete the store to collect again"
+                )
+        elif self.path.exists() and any(p.name != "writer.lock" for p in self.path.iterdir()):
             raise ValueError(f"{self.path} exists and is not an activation store; pass an empty or new store_dir")
         else:
             self.progress = {
@@ -68,9 +87,14 @@ class StoreWriter:
                 "n_tokens": 0,
                 "sum": np.zeros((n_models, d_model)).tolist(),
                 "sum_norm": [0.0] * n_models,
+                "identity": identity or {},
             }
         if self.complete:
             return
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.lock = self.path / "writer.lock" if lock else None
+        if lock:
+            take_lock(self.lock)
         for shard in self.shards.glob("*shard_*"):  # shards a killed run did not finish or did not record
             if shard.name.startswith(".tmp_") or int(shard.name[-5:]) >= self.progress["n_blocks"]:
                 shutil.rmtree(shard)
@@ -88,14 +112,19 @@ class StoreWriter:
         stats = torch.zeros(self.n_models * self.d_model + self.n_models + 2, dtype=torch.float64)
         if len(activations) == 0:  # every token of this block was excluded
             return stats
-        if not torch.isfinite(activations).all():
-            row, model = (~torch.isfinite(activations)).any(-1).nonzero()[0].tolist()
+        flat = to_storage(activations, self.dtype)
+        stored = from_storage(flat, self.dtype, self.n_models)
+        if not torch.isfinite(stored).all():  # checked after the cast: float16 overflows above 65,504
+            row, model = (~torch.isfinite(stored)).any(-1).nonzero()[0]
+            value = activations[row, model].abs().max().item()
             raise ValueError(
-                f"non-finite activations (NaN or inf) at row {row}, model {model}; nothing of this shard was written"
+                f"non-finite activations (NaN or inf) in {self.dtype} at row {row.item()}, model {model.item()} "
+                f"(largest |value| there before the cast: {value:.4g}); nothing of this shard was written"
+                + ("; float16 holds at most 65,504: collect in float32 or bfloat16" if self.dtype == "float16" else "")
             )
         name = f"shard_{block:05d}"
         datasets.disable_progress_bars()
-        table = shard_table(activations, token_ids, seq, pos, self.dtype)
+        table = shard_table(flat, token_ids, seq, pos)
         datasets.Dataset(InMemoryTable(table)).save_to_disk(str(self.shards / f".tmp_{name}"))
         datasets.enable_progress_bars()
         os.replace(self.shards / f".tmp_{name}", self.shards / name)
@@ -126,10 +155,44 @@ class StoreWriter:
             "mean": (np.array(self.progress["sum"]) / n).tolist(),
             "mean_norm": (np.array(self.progress["sum_norm"]) / n).tolist(),
             "settings": self.settings,
+            "identity": self.progress["identity"],
             "shards": shard_rows(self.shards),
         }
         write_json(self.path / "meta.json", meta)
+        if self.lock:
+            self.lock.unlink(missing_ok=True)
         return self.path
+
+
+def take_lock(lock: Path) -> None:
+    """Create ``lock`` holding this process's id; refuse when another live process holds it (a lock left by
+    a process that is gone, or by this one, is taken over)."""
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = int(lock.read_text() or 0)
+            if holder not in (0, os.getpid()) and alive(holder):
+                raise RuntimeError(
+                    f"{lock.parent} is being written by process {holder} (lock file {lock}); wait for it to "
+                    "finish, or delete the lock file if that process no longer writes there"
+                ) from None
+            lock.unlink(missing_ok=True)
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_arrays(

@@ -1,0 +1,229 @@
+"""Faults, bad input and changed input: a clear error before compute is spent (naming the file, step or
+setting), and nothing already written changed or lost."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from crosscoder_utils import (
+    ActivationStore,
+    CollectConfig,
+    CrossCoderConfig,
+    TrainConfig,
+    collect_activations,
+    estimate_norm_factors,
+    train_crosscoder,
+)
+from crosscoder_utils.files import fingerprint
+from crosscoder_utils.normalize import load_norm_factors
+from crosscoder_utils.train import load_run
+
+
+def tree(path) -> dict:
+    """{file: (size, sha256)} of everything under ``path``: what must not change."""
+    return fingerprint(path)
+
+
+@pytest.fixture
+def store(tmp_path):
+    x = torch.randn(4000, 2, 16) * torch.tensor([1.0, 3.0])[None, :, None]
+    store = ActivationStore.from_arrays(tmp_path / "store", x, shard_size=1000)
+    estimate_norm_factors(store, n_batches=4, tokens_per_batch=512)
+    return store
+
+
+CFG = dict(tokens_per_step=256, train_tokens=40 * 256, save_every=10, log_every=5, log_to="none")
+CC = CrossCoderConfig(dict_size=64)
+
+
+def test_a_float16_overflow_is_refused_before_the_shard_is_written(tmp_path):
+    x = torch.randn(100, 2, 8)
+    x[50, 1, 3] = 1e5  # above float16's 65,504
+    with pytest.raises(ValueError, match=r"float16 at row 50, model 1 .*1e\+05.*float16 holds at most 65,504"):
+        ActivationStore.from_arrays(tmp_path / "s", x, dtype="float16")
+    assert not list((tmp_path / "s/shards").iterdir()) and not (tmp_path / "s/meta.json").exists()
+
+
+def test_a_corrupt_shard_is_caught_by_its_checksum(store):
+    data = next(Path(store.path, "shards/shard_00002").glob("*.arrow"))
+    raw = bytearray(data.read_bytes())
+    raw[-200] ^= 0xFF  # one flipped byte inside the activations
+    data.write_bytes(bytes(raw))
+    before = tree(store.path)
+    with pytest.raises(ValueError, match=r"shard shard_00002 of the store at .* is corrupt"):
+        ActivationStore(store.path, verify=True)
+    assert tree(store.path) == before
+
+
+@pytest.mark.parametrize("factors", [[float("nan"), 1.0], [0.0, 1.0], [-1.0, 1.0], [1.0]])
+def test_bad_norm_factors_are_refused_naming_norm_json(store, tmp_path, factors):
+    store.write_json("norm.json", {"norm_factors": factors})
+    with pytest.raises(ValueError, match=r"norm.json must hold one finite, positive factor per model \(2\)"):
+        load_norm_factors(store)
+    with pytest.raises(ValueError, match="norm.json must hold"):
+        train_crosscoder(TrainConfig(**CFG), store, tmp_path / "run", CC)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_all_zero_model_gets_no_factor(tmp_path):
+    x = torch.randn(2000, 2, 8)
+    x[:, 1] = 0
+    store = ActivationStore.from_arrays(tmp_path / "s", x)
+    with pytest.raises(ValueError, match="the norm factors estimated from .* must hold one finite, positive"):
+        estimate_norm_factors(store, n_batches=2, tokens_per_batch=256)
+    assert store.read_json("norm.json") is None
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(store, tmp_path):
+    for name in ("whole", "killed"):
+        train_crosscoder(TrainConfig(**CFG), store, tmp_path / name, CC)
+    killed = tmp_path / "killed"
+    (killed / "crosscoder.safetensors").unlink()  # as if killed after the last checkpoint, before the export
+    checkpoints = sorted((killed / "checkpoints").glob("step_*"))
+    assert [c.name for c in checkpoints] == ["step_0000020", "step_0000030"]  # the two newest are kept
+    weights = load_file(checkpoints[-1] / "crosscoder.safetensors")
+    weights["W_dec"][0, 0, 0] = float("nan")
+    save_file(weights, checkpoints[-1] / "crosscoder.safetensors")
+    with pytest.warns(UserWarning, match=r"checkpoint .*step_0000030 cannot be used \(non-finite weights\)"):
+        train_crosscoder(TrainConfig(**CFG, resume=True), store, killed, CC)
+    resumed, whole = (load_file(tmp_path / name / "crosscoder.safetensors") for name in ("killed", "whole"))
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_divergence_stops_the_run_naming_the_step_and_keeps_the_checkpoint(store, tmp_path):
+    run_dir = tmp_path / "run"
+    train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 20 * 256}), store, run_dir, CC)
+    (run_dir / "crosscoder.safetensors").unlink()
+    checkpoint = run_dir / "checkpoints/step_0000010"
+    states = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    for moments in states["optimizer"]["state"].values():
+        moments["exp_avg"].fill_(float("nan"))  # a fault in the optimizer state: the next step writes NaN weights
+    torch.save(states, checkpoint / "optimizer.pt")
+    kept = tree(checkpoint)
+    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 15.*last good checkpoint .*step_0000010"):
+        train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 20 * 256}, resume=True), store, run_dir, CC)
+    assert not (run_dir / "crosscoder.safetensors").exists() and tree(checkpoint) == kept
+
+
+def test_a_refused_run_writes_nothing_and_the_corrected_call_runs(store, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"train split \(3800 tokens\) is smaller than one step \(4096 tokens\)"):
+        train_crosscoder(TrainConfig(**{**CFG, "tokens_per_step": 4096}), store, run_dir, CC)
+    with pytest.raises(ValueError, match="init='data' starts each of the 8192 latents from a distinct token"):
+        train_crosscoder(TrainConfig(**CFG), store, run_dir, CrossCoderConfig(dict_size=8192))
+    assert not run_dir.exists()
+    train_crosscoder(TrainConfig(**CFG), store, run_dir, CC)  # no resume=True needed
+    assert (run_dir / "crosscoder.safetensors").exists()
+
+
+def test_a_norm_json_changed_mid_run_is_refused_on_resume(store, tmp_path):
+    run_dir = tmp_path / "run"
+    train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 20 * 256}), store, run_dir, CC)
+    before = tree(run_dir)
+    estimate_norm_factors(store, n_batches=2, tokens_per_batch=256, seed=5)
+    with pytest.raises(ValueError, match=r"differing: \['norm_factors'\]"):
+        train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 20 * 256}, resume=True), store, run_dir, CC)
+    with pytest.raises(ValueError, match="norm factors of the store at .* are not those .* was trained with"):
+        load_run(run_dir)
+    assert tree(run_dir) == before
+
+
+def test_a_run_whose_store_was_replaced_is_refused_by_load_run(store, tmp_path):
+    run_dir = tmp_path / "run"
+    train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 10 * 256}), store, run_dir, CC)
+    other = ActivationStore.from_arrays(tmp_path / "other", torch.randn(5000, 2, 16))
+    estimate_norm_factors(other, n_batches=2, tokens_per_batch=256)
+    os.rename(store.path, tmp_path / "moved")
+    os.rename(other.path, store.path)
+    with pytest.raises(ValueError, match=r"holds a store made with other settings \(differing: .*n_tokens"):
+        load_run(run_dir)
+
+
+def collect_cfg(make_model, dataset, **fields):
+    return CollectConfig(
+        base_model=make_model("gpt2", seed=0),
+        finetuned_model=make_model("gpt2", seed=1),
+        dataset=dataset,
+        n_tokens=3000,
+        seq_len=32,
+        seqs_per_batch=8,
+        seqs_per_shard=16,
+        layer=1,
+        **fields,
+    )
+
+
+@pytest.fixture
+def texts():
+    from crosscoder_utils.organism import base_corpus
+
+    return base_corpus(300, seed=3)
+
+
+def test_a_model_changed_between_kill_and_resume_is_refused(make_model, texts, tmp_path):
+    fine_tune = tmp_path / "ft"
+    transformers.AutoModelForCausalLM.from_pretrained(make_model("gpt2", seed=1)).save_pretrained(fine_tune)
+    transformers.AutoTokenizer.from_pretrained(make_model("gpt2", seed=1)).save_pretrained(fine_tune)
+    cfg = collect_cfg(make_model, texts)
+    cfg = CollectConfig.from_dict({**cfg.to_dict(), "finetuned_model": str(fine_tune)})
+    store = collect_activations(cfg, tmp_path / "store")
+    (Path(store.path) / "meta.json").unlink()  # as if killed after the last shard
+    kept = tree(store.path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(fine_tune)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.mul_(1.5)
+    model.save_pretrained(fine_tune)
+    with pytest.raises(ValueError, match=r"changed since it was collected: \['finetuned_model.model.safetensors'\]"):
+        collect_activations(cfg, tmp_path / "store")
+    assert tree(store.path) == kept
+
+
+def test_every_token_excluded_is_caught_before_anything_is_written(make_model, texts, tmp_path):
+    cfg = collect_cfg(make_model, texts, exclude_first_n=32)
+    with pytest.raises(
+        ValueError, match=r"every token of the first 8 sequences is excluded \(seq_len 32, .*first_n 32"
+    ):
+        collect_activations(cfg, tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+
+
+LOCKED = """
+import sys, time
+from crosscoder_utils.store import StoreWriter
+StoreWriter(sys.argv[1], {"from_arrays": 10, "shard_size": 1}, 2, 4, "float32")
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_writer_is_refused_naming_the_process(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", LOCKED, str(tmp_path / "s")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        kept = tree(tmp_path / "s")
+        with pytest.raises(RuntimeError, match=rf"is being written by process {holder.pid} \(lock file .*writer.lock"):
+            ActivationStore.from_arrays(tmp_path / "s", torch.randn(10, 2, 4), shard_size=1)
+        assert tree(tmp_path / "s") == kept
+    finally:
+        holder.kill()
+        holder.wait()
+    ActivationStore.from_arrays(tmp_path / "s", torch.randn(10, 2, 4), shard_size=1)  # the holder's lock is stale
+    assert not (tmp_path / "s/writer.lock").exists()
+
+
+def test_damaged_files_are_named(store):
+    shard = next(Path(store.path, "shards/shard_00001").glob("*.arrow"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    with pytest.raises(ValueError, match=r"shard shard_00001 of the store at .* cannot be read"):
+        ActivationStore(store.path).read(np.arange(1000, 1010))
+    meta = Path(store.path, "meta.json")
+    meta.write_text(meta.read_text()[:50])
+    with pytest.raises(ValueError, match=r"meta.json is not valid JSON .*the file is damaged"):
+        ActivationStore(store.path)
