@@ -1,13 +1,11 @@
 """Model diffing with crosscoders: collect paired activations, train a crosscoder, read off the diff."""
 
-import os
-from pathlib import Path
-
 from .collect import Buffer, collect_activations
 from .config import CollectConfig, CrossCoderConfig, OrganismConfig, TrainConfig
 from .crosscoder import CrossCoder
 from .models import load_model_pair
 from .normalize import estimate_norm_factors
+from .notebook import setup_notebook
 from .store import ActivationStore
 
 __all__ = [
@@ -24,13 +22,6 @@ __all__ = [
     "OrganismConfig",
     "setup_notebook",
 ]
-
-
-def setup_notebook() -> None:
-    """Make paths relative to the repository root, whichever folder a notebook was started from."""
-    root = Path(__file__).resolve().parents[1]
-    if Path.cwd().resolve() == root / "notebooks":
-        os.chdir(root)
 
 
 def __getattr__(name: str):

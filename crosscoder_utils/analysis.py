@@ -636,18 +636,27 @@ def spliced_loss(
     raw_cc: CrossCoder, pair: ModelPair, store: ActivationStore, n_sequences: int = 64, seqs_per_batch: int = 16
 ) -> list[SplicedLoss]:
     """Per model, the loss when the crosscoder's reconstruction replaces the site activation, on held-out
-    documents (those after the store's last document). ``raw_cc`` reads raw activations (``run_dir/raw``).
+    documents: those after the store's last document, or when the dataset ran out, the store's val documents.
+    ``raw_cc`` reads raw activations (``run_dir/raw``).
 
     Only the tokens the store kept are replaced (BOS and other exclusions stay clean, as in training)."""
     if "site" not in store.meta["settings"]:
         raise ValueError("spliced-in evaluation needs a store collected from models (not from_arrays)")
     cfg = CollectConfig.from_dict(store.meta["settings"])
     tokenizer = pair.tokenizer
-    sequences = tokenize(load_texts(cfg.dataset, cfg.split, cfg.text_column, tokenizer), tokenizer, cfg.seq_len)
-    first_unused = int(store.positions([len(store) - 1])[0]) + 1
-    sequences = list(itertools.islice(sequences, first_unused, first_unused + n_sequences))
+    documents = lambda first: list(
+        itertools.islice(
+            tokenize(load_texts(cfg.dataset, cfg.split, cfg.text_column, tokenizer), tokenizer, cfg.seq_len),
+            first,
+            first + n_sequences,
+        )
+    )
+    sequences = documents(int(store.positions([len(store) - 1])[0]) + 1)
+    val = store.split_range("val")
+    if not sequences and len(val):  # the store used every document: its val documents were never trained on
+        sequences = documents(int(store.positions([val.start])[0]))
     if not sequences:
-        raise ValueError("the store used every document of its dataset: no held-out documents remain")
+        raise ValueError("no held-out documents: the store used every document of its dataset and has no val split")
     traced = TracedPair(pair, cfg.site, cfg.layer, "right")
     n_models = len(pair.models)
     totals = np.zeros((n_models, 4))  # ce clean, spliced, zero, kl (summed over predicted tokens)

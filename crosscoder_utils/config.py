@@ -129,8 +129,9 @@ class CollectConfig(ConfigBase):
     """Also drop the first n positions of every sequence."""
     exclude_token_ids: list = field(default_factory=list)
     """Also drop these token ids wherever they occur (for example chat-template tokens)."""
-    seqs_per_shard: int = 256
-    """Sequences per on-disk shard; a killed collection resumes after the last complete shard."""
+    seqs_per_shard: int | None = None
+    """Sequences per on-disk shard, a multiple of seqs_per_batch; a killed collection resumes after the last
+    complete shard. None: the multiple of seqs_per_batch nearest 256."""
     val_fraction: float = 0.05
     """Fraction of the store (its last rows, i.e. the last documents) held out as the ``val`` split."""
     trust_remote_code: bool = False
@@ -147,7 +148,10 @@ class CollectConfig(ConfigBase):
         _check_choice("model_dtype", self.model_dtype, MODEL_DTYPES)
         _check_choice("padding_side", self.padding_side, ("left", "right"))
         check_range("layer", self.layer, at_least=0)
-        for name in ("n_tokens", "seq_len", "seqs_per_batch", "seqs_per_shard"):
+        check_range("seqs_per_batch", self.seqs_per_batch, above=0)
+        if self.seqs_per_shard is None:
+            self.seqs_per_shard = self.seqs_per_batch * max(1, round(256 / self.seqs_per_batch))
+        for name in ("n_tokens", "seq_len", "seqs_per_shard"):
             check_range(name, getattr(self, name), above=0)
         if self.seqs_per_shard % self.seqs_per_batch:
             raise ValueError(
@@ -281,7 +285,7 @@ class TrainConfig(ConfigBase):
     """How 03_train optimises a crosscoder. Defaults follow the open Gemma-2-2B crosscoder replication, with
     the learning rate scaled to the run's length (and measured on the synthetic ground truth)."""
 
-    runtime_fields: ClassVar[tuple[str, ...]] = ("resume", "device")
+    runtime_fields: ClassVar[tuple[str, ...]] = ("resume", "overwrite", "device")
 
     lr: float | None = None
     """Adam learning rate; None: ``lr_steps_product`` / total steps, at most 1e-2 (see resolved_lr)."""
@@ -325,6 +329,9 @@ class TrainConfig(ConfigBase):
     """Steps between checkpoints."""
     resume: bool = False
     """Continue from the last checkpoint in run_dir (the result equals an uninterrupted run)."""
+    overwrite: bool = False
+    """Delete what run_dir holds (another run, or this one) and train again; without it a finished run with the
+    same settings is reused and one with other settings refused."""
     log_to: str = "offline"
     """wandb mode: ``offline`` (default, synced later with ``wandb sync``), ``online``, or ``none``."""
     wandb_project: str = "crosscoder"

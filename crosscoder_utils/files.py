@@ -9,6 +9,23 @@ import json
 import os
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+"""The repository root (with an editable install): paths recorded under it are kept relative to it."""
+
+
+def portable(path: str) -> str:
+    """A local path under the repository as a path relative to it (a URL or a path elsewhere unchanged), so that
+    a record travels with the repository: ``resolve`` turns it back."""
+    local = Path(path)
+    if "://" in path or not local.is_absolute() or not local.resolve().is_relative_to(REPO):
+        return path
+    return str(local.resolve().relative_to(REPO))
+
+
+def resolve(path: str) -> str:
+    """A path ``portable`` recorded, as one to open: a relative one is under the repository."""
+    return path if "://" in path or Path(path).is_absolute() else str(REPO / path)
+
 
 def write_json(path: str | Path, value: dict) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never half of one."""

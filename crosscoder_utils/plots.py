@@ -72,24 +72,41 @@ def grouped_bars(values: dict[str, dict[str, float]], title: str, ylabel: str, y
 
 
 def training_curves(metrics: list[dict], path=None):
-    """Loss, L0 and explained variance (overall and per model) over the logged steps."""
+    """Over the logged steps: the loss and its terms (log scale: reconstruction L2, the sparsity term λ·L1, the
+    auxiliary loss), L0, explained variance per model (zoomed to the range it spans), the fraction of dead
+    latents, and the schedules of λ and of the learning rate."""
     steps = [m["step"] for m in metrics]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.5))
-    for key in ("loss", "l2_loss"):
-        axes[0].plot(steps, [m[key] for m in metrics], label=key)
-    axes[0].set(yscale="log", title="loss", xlabel="step")
-    axes[1].plot(steps, [m["l0"] for m in metrics])
-    axes[1].set(title="L0 (active latents per token)", xlabel="step")
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7))
+    terms = {"loss": [m["loss"] for m in metrics], "L2": [m["l2_loss"] for m in metrics]}
+    terms["λ·L1"] = [m["l1_coeff"] * m["l1_loss"] for m in metrics]
+    terms["aux"] = [m["aux_loss"] for m in metrics]
+    for label, values in terms.items():
+        if any(v > 0 for v in values):
+            axes[0, 0].plot(steps, values, label=label)
+    axes[0, 0].set(yscale="log", title="loss and its terms", xlabel="step")
+    axes[0, 0].legend()
+    axes[0, 1].plot(steps, [m["l0"] for m in metrics])
+    axes[0, 1].set(title="L0 (active latents per token)", xlabel="step")
     n_models = sum(key.startswith("explained_variance_") for key in metrics[0])
     for m, role in enumerate(model_roles(n_models)):
-        axes[2].plot(
+        axes[0, 2].plot(
             steps, [s[f"explained_variance_{MODEL_LETTERS[m]}"] for s in metrics], label=role, color=MODEL_COLORS[m]
         )
-    axes[2].plot(steps, [m["explained_variance"] for m in metrics], label="all models", color="k")
-    lowest = min(min(s[k] for k in s if k.startswith("explained_variance")) for s in metrics)
-    axes[2].set(title="explained variance", xlabel="step", ylim=(max(0.0, lowest - 0.02), 1))
-    for ax in axes[[0, 2]]:
-        ax.legend()
+    tail = metrics[len(metrics) // 5 :]  # zoomed to the run after its first fifth, where the curves separate
+    values = [s[k] for s in tail for k in s if k.startswith("explained_variance_")]
+    spread = max(values) - min(values)
+    axes[0, 2].set(
+        title="explained variance per model",
+        xlabel="step",
+        ylim=(min(values) - 0.2 * spread - 1e-4, min(1.0, max(values) + 0.2 * spread + 1e-4)),
+    )
+    axes[0, 2].legend()
+    axes[1, 0].plot(steps, [m["dead_fraction"] for m in metrics])
+    axes[1, 0].set(title="dead latents (fraction)", xlabel="step", ylim=(0, 1))
+    axes[1, 1].plot(steps, [m["l1_coeff"] for m in metrics])
+    axes[1, 1].set(title="λ (sparsity coefficient)", xlabel="step")
+    axes[1, 2].plot(steps, [m["lr"] for m in metrics])
+    axes[1, 2].set(title="learning rate", xlabel="step")
     fig.tight_layout()
     return save(fig, path)
 

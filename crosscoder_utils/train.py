@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import CrossCoderConfig, TrainConfig
 from .crosscoder import CrossCoder
-from .files import check_same_settings, write_json
+from .files import check_same_settings, portable, resolve, write_json
 from .models import resolve_device
 from .normalize import load_norm_factors
 from .store import ActivationStore
@@ -208,26 +209,34 @@ def prepare_run(
         "store_identity": store_identity(store),
         "norm_factors": factors.tolist(),
     }
-    if (run_dir / "run.json").exists():
-        if not cfg.resume:
-            raise ValueError(f"{run_dir} already holds a run; pass resume=True to continue it, or another run_dir")
+    if (run_dir / "run.json").exists() and not cfg.overwrite:
         before = json.loads((run_dir / "run.json").read_text())
         check_same_settings(
             run_dir,
             "a run",
             {k: before.get(k) for k in identity},
             identity,
-            "resume it with its settings and store (and the store's norm.json), or use another run_dir",
+            "use another run_dir, or overwrite=True to delete it and train again",
         )
+        if not cfg.resume and not (run_dir / "crosscoder.safetensors").exists():
+            raise ValueError(
+                f"{run_dir} holds an unfinished run with these settings; pass resume=True to continue it, or "
+                "overwrite=True to start again"
+            )
     return cc_cfg, identity
 
 
-def write_run(run_dir: Path, identity: dict, store: ActivationStore) -> None:
-    """run.json: what the run is, written once every check has passed (every rank has checked first)."""
+def write_run(run_dir: Path, identity: dict, store: ActivationStore) -> str:
+    """run.json: what the run is, written once every check has passed (every rank has checked first). Returns
+    the run's wandb id: new for a new run (unique, so that two runs with the same folder name never merge),
+    kept from run.json on a resume."""
     distributed.barrier()
+    record = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    wandb_id = record.get("wandb_id") or uuid.uuid4().hex[:16]
     if distributed.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "run.json", {**identity, "store": store.path})
+        write_json(run_dir / "run.json", {**identity, "store": portable(store.path), "wandb_id": wandb_id})
+    return wandb_id
 
 
 class Objective(nn.Module):
@@ -259,6 +268,11 @@ def train_crosscoder(
         raise ValueError(f"tokens_per_step {cfg.tokens_per_step} does not split evenly over {world} processes")
     factors = load_norm_factors(store)
     cc_cfg, identity = prepare_run(cfg, cc_cfg, store, run_dir, factors)
+    if (run_dir / "crosscoder.safetensors").exists() and not cfg.overwrite:  # finished with these settings
+        return CrossCoder.load(run_dir, device)
+    distributed.barrier()  # every rank has checked before rank 0 deletes
+    if cfg.overwrite and distributed.rank() == 0:
+        shutil.rmtree(run_dir, ignore_errors=True)
     total_steps = cfg.total_steps
     torch.manual_seed(cfg.seed)
     model = CrossCoder(cc_cfg).to(device).train()
@@ -267,7 +281,7 @@ def train_crosscoder(
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.resolved_lr(), betas=(cfg.beta1, cfg.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, total_steps, cfg))
     start = load_checkpoint(run_dir, model, optimizer, scheduler, device) if cfg.resume else 0
-    write_run(run_dir, identity, store)
+    wandb_id = write_run(run_dir, identity, store)
     objective = Objective(model)
     if world > 1:
         objective = DistributedDataParallel(
@@ -289,9 +303,10 @@ def train_crosscoder(
                 dir=str(run_dir),
                 mode=cfg.log_to,
                 name=run_dir.name,
-                config={**cfg.to_dict(), **cc_cfg.to_dict()},
+                config={**cfg.to_dict(), **cc_cfg.to_dict(), "store": portable(store.path), **store_identity(store)},
                 resume="allow",
-                id=run_dir.name,
+                id=wandb_id,
+                settings=wandb.Settings(silent=True),  # its banner and summary would fill the report
             )
     scale = factors[None, :, None].to(device)
     bar = tqdm(
@@ -347,6 +362,10 @@ def train_crosscoder(
             distributed.barrier()
     if run:
         run.finish()
+        print(
+            f"wandb ({cfg.log_to}) run {wandb_id} in {run.dir}"
+            + " (`wandb sync` uploads it)" * (cfg.log_to == "offline")
+        )
     model.eval()
     if not finite(model):
         raise FloatingPointError(diverged(run_dir, total_steps, "the weights are not finite"))
@@ -417,7 +436,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     record = json.loads((run_dir / "run.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     factors = torch.tensor(json.loads((run_dir / "norm_factors.json").read_text())["norm_factors"])
-    store = ActivationStore(record["store"])
+    store = ActivationStore(resolve(record["store"]))
     remedy = f"point {run_dir / 'run.json'}'s store at the store the run was trained on, or train again"
     check_same_settings(store.path, "a store", store_identity(store), record["store_identity"], remedy)
     if store.read_json("norm.json") is None or load_norm_factors(store).tolist() != factors.tolist():

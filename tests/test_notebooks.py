@@ -1,5 +1,6 @@
 """The notebooks run headless under papermill with small parameters, as a reviewer would run them."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -7,14 +8,17 @@ import nbformat
 import papermill
 import pytest
 
-from crosscoder_utils import ActivationStore
+from crosscoder_utils import ActivationStore, CollectConfig, CrossCoderConfig, OrganismConfig, TrainConfig
+from crosscoder_utils.notebook import check_parameters, declared
 from crosscoder_utils.organism import TINY
 
 NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
+INFERRED = {"d_model", "n_models"}  # CrossCoderConfig's shape comes from the store
 
 
 def run_notebook(name, folder, **parameters):
     output = Path(folder) / f"{name}.ipynb"
+    output.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(
         str(NOTEBOOKS / f"{name}.ipynb"),
         str(output),
@@ -69,13 +73,8 @@ def test_organism_and_collect_notebooks(collected):
     assert (out / "store/norms.png").stat().st_size > 10_000
 
 
-@pytest.fixture(scope="module")
-def trained(collected):
-    out = collected[0]
-    normalize_nb = run_notebook("02_normalize", out, store_dir=str(out / "store"), n_batches=4, tokens_per_batch=512)
-    train_nb = run_notebook(
-        "03_train",
-        out,
+def train_parameters(out):
+    return dict(
         store_dir=str(out / "store"),
         run_dir=str(out / "run"),
         dict_size=128,
@@ -90,6 +89,13 @@ def trained(collected):
         n_dedicated=8,
         resample_every=20,
     )
+
+
+@pytest.fixture(scope="module")
+def trained(collected):
+    out = collected[0]
+    normalize_nb = run_notebook("02_normalize", out, store_dir=str(out / "store"), n_batches=4, tokens_per_batch=512)
+    train_nb = run_notebook("03_train", out, **train_parameters(out))
     return out, normalize_nb, train_nb
 
 
@@ -134,21 +140,87 @@ def test_analyze_notebook_leads_with_the_verdict(trained, organism):
     assert text.index("predictions differ most") < text.index("precision")  # the verdict comes first
 
 
-def test_ground_truth_notebook(tmp_path):
-    run_dir = tmp_path / "gt"
-    notebook = run_notebook(
-        "05_ground_truth",
-        tmp_path,
-        run_dir=str(run_dir),
-        d_model=32,
-        n_shared=60,
-        n_exclusive=20,
-        n_tokens=40_000,
-        preset="relu",
-        overrides={"dict_size": 160, "tokens_per_step": 512},
-    )
+def test_running_train_again_reuses_the_finished_run(trained):
+    out = trained[0]
+    written = (out / "run/crosscoder.safetensors").stat().st_mtime_ns
+    again = run_notebook("03_train", out / "again", **train_parameters(out))
+    assert (out / "run/crosscoder.safetensors").stat().st_mtime_ns == written
+    assert "final: step 100" in outputs_text(again)
+
+
+GROUND_TRUTH = dict(
+    d_model=32,
+    n_shared=60,
+    n_exclusive=20,
+    n_tokens=40_000,
+    preset="relu",
+    overrides={"dict_size": 160, "tokens_per_step": 512},
+)
+
+
+@pytest.fixture(scope="module")
+def ground_truth_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ground_truth")
+    return out, run_notebook("05_ground_truth", out, run_dir=str(out / "gt"), **GROUND_TRUTH)
+
+
+def test_running_ground_truth_again_reuses_its_store_and_run(ground_truth_run):
+    out = ground_truth_run[0]
+    written = {p: p.stat().st_mtime_ns for p in (out / "gt").rglob("*.safetensors")}
+    run_notebook("05_ground_truth", out / "again", run_dir=str(out / "gt"), **GROUND_TRUTH)
+    assert written and {p: p.stat().st_mtime_ns for p in (out / "gt").rglob("*.safetensors")} == written
+
+
+def test_ground_truth_notebook(ground_truth_run):
+    out, notebook = ground_truth_run
+    run_dir = out / "gt"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["recovered"]) == {"shared", "base-only", "finetuned-only"}
     assert all(0 <= v <= 1 for v in summary["classified"].values())
     assert (run_dir / "relative_norms_by_truth.png").stat().st_size > 10_000
     assert "false exclusives" in outputs_text(notebook)
+
+
+def test_a_misspelt_parameter_is_refused_with_the_names_it_may_mean(tmp_path):
+    with pytest.raises(papermill.PapermillExecutionError, match=r"unknown parameters: l1_coef \(did you mean l1_coeff"):
+        run_notebook("03_train", tmp_path, l1_coef=5.0, run_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_parameter_of_the_wrong_type_is_refused_naming_it(tmp_path):
+    with pytest.raises(papermill.PapermillExecutionError, match=r"parameter dict_size must be int, got 'abc'"):
+        run_notebook("03_train", tmp_path, dict_size="abc", run_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_parameters_are_coerced_to_their_declared_types():
+    namespace = {  # as papermill leaves it: the parameters cell, its injected cell (-p n_batches 2e5 is a float)
+        "In": [
+            "",
+            "n_batches: int = 100\nratio: float = 0.5\nname: Optional[str] = None\n",
+            "# Parameters\nn_batches = 2e5\nratio = 1\nname = None\n",
+        ],
+        "n_batches": 2e5,
+        "ratio": 1,
+        "name": None,
+    }
+    check_parameters(namespace)
+    assert namespace["n_batches"] == 200_000 and type(namespace["n_batches"]) is int
+    assert namespace["ratio"] == 1.0 and type(namespace["ratio"]) is float and namespace["name"] is None
+
+
+def test_every_config_field_is_a_notebook_parameter():
+    fields = {
+        "01_collect": CollectConfig,
+        "03_train": (TrainConfig, CrossCoderConfig),
+        "00_organism": OrganismConfig,
+    }
+    for name, configs in fields.items():
+        cell = next(
+            c for c in nbformat.read(NOTEBOOKS / f"{name}.ipynb", 4).cells if "parameters" in c.metadata.get("tags", [])
+        )
+        params = declared(cell.source)
+        for config in configs if isinstance(configs, tuple) else (configs,):
+            missing = {f.name for f in dataclasses.fields(config)} - set(params) - INFERRED
+            assert not missing, (name, config.__name__, missing)
+        assert all(annotation for annotation in params.values()), name  # typed, so --help-notebook lists them

@@ -196,8 +196,9 @@ def test_every_token_excluded_is_caught_before_anything_is_written(make_model, t
 
 LOCKED = """
 import sys, time
-from crosscoder_utils.store import StoreWriter
-StoreWriter(sys.argv[1], {"from_arrays": 10, "shard_size": 1}, 2, 4, "float32")
+import numpy as np, torch
+from crosscoder_utils.store.writer import StoreWriter, arrays_settings
+StoreWriter(sys.argv[1], arrays_settings(torch.ones(10, 2, 4), np.full(10, -1), 1), 2, 4, "float32")
 print("locked", flush=True)
 time.sleep(60)
 """
@@ -209,12 +210,12 @@ def test_a_second_writer_is_refused_naming_the_process(tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         kept = tree(tmp_path / "s")
         with pytest.raises(RuntimeError, match=rf"is being written by process {holder.pid} \(lock file .*writer.lock"):
-            ActivationStore.from_arrays(tmp_path / "s", torch.randn(10, 2, 4), shard_size=1)
+            ActivationStore.from_arrays(tmp_path / "s", torch.ones(10, 2, 4), shard_size=1)
         assert tree(tmp_path / "s") == kept
     finally:
         holder.kill()
         holder.wait()
-    ActivationStore.from_arrays(tmp_path / "s", torch.randn(10, 2, 4), shard_size=1)  # the holder's lock is stale
+    ActivationStore.from_arrays(tmp_path / "s", torch.ones(10, 2, 4), shard_size=1)  # the holder's lock is stale
     assert not (tmp_path / "s/writer.lock").exists()
 
 
@@ -227,3 +228,18 @@ def test_damaged_files_are_named(store):
     meta.write_text(meta.read_text()[:50])
     with pytest.raises(ValueError, match=r"meta.json is not valid JSON .*the file is damaged"):
         ActivationStore(store.path)
+
+
+def test_the_spliced_loss_uses_the_val_documents_when_the_dataset_ran_out(make_model, texts, tmp_path):
+    from crosscoder_utils import load_model_pair
+    from crosscoder_utils.analysis import spliced_loss
+
+    cfg = CollectConfig.from_dict({**collect_cfg(make_model, texts[:40]).to_dict(), "n_tokens": 100_000})
+    with pytest.warns(UserWarning, match="the dataset ran out"):
+        store = collect_activations(cfg, tmp_path / "store")
+    estimate_norm_factors(store, n_batches=2, tokens_per_batch=256)
+    train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 5 * 256}), store, tmp_path / "run", CC)
+    run = load_run(tmp_path / "run")
+    pair = load_model_pair(cfg.base_model, cfg.finetuned_model, device="cpu")
+    results = spliced_loss(run.raw, pair, store, n_sequences=4)
+    assert len(results) == 2 and all(r.ce_clean < r.ce_zero for r in results)

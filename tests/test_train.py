@@ -1,6 +1,8 @@
+import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from crosscoder_utils import (
 )
 from crosscoder_utils.analysis import latent_kinds
 from crosscoder_utils.synthetic import SyntheticConfig, generate, score
+from crosscoder_utils.train import load_run
 
 # independent features at one firing rate, identical directions in both models, the fine-tune 4x larger
 EASY = SyntheticConfig(
@@ -121,8 +124,6 @@ def test_bad_runs_are_refused(ground_truth, tmp_path):
     with pytest.raises(ValueError, match="d_model=32 but the store .* has d_model=64"):
         train_crosscoder(cfg, store, tmp_path / "r1", CrossCoderConfig(d_model=32, dict_size=64))
     train_crosscoder(cfg, store, tmp_path / "r2", CrossCoderConfig(dict_size=64))
-    with pytest.raises(ValueError, match="already holds a run"):
-        train_crosscoder(cfg, store, tmp_path / "r2", CrossCoderConfig(dict_size=64))
     estimate_norm_factors(bare, n_batches=2, tokens_per_batch=256)
     with pytest.raises(ValueError, match="store_identity"):
         train_crosscoder(
@@ -133,6 +134,24 @@ def test_bad_runs_are_refused(ground_truth, tmp_path):
         )
     with pytest.raises(ValueError, match="unknown TrainConfig field"):
         TrainConfig.from_dict({"learning_rate": 1.0})
+
+
+def test_a_finished_run_is_reused_and_overwrite_trains_again(ground_truth, tmp_path):
+    store = ground_truth[0]
+    cfg = TrainConfig(tokens_per_step=256, train_tokens=2560, log_to="none")
+    first = train_crosscoder(cfg, store, tmp_path / "run", CrossCoderConfig(dict_size=64))
+    written = (tmp_path / "run/crosscoder.safetensors").stat().st_mtime_ns
+    again = train_crosscoder(cfg, store, tmp_path / "run", CrossCoderConfig(dict_size=64))
+    assert torch.equal(again.W_dec, first.W_dec)
+    assert (tmp_path / "run/crosscoder.safetensors").stat().st_mtime_ns == written  # read, not trained again
+    with pytest.raises(
+        ValueError, match=r"differing: \['crosscoder.dict_size'\]\); use another run_dir, or overwrite=True"
+    ):
+        train_crosscoder(cfg, store, tmp_path / "run", CrossCoderConfig(dict_size=32))
+    other = train_crosscoder(
+        dataclasses.replace(cfg, overwrite=True), store, tmp_path / "run", CrossCoderConfig(dict_size=32)
+    )
+    assert other.cfg.dict_size == 32 and CrossCoder.load(tmp_path / "run").cfg.dict_size == 32
 
 
 def test_data_init_starts_from_paired_activations(ground_truth, tmp_path):
@@ -275,3 +294,32 @@ def test_two_process_ddp_equals_single_process_training(ground_truth, tmp_path, 
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
     logged = [json.loads(line)["step"] for line in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()]
     assert logged == [6, 12, 18, 24]
+
+
+def test_a_run_records_a_store_inside_the_repository_relative_to_it(tmp_path):
+    from crosscoder_utils.files import REPO
+
+    inside = REPO / "outputs" / f"test-store-{os.getpid()}"
+    try:
+        store = ActivationStore.from_arrays(inside, torch.randn(3000, 2, 8))
+        estimate_norm_factors(store, n_batches=2, tokens_per_batch=256)
+        cfg = TrainConfig(tokens_per_step=256, train_tokens=2560, log_to="none")
+        train_crosscoder(cfg, store, tmp_path / "run", CrossCoderConfig(dict_size=32))
+        recorded = json.loads((tmp_path / "run/run.json").read_text())["store"]
+        assert recorded == f"outputs/test-store-{os.getpid()}"  # travels with the repository
+        assert Path(load_run(tmp_path / "run").store.path) == inside
+    finally:
+        shutil.rmtree(inside, ignore_errors=True)
+
+
+def test_runs_with_the_same_folder_name_get_their_own_wandb_id_and_a_resume_keeps_it(ground_truth, tmp_path):
+    store = ground_truth[0]
+    cfg = TrainConfig(tokens_per_step=256, train_tokens=2560, save_every=5, log_to="none")
+    ids = []
+    for parent in ("a", "b"):
+        train_crosscoder(cfg, store, tmp_path / parent / "run", CrossCoderConfig(dict_size=32))
+        ids.append(json.loads((tmp_path / parent / "run/run.json").read_text())["wandb_id"])
+    assert ids[0] != ids[1]
+    (tmp_path / "a/run/crosscoder.safetensors").unlink()
+    train_crosscoder(dataclasses.replace(cfg, resume=True), store, tmp_path / "a/run", CrossCoderConfig(dict_size=32))
+    assert json.loads((tmp_path / "a/run/run.json").read_text())["wandb_id"] == ids[0]

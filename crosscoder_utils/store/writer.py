@@ -7,6 +7,7 @@ written on local disk; a complete one can be copied anywhere fsspec reaches, or 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -195,6 +196,13 @@ def alive(pid: int) -> bool:
     return True
 
 
+def arrays_settings(activations: torch.Tensor, token_ids: np.ndarray, shard_size: int) -> dict:
+    """What identifies a store written from arrays: their size, sha256 and the shard size."""
+    digest = hashlib.sha256(activations.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+    digest.update(np.ascontiguousarray(token_ids).data)
+    return {"from_arrays": len(activations), "shard_size": shard_size, "sha256": digest.hexdigest()}
+
+
 def write_arrays(
     path: str | Path,
     activations,
@@ -205,7 +213,8 @@ def write_arrays(
     **meta,
 ) -> Path:
     """Write a store from activations you already have: [n, n_models, d_model] (tensor or array), with
-    optional ``token_ids`` [n]; ``meta`` adds or overrides entries of meta.json (e.g. ``models``)."""
+    optional ``token_ids`` [n]; ``meta`` adds or overrides entries of meta.json (e.g. ``models``). A store
+    written before from the same arrays (their sha256) is reused; one from other arrays is refused."""
     activations = torch.as_tensor(activations)
     if activations.ndim != 3 or activations.shape[1] < 2 or len(activations) == 0:
         raise ValueError(f"activations must be [n_tokens > 0, n_models >= 2, d_model], got {tuple(activations.shape)}")
@@ -222,9 +231,9 @@ def write_arrays(
         "d_model": d_model,
         "val_fraction": val_fraction,
     }
-    writer = StoreWriter(path, {"from_arrays": n, "shard_size": shard_size}, n_models, d_model, dtype)
-    if writer.complete:
-        raise ValueError(f"{path} already holds a complete store; pass a new path")
+    writer = StoreWriter(path, arrays_settings(activations, token_ids, shard_size), n_models, d_model, dtype)
+    if writer.complete:  # written before from the same arrays: reused
+        return writer.path
     rows = np.arange(n)
     for block in range(writer.progress["n_blocks"], -(-n // shard_size)):
         part = slice(block * shard_size, (block + 1) * shard_size)
