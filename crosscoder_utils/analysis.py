@@ -366,15 +366,18 @@ def token_divergence(
     model: int = 1,
     split: str = "val",
     seqs_per_batch: int = 16,
+    max_tokens: int | None = None,
 ) -> TokenDivergence:
     """KL(model ‖ base) of the next-token distributions, and the norm of the activation difference at the
-    site, on every stored token of a split: the baseline view of where two models differ, which also
-    checks the crosscoder against the models themselves. The split's documents are tokenised again
-    from the store's dataset and run through both models."""
+    site, on every stored token of a split (its first ``max_tokens``, as ``encoded_batches`` reads them):
+    the baseline view of where two models differ, which also checks the crosscoder against the models
+    themselves. The split's documents are tokenised again from the store's dataset and run through both
+    models."""
     if "site" not in store.meta["settings"]:
         raise ValueError("per-token divergence needs a store collected from models (not from_arrays)")
     cfg = CollectConfig.from_dict(store.meta["settings"])
-    rows = np.arange(store.split_range(split).start, store.split_range(split).stop)
+    span = store.split_range(split)
+    rows = np.arange(span.start, span.stop if max_tokens is None else min(span.stop, span.start + max_tokens))
     seq, pos = (t.numpy() for t in store.positions(rows))
     first, last = int(seq.min()), int(seq.max())
     tokenizer = pair.tokenizer

@@ -80,6 +80,7 @@ def build_dashboard(
     latents_per_shard: int = 256,
     tokens_per_batch: int = 4096,
     device: str = "cpu",
+    max_tokens: int | None = None,
 ) -> Path:
     """Write the dashboard of a finished run (default ``<run_dir>/dashboard``); returns its folder.
 
@@ -87,7 +88,7 @@ def build_dashboard(
     latent's ``n_top`` top contexts and ``n_sample`` contexts drawn uniformly from its firings (shown by
     activation quantile), ``width`` tokens either side. The ranking and kinds are ``analysis.difference_table``'s
     (with the models' per-token KL when the store was collected from models); ``organism_dir`` adds which
-    planted behaviour each latent fires on."""
+    planted behaviour each latent fires on; ``max_tokens`` reads only the split's first tokens."""
     run = load_run(run_dir, device)
     cc, store, factors = run.crosscoder, run.store, run.norm_factors
     out = Path(out_dir) if out_dir else Path(run_dir) / "dashboard"
@@ -97,8 +98,8 @@ def build_dashboard(
     (out / "data").mkdir()
     tokenizer = AutoTokenizer.from_pretrained(store.meta["models"][0]) if store.meta["site"] else None
     pair = load_model_pair(*store.meta["models"], device=device) if store.meta["site"] else None
-    val = lambda: A.encoded_batches(cc, store, factors, "val", tokens_per_batch)
-    divergence = A.token_divergence(pair, store, factors) if pair else None
+    val = lambda: A.encoded_batches(cc, store, factors, "val", tokens_per_batch, max_tokens)
+    divergence = A.token_divergence(pair, store, factors, max_tokens=max_tokens) if pair else None
     table = A.difference_table(cc, val(), divergence, 1, exclusive_share, changed_cosine)
     nu = {}
     for scaling in A.exclusive_latent_scaling(cc, val, table).values():
