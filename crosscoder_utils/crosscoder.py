@@ -302,14 +302,19 @@ class CrossCoder(nn.Module):
         )
         self.cfg.save(directory / "cfg.json")
 
-    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None) -> str:
-        """Upload what ``save`` writes to a Hub model repo; ``CrossCoder.load(repo_id)`` reads it back."""
+    def push_to_hub(
+        self, repo_id: str, card: str | None = None, private: bool | None = None, token: str | None = None
+    ) -> str:
+        """Upload what ``save`` writes to a Hub model repo, with ``card`` (``train.model_card``) as its
+        README.md; ``CrossCoder.load(repo_id)`` reads it back."""
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as directory:
             self.save(directory)
+            if card:
+                Path(directory, "README.md").write_text(card)
             api.upload_folder(
                 repo_id=repo_id,
                 folder_path=directory,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import yaml
 from einops import rearrange
 from safetensors.torch import load_file
 from torch import nn
@@ -34,8 +35,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import distributed
-from .config import CrossCoderConfig, TrainConfig
-from .crosscoder import CrossCoder
+from .config import CrossCoderConfig, TrainConfig, model_roles
+from .crosscoder import MODEL_LETTERS, CrossCoder
 from .files import check_same_settings, portable, resolve, write_json
 from .models import resolve_device
 from .normalize import load_norm_factors
@@ -450,6 +451,49 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
         store,
         factors,
         metrics,
+    )
+
+
+def model_card(run: Run, repo_id: str) -> str:
+    """README.md for the run's raw crosscoder on the Hub: YAML metadata (tags; the models as ``base_model`` and
+    the dataset, when they are Hub ids) and what a reader needs to use it: models and revisions, site and
+    layer, data, tokens, the dictionary, final metrics, and how to load it."""
+    meta, cc, last = run.store.meta, run.crosscoder.cfg, run.metrics[-1]
+    dataset = meta.get("dataset") or {}
+    hub = lambda names: [name for name in names if name and not Path(name).expanduser().exists()]  # Hub ids only
+    front = {
+        "library_name": "crosscoder_utils",
+        "tags": ["crosscoder", "model-diffing", "sparse-autoencoder", "interpretability"],
+        "base_model": hub(meta["models"]) if meta.get("site") else None,
+        "datasets": hub([dataset.get("name")]),
+    }
+    front = {key: value for key, value in front.items() if value}
+    roles = model_roles(cc.n_models)
+    explained = ", ".join(
+        f"{role} {last[f'explained_variance_{MODEL_LETTERS[m]}']:.4f}" for m, role in enumerate(roles)
+    )
+    sparsity = f"k {cc.k}" if cc.variant == "batchtopk" else f"λ {cc.l1_coeff}"
+    rows = {
+        "models": ", ".join(f"{role}: `{name}`" for role, name in zip(roles, meta["models"])),
+        "revisions": ", ".join(str(r) for r in meta.get("revisions", [None] * cc.n_models)),
+        "site": f"{meta.get('site')}, layer {meta.get('layer')} (d_model {meta['d_model']})",
+        "data": f"`{dataset.get('name')}` (split {dataset.get('split')}, column {dataset.get('text_column')})",
+        "store": f"{meta['n_tokens']:,} tokens; BOS and other exclusions: {meta.get('exclusions')}",
+        "training": f"{run.cfg.train_tokens:,} tokens, {run.cfg.tokens_per_step} per step, seed {run.cfg.seed}",
+        "dictionary": f"{cc.variant}, {cc.dict_size} latents, {sparsity}",
+        "final metrics": f"explained variance {explained}; L0 {last['l0']:.1f}; dead {last['dead_fraction']:.1%}",
+        "units": "raw activations (the norm factors are folded into the weights)",
+    }
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows.items())
+    return (
+        f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
+        f"# {cc.variant} crosscoder: {' vs '.join(meta['models'])}\n\n"
+        "A crosscoder trained with crosscoder_utils: one latent dictionary read from and decoded into each "
+        "model's activations at the site below (model 0 is the base).\n\n"
+        f"| | |\n|---|---|\n{table}\n\n"
+        "```python\nfrom crosscoder_utils import CrossCoder\n\n"
+        f'cc = CrossCoder.load("{repo_id}")\n'
+        "f = cc.encode(x)  # x: [tokens, n_models, d_model], each model's raw activation at the site\n```\n"
     )
 
 

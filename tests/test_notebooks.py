@@ -7,10 +7,12 @@ from pathlib import Path
 import nbformat
 import papermill
 import pytest
+import yaml
 
 from crosscoder_utils import ActivationStore, CollectConfig, CrossCoderConfig, OrganismConfig, TrainConfig
 from crosscoder_utils.notebook import check_parameters, declared
 from crosscoder_utils.organism import TINY
+from crosscoder_utils.train import load_run, model_card
 
 NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
 INFERRED = {"d_model", "n_models"}  # CrossCoderConfig's shape comes from the store
@@ -138,6 +140,18 @@ def test_analyze_notebook_leads_with_the_verdict(trained, organism):
     assert 0 < summary["loss recovered, base"] <= 1.01 and 0 < summary["loss recovered, finetuned"] <= 1.01
     text = outputs_text(analyze_nb)
     assert text.index("predictions differ most") < text.index("precision")  # the verdict comes first
+
+
+def test_the_model_card_says_what_the_crosscoder_reads(trained):
+    card = model_card(load_run(trained[0] / "run"), "owner/name")
+    _, front, body = card.split("---\n", 2)
+    metadata = yaml.safe_load(front)
+    assert metadata["library_name"] == "crosscoder_utils" and "crosscoder" in metadata["tags"]
+    assert "base_model" not in metadata  # local model directories are not Hub ids
+    assert (
+        "| site | resid_post, layer 1 (d_model 64) |" in body and "| dictionary | batchtopk, 128 latents, k 8 |" in body
+    )
+    assert 'CrossCoder.load("owner/name")' in body
 
 
 def test_running_train_again_reuses_the_finished_run(trained):
