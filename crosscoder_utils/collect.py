@@ -206,7 +206,10 @@ def preflight(traced: TracedPair, cfg: CollectConfig) -> int:
     first = list(itertools.islice(tokenize(texts, pair.tokenizer, cfg.seq_len), cfg.seqs_per_batch))
     if not first:
         name = cfg.dataset if isinstance(cfg.dataset, str) else "list"
-        raise ValueError(f"dataset {name} yields no tokens (split {cfg.split!r}, column {cfg.text_column!r})")
+        raise ValueError(
+            f"dataset {name} yields no tokens (split {cfg.split!r}, column {cfg.text_column!r}, seq_len {cfg.seq_len}"
+            + ("; a sequence of 1 token holds only BOS)" if cfg.seq_len == 1 else ")")
+        )
     if not keep_mask(*traced.pad(first), cfg, pair.tokenizer.bos_token_id).any():
         raise ValueError(
             f"every token of the first {len(first)} sequences is excluded (seq_len {cfg.seq_len}, exclude_bos "

@@ -19,6 +19,18 @@ STORE_DTYPES = ("float32", "float16", "bfloat16")
 MODEL_DTYPES = (*STORE_DTYPES, "float64")
 
 
+FIELD_TYPES = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+    "list": (list,),
+    "dict": (dict,),
+    "None": (type(None),),
+}
+"""The Python types each annotation of a config field accepts."""
+
+
 def model_roles(n_models: int) -> list[str]:
     """The name of each model by its role: ``base`` (model 0), then ``finetuned`` (or ``finetuned_1``,
     ``finetuned_2`` ... when there are several fine-tunes). Metrics, latent kinds and figures use these."""
@@ -54,6 +66,15 @@ class ConfigBase:
     @classmethod
     def load(cls, path: str | Path):
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def check_types(self) -> None:
+        """Refuse a field whose value is not of its annotated type (an int field given 2.5 or "5"; a float
+        field takes an int)."""
+        for f in dataclasses.fields(self):
+            allowed = tuple(t for part in str(f.type).split("|") for t in FIELD_TYPES.get(part.strip(), (object,)))
+            value = getattr(self, f.name)
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                raise TypeError(f"{f.name} must be {f.type}, got {value!r} ({type(value).__name__})")
 
     @classmethod
     def from_namespace(cls, namespace: dict):
@@ -140,6 +161,7 @@ class CollectConfig(ConfigBase):
     """Hub revision of both models (None: the default branch)."""
 
     def __post_init__(self):
+        self.check_types()
         if self.site not in SITES and "." not in self.site:
             raise ValueError(
                 f"site={self.site!r}: use one of {list(SITES)} or an explicit module path like 'model.layers.3.mlp'"
@@ -200,6 +222,7 @@ class OrganismConfig(ConfigBase):
     """Stories generated for pre-training; the fine-tuning and collection corpora are drawn beside them."""
 
     def __post_init__(self):
+        self.check_types()
         check_range("seed", self.seed, at_least=0)
         sizes = ("d_model", "n_layers", "n_heads", "vocab_size", "seq_len", "seqs_per_step", "base_steps")
         for name in (*sizes, "finetune_steps", "n_docs"):
@@ -253,6 +276,7 @@ class CrossCoderConfig(ConfigBase):
     for every other model are structurally zero, so they can only read and write model m."""
 
     def __post_init__(self):
+        self.check_types()
         _check_choice("variant", self.variant, ("relu", "batchtopk"))
         check_range("d_model", self.d_model, above=0, optional=True)
         check_range("n_models", self.n_models, at_least=2, optional=True)
@@ -346,6 +370,7 @@ class TrainConfig(ConfigBase):
         return self.lr if self.lr is not None else min(1e-2, self.lr_steps_product / self.total_steps)
 
     def __post_init__(self):
+        self.check_types()
         _check_choice("log_to", self.log_to, ("offline", "online", "none"))
         _check_choice("init", self.init, ("random", "data"))
         check_range("lr", self.lr, above=0, at_most=1, optional=True)

@@ -331,6 +331,16 @@ class CrossCoder(nn.Module):
             from huggingface_hub import snapshot_download
 
             directory = Path(snapshot_download(directory, allow_patterns=["crosscoder.safetensors", "cfg.json"]))
-        model = cls(CrossCoderConfig.load(directory / "cfg.json"))
-        model.load_state_dict(load_file(directory / "crosscoder.safetensors", device=device))
+        try:
+            model = cls(CrossCoderConfig.load(directory / "cfg.json"))
+            weights = load_file(directory / "crosscoder.safetensors", device=device)
+            model.load_state_dict(weights)
+        except (ValueError, RuntimeError, OSError) as error:  # JSON, safetensors and shape errors
+            if isinstance(error, FileNotFoundError):
+                raise
+            raise ValueError(
+                f"the crosscoder in {directory} cannot be read ({error}): cfg.json or crosscoder.safetensors is damaged"
+            ) from error
+        if not all(bool(torch.isfinite(w).all()) for w in weights.values()):
+            raise ValueError(f"{directory / 'crosscoder.safetensors'} holds non-finite weights (NaN or inf)")
         return model.to(device).eval()

@@ -66,3 +66,34 @@ def fingerprint(path: str | Path) -> dict[str, list]:
             digest = hashlib.file_digest(handle, "sha256").hexdigest()
         result[str(file.relative_to(path)) if path.is_dir() else file.name] = [file.stat().st_size, digest]
     return result
+
+
+def take_lock(lock: Path) -> None:
+    """Create ``lock`` holding this process's id; refuse when another live process holds it (a lock left by
+    a process that is gone, or by this one, is taken over)."""
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = int(lock.read_text() or 0)
+            if holder not in (0, os.getpid()) and alive(holder):
+                raise RuntimeError(
+                    f"{lock.parent} is being written by process {holder} (lock file {lock}); wait for it to "
+                    "finish, or delete the lock file if that process no longer writes there"
+                ) from None
+            lock.unlink(missing_ok=True)
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import SITES
+from .config import MODEL_DTYPES, SITES
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 1234 <|user|> Hello!\n"
 PROBE_TEXTS = (
@@ -105,6 +105,10 @@ def local_or_hub(name: str | Path) -> str | Path:
     text = str(name)
     if isinstance(name, Path) or text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise FileNotFoundError(f"no such directory: {text}")
+    if "/" in text and Path(text.split("/")[0]).is_dir():  # owner/name whose owner is a local folder: a typo
+        raise FileNotFoundError(
+            f"no such directory: {text} (its folder {text.split('/')[0]}/ is here; not sent to the Hub)"
+        )
     return text
 
 
@@ -122,6 +126,8 @@ def load_model_pair(
 ) -> ModelPair:
     """Load two causal LMs (Hub ids or local directories, see ``local_or_hub``) and refuse a pair whose
     tokenizers differ."""
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {list(MODEL_DTYPES)}")
     sources = [local_or_hub(name) for name in (base_model, finetuned_model)]  # a missing path fails here, at once
     tokenizers = [
         AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)

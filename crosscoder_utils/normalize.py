@@ -7,6 +7,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from .config import check_range
 from .store import ActivationStore
 
 
@@ -18,6 +19,8 @@ def estimate_norm_factors(
     Averaged over ``n_batches`` shuffled training batches. Excluded tokens (BOS, chat tokens ...) were
     never stored, so they never count. The factors are written to ``<store>/norm.json``.
     """
+    check_range("n_batches", n_batches, above=0)
+    check_range("tokens_per_batch", tokens_per_batch, above=0)
     norms = []
     batches = store.batches(min(tokens_per_batch, len(store.split_range("train"))), seed=seed)
     for batch, _ in zip(batches, tqdm(range(n_batches), desc="norm factors")):
@@ -37,8 +40,20 @@ def load_norm_factors(store: ActivationStore) -> torch.Tensor:
         raise FileNotFoundError(
             f"{store.path} has no norm.json: run 02_normalize (estimate_norm_factors) on this store first"
         )
-    factors = torch.tensor(norm["norm_factors"], dtype=torch.float32)
-    check_factors(factors, store.n_models, f"{store.path}/norm.json")
+    where = f"{store.path}/norm.json"
+    try:
+        factors = torch.tensor(norm["norm_factors"], dtype=torch.float32)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"{where} holds no list of numbers under 'norm_factors' ({error!r}): estimate them again"
+        ) from error
+    check_factors(factors, store.n_models, where)
+    scaled = factors * torch.tensor(store.meta["mean_norm"]) / math.sqrt(store.d_model)
+    if not ((scaled > 0.5) & (scaled < 2)).all():  # estimated factors scale the mean norm to about sqrt(d_model)
+        raise ValueError(
+            f"{where} scales the store's mean activation norms to {scaled.tolist()} × sqrt(d_model), not about 1: "
+            "they are not this store's factors; estimate them again (02_normalize)"
+        )
     return factors
 
 

@@ -55,6 +55,7 @@ class SyntheticConfig(ConfigBase):
     """Seed of the dictionary and of the activations."""
 
     def __post_init__(self):
+        self.check_types()
         check_range("d_model", self.d_model, above=0)
         check_range("n_models", self.n_models, at_least=2)
         check_range("n_shared", self.n_shared, above=0)  # parents (parent_frac) are drawn from the shared features

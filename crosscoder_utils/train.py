@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import CrossCoderConfig, TrainConfig, model_roles
 from .crosscoder import MODEL_LETTERS, CrossCoder
-from .files import check_same_settings, portable, resolve, write_json
+from .files import check_same_settings, portable, resolve, take_lock, write_json
 from .models import resolve_device
 from .normalize import load_norm_factors
 from .store import ActivationStore
@@ -171,10 +171,10 @@ def load_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, devi
             state = torch.load(checkpoint / "state.pt", weights_only=True)
             if not all(bool(torch.isfinite(w).all()) for w in weights.values()):
                 raise ValueError("non-finite weights")
+            model.load_state_dict(weights)
         except Exception as error:  # a truncated or damaged file: fall back to the checkpoint before it
             warnings.warn(f"checkpoint {checkpoint} cannot be used ({error}); trying the one before it", stacklevel=3)
             continue
-        model.load_state_dict(weights)
         optimizer.load_state_dict(states["optimizer"])
         scheduler.load_state_dict(states["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -199,6 +199,8 @@ def prepare_run(
         raise ValueError(
             f"the store's train split ({train_rows} tokens) is smaller than one step ({cfg.tokens_per_step} tokens)"
         )
+    if cc_cfg.variant == "batchtopk" and (cfg.k_anneal_from or 0) > cc_cfg.dict_size:
+        raise ValueError(f"k_anneal_from ({cfg.k_anneal_from}) must be at most dict_size ({cc_cfg.dict_size})")
     if cfg.init == "data" and train_rows < cc_cfg.dict_size:
         raise ValueError(
             f"init='data' starts each of the {cc_cfg.dict_size} latents from a distinct token, but the store's "
@@ -211,7 +213,7 @@ def prepare_run(
         "norm_factors": factors.tolist(),
     }
     if (run_dir / "run.json").exists() and not cfg.overwrite:
-        before = json.loads((run_dir / "run.json").read_text())
+        before = read_record(run_dir / "run.json")
         check_same_settings(
             run_dir,
             "a run",
@@ -232,10 +234,11 @@ def write_run(run_dir: Path, identity: dict, store: ActivationStore) -> str:
     the run's wandb id: new for a new run (unique, so that two runs with the same folder name never merge),
     kept from run.json on a resume."""
     distributed.barrier()
-    record = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    record = read_record(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
     wandb_id = record.get("wandb_id") or uuid.uuid4().hex[:16]
     if distributed.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        take_lock(run_dir / "train.lock")  # released after the export: one trainer per run_dir
         write_json(run_dir / "run.json", {**identity, "store": portable(store.path), "wandb_id": wandb_id})
     return wandb_id
 
@@ -262,7 +265,7 @@ def train_crosscoder(
     selection and threshold, the dead-latent counts, the auxiliary loss's normalisation, resampling) is
     global, so the result is single-process training's. Rank 0 logs, checkpoints and exports.
     """
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).expanduser()
     device = distributed.init_from_env(cfg.device)
     rank, world = distributed.rank(), distributed.world_size()
     if cfg.tokens_per_step % world:
@@ -290,8 +293,8 @@ def train_crosscoder(
         )
     metrics_file, run = run_dir / "metrics.jsonl", None
     if rank == 0:
-        kept = (
-            [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= start]
+        kept = (  # a line a kill cut short is dropped with the steps after the checkpoint
+            [line for line in metrics_file.read_text().splitlines() if logged_step(line) <= start]
             if start and metrics_file.exists()
             else []
         )
@@ -372,8 +375,25 @@ def train_crosscoder(
         raise FloatingPointError(diverged(run_dir, total_steps, "the weights are not finite"))
     if rank == 0:
         export(model, factors, run_dir)
+        (run_dir / "train.lock").unlink()
     distributed.barrier()
     return model
+
+
+def logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinite for a line cut short."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError):
+        return math.inf
+
+
+def read_record(path: Path) -> dict:
+    """A JSON file of a run (run.json), or an error naming it when it is damaged."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): the file is damaged") from error
 
 
 def diverged(run_dir: Path, step: int, what: str) -> str:
@@ -431,12 +451,12 @@ class Run(NamedTuple):
 def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     """Read back what ``train_crosscoder`` wrote into ``run_dir`` (run.json, the export, metrics.jsonl);
     the crosscoders on ``device`` (``auto``: cuda when available)."""
-    run_dir, device = Path(run_dir), resolve_device(device)
+    run_dir, device = Path(run_dir).expanduser(), resolve_device(device)
     if not (run_dir / "crosscoder.safetensors").exists():
         raise FileNotFoundError(f"{run_dir} holds no finished run (no crosscoder.safetensors): train it with 03_train")
-    record = json.loads((run_dir / "run.json").read_text())
+    record = read_record(run_dir / "run.json")
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    factors = torch.tensor(json.loads((run_dir / "norm_factors.json").read_text())["norm_factors"])
+    factors = torch.tensor(read_record(run_dir / "norm_factors.json")["norm_factors"])
     store = ActivationStore(resolve(record["store"]))
     remedy = f"point {run_dir / 'run.json'}'s store at the store the run was trained on, or train again"
     check_same_settings(store.path, "a store", store_identity(store), record["store_identity"], remedy)

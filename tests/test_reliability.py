@@ -1,6 +1,7 @@
 """Faults, bad input and changed input: a clear error before compute is spent (naming the file, step or
 setting), and nothing already written changed or lost."""
 
+import json
 import os
 import subprocess
 import sys
@@ -46,7 +47,10 @@ CC = CrossCoderConfig(dict_size=64)
 def test_a_float16_overflow_is_refused_before_the_shard_is_written(tmp_path):
     x = torch.randn(100, 2, 8)
     x[50, 1, 3] = 1e5  # above float16's 65,504
-    with pytest.raises(ValueError, match=r"float16 at row 50, model 1 .*1e\+05.*float16 holds at most 65,504"):
+    with pytest.raises(
+        ValueError,
+        match=r"float16 at sequence 50 .*\(for arrays: row 50\), model 1 .*1e\+05.*float16 holds at most 65,504",
+    ):
         ActivationStore.from_arrays(tmp_path / "s", x, dtype="float16")
     assert not list((tmp_path / "s/shards").iterdir()) and not (tmp_path / "s/meta.json").exists()
 
@@ -243,3 +247,97 @@ def test_the_spliced_loss_uses_the_val_documents_when_the_dataset_ran_out(make_m
     pair = load_model_pair(cfg.base_model, cfg.finetuned_model, device="cpu")
     results = spliced_loss(run.raw, pair, store, n_sequences=4)
     assert len(results) == 2 and all(r.ce_clean < r.ce_zero for r in results)
+
+
+def test_a_refused_write_leaves_nothing_that_blocks_the_corrected_call(tmp_path):
+    x = torch.randn(100, 2, 8)
+    x[7, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite activations .* at sequence 7 position 0 \(for arrays: row 7\)"):
+        ActivationStore.from_arrays(tmp_path / "s", x)
+    x[7, 0, 0] = 0.0
+    assert len(ActivationStore.from_arrays(tmp_path / "s", x)) == 100
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(dtype="int8"), r"dtype='int8' is not one of"),
+        (dict(shard_size=0), r"shard_size must be > 0, got 0"),
+        (dict(val_fraction=1.5), r"val_fraction must be in \[0, 1\), got 1.5"),
+    ],
+)
+def test_bad_store_options_are_refused_before_anything_is_written(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        ActivationStore.from_arrays(tmp_path / "s", torch.randn(100, 2, 8), **options)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_config_value_of_the_wrong_type_is_refused_naming_the_field():
+    with pytest.raises(TypeError, match=r"seq_len must be int, got 32.5 \(float\)"):
+        CollectConfig(seq_len=32.5)
+
+
+def test_an_export_with_non_finite_weights_is_refused_at_load(store, tmp_path):
+    train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 10 * 256}), store, tmp_path / "run", CC)
+    weights = load_file(tmp_path / "run/crosscoder.safetensors")
+    weights["W_enc"][0, 0, 0] = float("nan")
+    save_file(weights, tmp_path / "run/crosscoder.safetensors")
+    with pytest.raises(ValueError, match=r"crosscoder.safetensors holds non-finite weights"):
+        load_run(tmp_path / "run")
+
+
+@pytest.mark.parametrize("name", ["run.json", "cfg.json", "norm_factors.json"])
+def test_a_damaged_run_file_is_named(store, tmp_path, name):
+    train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 10 * 256}), store, tmp_path / "run", CC)
+    path = tmp_path / "run" / name
+    path.write_text(path.read_text()[:20])
+    with pytest.raises(ValueError, match=rf"{name}.*damaged|cannot be read .*damaged"):
+        load_run(tmp_path / "run")
+
+
+def test_damaged_store_files_are_named(store):
+    store.write_json("norm.json", {"factors": [1.0, 1.0]})
+    with pytest.raises(ValueError, match=r"norm.json holds no list of numbers under 'norm_factors'"):
+        load_norm_factors(store)
+    store.write_json("norm.json", {"norm_factors": [1e30, 1e30]})
+    with pytest.raises(ValueError, match=r"norm.json scales the store's mean activation norms .* not about 1"):
+        load_norm_factors(store)
+    meta = Path(store.path, "meta.json")
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "shards"}))
+    with pytest.raises(ValueError, match=r"meta.json lacks \['shards'\]"):
+        ActivationStore(store.path)
+
+
+def test_a_resume_ignores_a_metrics_line_cut_short_and_a_checkpoint_of_another_shape(store, tmp_path):
+    train_crosscoder(TrainConfig(**CFG), store, tmp_path / "whole", CC)
+    killed = tmp_path / "killed"
+    train_crosscoder(TrainConfig(**CFG), store, killed, CC)
+    (killed / "crosscoder.safetensors").unlink()
+    with (killed / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4')  # a kill in the middle of a line
+    other = train_crosscoder(
+        TrainConfig(**{**CFG, "train_tokens": 10 * 256}), store, tmp_path / "small", CrossCoderConfig(dict_size=32)
+    )
+    other.save(killed / "checkpoints/step_0000030")  # the newest checkpoint now has another shape
+    with pytest.warns(UserWarning, match=r"step_0000030 cannot be used"):
+        train_crosscoder(TrainConfig(**CFG, resume=True), store, killed, CC)
+    resumed, whole = (load_file(tmp_path / name / "crosscoder.safetensors") for name in ("killed", "whole"))
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+    assert (killed / "metrics.jsonl").read_text() == (tmp_path / "whole/metrics.jsonl").read_text()
+
+
+def test_a_second_trainer_is_refused_naming_the_first(store, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/train.lock").write_text(str(os.getppid()))  # a live process holds the run
+    with pytest.raises(RuntimeError, match=rf"being written by process {os.getppid()}"):
+        train_crosscoder(TrainConfig(**CFG), store, tmp_path / "run", CC)
+    assert not (tmp_path / "run/run.json").exists()
+
+
+def test_an_owner_name_whose_owner_is_a_local_folder_is_not_sent_to_the_hub(make_model, tmp_path, monkeypatch):
+    from crosscoder_utils import load_model_pair
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mdl").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no such directory: mdl/bse \(its folder mdl/ is here"):
+        load_model_pair("mdl/bse", make_model())

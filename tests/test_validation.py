@@ -51,7 +51,6 @@ BAD_VALUES = [
     (TrainConfig, "lr", 0.0, "lr must be in (0, 1] or None, got 0.0"),
     (TrainConfig, "lr", -1e-3, "lr must be in (0, 1] or None, got -0.001"),
     (TrainConfig, "lr", 10.0, "lr must be in (0, 1] or None, got 10.0"),
-    (TrainConfig, "lr", "1e-3", "lr must be in (0, 1] or None, got '1e-3'"),
     (TrainConfig, "lr_steps_product", 0.0, "lr_steps_product must be > 0, got 0.0"),
     (TrainConfig, "beta2", 1.0, "beta2 must be in [0, 1), got 1.0"),
     (TrainConfig, "tokens_per_step", 0, "tokens_per_step must be > 0, got 0"),

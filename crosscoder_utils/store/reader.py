@@ -58,6 +58,11 @@ class ActivationStore:
             interrupted = self.fs.exists(f"{self.root}/progress.json")
             hint = " A collection into it was interrupted: re-run it with the same arguments to resume." * interrupted
             raise FileNotFoundError(f"no complete activation store at {self.path} (meta.json is missing).{hint}")
+        missing_keys = [k for k in ("shards", "n_shards", "n_tokens", "n_models", "d_model") if k not in self.meta]
+        if missing_keys:
+            raise ValueError(
+                f"{self.root}/meta.json lacks {missing_keys}: the file is damaged; collect or copy it again"
+            )
         names, sizes, self.checksums = zip(*self.meta["shards"]) if self.meta["shards"] else ((), (), ())
         missing = [] if self.remote else [n for n in names if not (Path(self.root) / "shards" / n).is_dir()]
         if len(names) != self.meta["n_shards"] or sum(sizes) != self.meta["n_tokens"] or missing:
@@ -117,6 +122,12 @@ class ActivationStore:
                 f"shard {self.shard_names[s]} of the store at {self.path} cannot be read ({error}); "
                 "collect or copy the store again"
             ) from error
+        width = table.schema.field("acts").type.list_size
+        if width != self.n_models * self.d_model:
+            raise ValueError(
+                f"shard {self.shard_names[s]} of the store at {self.path} holds rows of {width} values, but meta.json "
+                f"says n_models {self.n_models} × d_model {self.d_model}: meta.json or the shard is damaged"
+            )
         batches = table.to_batches()
         columns = {
             name: [

@@ -20,7 +20,8 @@ import torch
 from datasets.filesystems import is_remote_filesystem
 from datasets.table import InMemoryTable
 
-from ..files import check_same_settings, differing_keys, write_json
+from ..config import STORE_DTYPES, check_range
+from ..files import check_same_settings, differing_keys, take_lock, write_json
 from .format import from_storage, shard_rows, shard_table, to_storage
 
 
@@ -64,7 +65,18 @@ class StoreWriter:
         self.shards = self.path / "shards"
         progress_file = self.path / "progress.json"
         if progress_file.exists():
-            self.progress = json.loads(progress_file.read_text())
+            try:
+                self.progress = json.loads(progress_file.read_text())
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{progress_file} is damaged ({error}); delete the store at {self.path} to collect again"
+                ) from error
+        if progress_file.exists() and self.progress["n_blocks"] == 0:  # a refused or killed start: nothing to keep
+            if lock:
+                take_lock(self.path / "writer.lock")  # unless another writer is at work there
+            progress_file.unlink()
+            shutil.rmtree(self.shards, ignore_errors=True)
+        if progress_file.exists():
             check_same_settings(
                 self.path,
                 "an activation store",
@@ -119,7 +131,8 @@ class StoreWriter:
             row, model = (~torch.isfinite(stored)).any(-1).nonzero()[0]
             value = activations[row, model].abs().max().item()
             raise ValueError(
-                f"non-finite activations (NaN or inf) in {self.dtype} at row {row.item()}, model {model.item()} "
+                f"non-finite activations (NaN or inf) in {self.dtype} at sequence {int(seq[row])} position "
+                f"{int(pos[row])} (for arrays: row {int(seq[row])}), model {model.item()} "
                 f"(largest |value| there before the cast: {value:.4g}); nothing of this shard was written"
                 + ("; float16 holds at most 65,504: collect in float32 or bfloat16" if self.dtype == "float16" else "")
             )
@@ -165,37 +178,6 @@ class StoreWriter:
         return self.path
 
 
-def take_lock(lock: Path) -> None:
-    """Create ``lock`` holding this process's id; refuse when another live process holds it (a lock left by
-    a process that is gone, or by this one, is taken over)."""
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = int(lock.read_text() or 0)
-            if holder not in (0, os.getpid()) and alive(holder):
-                raise RuntimeError(
-                    f"{lock.parent} is being written by process {holder} (lock file {lock}); wait for it to "
-                    "finish, or delete the lock file if that process no longer writes there"
-                ) from None
-            lock.unlink(missing_ok=True)
-            continue
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return
-
-
-def alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def arrays_settings(activations: torch.Tensor, token_ids: np.ndarray, shard_size: int) -> dict:
     """What identifies a store written from arrays: their size, sha256 and the shard size."""
     digest = hashlib.sha256(activations.detach().cpu().contiguous().view(torch.uint8).numpy().data)
@@ -216,6 +198,10 @@ def write_arrays(
     optional ``token_ids`` [n]; ``meta`` adds or overrides entries of meta.json (e.g. ``models``). A store
     written before from the same arrays (their sha256) is reused; one from other arrays is refused."""
     activations = torch.as_tensor(activations)
+    check_range("shard_size", shard_size, above=0)
+    check_range("val_fraction", val_fraction, at_least=0, below=1)
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {list(STORE_DTYPES)}")
     if activations.ndim != 3 or activations.shape[1] < 2 or len(activations) == 0:
         raise ValueError(f"activations must be [n_tokens > 0, n_models >= 2, d_model], got {tuple(activations.shape)}")
     n, n_models, d_model = activations.shape
