@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -335,7 +336,7 @@ class CrossCoder(nn.Module):
             model = cls(CrossCoderConfig.load(directory / "cfg.json"))
             weights = load_file(directory / "crosscoder.safetensors", device=device)
             model.load_state_dict(weights)
-        except (ValueError, RuntimeError, OSError) as error:  # JSON, safetensors and shape errors
+        except (ValueError, RuntimeError, OSError, SafetensorError) as error:  # JSON, file and shape errors
             if isinstance(error, FileNotFoundError):
                 raise
             raise ValueError(

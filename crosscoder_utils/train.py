@@ -187,6 +187,8 @@ def prepare_run(
 ) -> tuple[CrossCoderConfig, dict]:
     """Fill the crosscoder's shape from the store and check the run against the store and ``run_dir`` before
     anything is written: returns the config and the identity run.json records (``write_run``)."""
+    if (run_dir / "train.lock").exists():
+        take_lock(run_dir / "train.lock")  # refused while another process trains this run
     for name in ("d_model", "n_models"):
         given = getattr(cc_cfg, name)
         if given is not None and given != store.meta[name]:

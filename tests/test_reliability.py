@@ -52,7 +52,7 @@ def test_a_float16_overflow_is_refused_before_the_shard_is_written(tmp_path):
         match=r"float16 at sequence 50 .*\(for arrays: row 50\), model 1 .*1e\+05.*float16 holds at most 65,504",
     ):
         ActivationStore.from_arrays(tmp_path / "s", x, dtype="float16")
-    assert not list((tmp_path / "s/shards").iterdir()) and not (tmp_path / "s/meta.json").exists()
+    assert not (tmp_path / "s").exists()  # every row is checked before anything is written
 
 
 def test_a_corrupt_shard_is_caught_by_its_checksum(store):
@@ -250,12 +250,13 @@ def test_the_spliced_loss_uses_the_val_documents_when_the_dataset_ran_out(make_m
 
 
 def test_a_refused_write_leaves_nothing_that_blocks_the_corrected_call(tmp_path):
-    x = torch.randn(100, 2, 8)
-    x[7, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"non-finite activations .* at sequence 7 position 0 \(for arrays: row 7\)"):
-        ActivationStore.from_arrays(tmp_path / "s", x)
-    x[7, 0, 0] = 0.0
-    assert len(ActivationStore.from_arrays(tmp_path / "s", x)) == 100
+    x = torch.randn(300, 2, 8)
+    x[250, 0, 0] = float("nan")  # in the third shard
+    with pytest.raises(ValueError, match=r"non-finite activations .* at sequence 250 .*\(for arrays: row 250\)"):
+        ActivationStore.from_arrays(tmp_path / "s", x, shard_size=100)
+    assert not (tmp_path / "s").exists()
+    x[250, 0, 0] = 0.0
+    assert len(ActivationStore.from_arrays(tmp_path / "s", x, shard_size=100)) == 300
 
 
 @pytest.mark.parametrize(
@@ -286,11 +287,11 @@ def test_an_export_with_non_finite_weights_is_refused_at_load(store, tmp_path):
         load_run(tmp_path / "run")
 
 
-@pytest.mark.parametrize("name", ["run.json", "cfg.json", "norm_factors.json"])
+@pytest.mark.parametrize("name", ["run.json", "cfg.json", "norm_factors.json", "crosscoder.safetensors"])
 def test_a_damaged_run_file_is_named(store, tmp_path, name):
     train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 10 * 256}), store, tmp_path / "run", CC)
     path = tmp_path / "run" / name
-    path.write_text(path.read_text()[:20])
+    path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(ValueError, match=rf"{name}.*damaged|cannot be read .*damaged"):
         load_run(tmp_path / "run")
 
@@ -332,6 +333,14 @@ def test_a_second_trainer_is_refused_naming_the_first(store, tmp_path):
     with pytest.raises(RuntimeError, match=rf"being written by process {os.getppid()}"):
         train_crosscoder(TrainConfig(**CFG), store, tmp_path / "run", CC)
     assert not (tmp_path / "run/run.json").exists()
+
+
+def test_a_second_trainer_of_an_unfinished_run_is_refused_naming_the_first(store, tmp_path):
+    train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 20 * 256}), store, tmp_path / "run", CC)
+    (tmp_path / "run/crosscoder.safetensors").unlink()  # unfinished, and another process is at work on it
+    (tmp_path / "run/train.lock").write_text(str(os.getppid()))
+    with pytest.raises(RuntimeError, match=rf"being written by process {os.getppid()}"):
+        train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 20 * 256}, resume=True), store, tmp_path / "run", CC)
 
 
 def test_an_owner_name_whose_owner_is_a_local_folder_is_not_sent_to_the_hub(make_model, tmp_path, monkeypatch):

@@ -125,17 +125,7 @@ class StoreWriter:
         stats = torch.zeros(self.n_models * self.d_model + self.n_models + 2, dtype=torch.float64)
         if len(activations) == 0:  # every token of this block was excluded
             return stats
-        flat = to_storage(activations, self.dtype)
-        stored = from_storage(flat, self.dtype, self.n_models)
-        if not torch.isfinite(stored).all():  # checked after the cast: float16 overflows above 65,504
-            row, model = (~torch.isfinite(stored)).any(-1).nonzero()[0]
-            value = activations[row, model].abs().max().item()
-            raise ValueError(
-                f"non-finite activations (NaN or inf) in {self.dtype} at sequence {int(seq[row])} position "
-                f"{int(pos[row])} (for arrays: row {int(seq[row])}), model {model.item()} "
-                f"(largest |value| there before the cast: {value:.4g}); nothing of this shard was written"
-                + ("; float16 holds at most 65,504: collect in float32 or bfloat16" if self.dtype == "float16" else "")
-            )
+        flat = check_finite(activations, seq, pos, self.dtype)
         name = f"shard_{block:05d}"
         datasets.disable_progress_bars()
         table = shard_table(flat, token_ids, seq, pos)
@@ -178,6 +168,23 @@ class StoreWriter:
         return self.path
 
 
+def check_finite(activations: torch.Tensor, seq, pos, dtype: str) -> np.ndarray:
+    """The activations as ``to_storage`` gives them, once they are finite in the store dtype (checked after the
+    cast: float16 overflows above 65,504); else an error naming the first bad row."""
+    flat = to_storage(activations, dtype)
+    stored = from_storage(flat, dtype, activations.shape[1])
+    if not torch.isfinite(stored).all():
+        row, model = (~torch.isfinite(stored)).any(-1).nonzero()[0]
+        value = activations[row, model].abs().max().item()
+        raise ValueError(
+            f"non-finite activations (NaN or inf) in {dtype} at sequence {int(seq[row])} position "
+            f"{int(pos[row])} (for arrays: row {int(seq[row])}), model {model.item()} "
+            f"(largest |value| there before the cast: {value:.4g}); nothing of this shard was written"
+            + ("; float16 holds at most 65,504: collect in float32 or bfloat16" if dtype == "float16" else "")
+        )
+    return flat
+
+
 def arrays_settings(activations: torch.Tensor, token_ids: np.ndarray, shard_size: int) -> dict:
     """What identifies a store written from arrays: their size, sha256 and the shard size."""
     digest = hashlib.sha256(activations.detach().cpu().contiguous().view(torch.uint8).numpy().data)
@@ -217,10 +224,13 @@ def write_arrays(
         "d_model": d_model,
         "val_fraction": val_fraction,
     }
+    rows = np.arange(n)
+    for start in range(0, n, shard_size):  # every row checked before anything is written
+        part = slice(start, start + shard_size)
+        check_finite(activations[part], rows[part], np.zeros_like(rows[part]), dtype)
     writer = StoreWriter(path, arrays_settings(activations, token_ids, shard_size), n_models, d_model, dtype)
     if writer.complete:  # written before from the same arrays: reused
         return writer.path
-    rows = np.arange(n)
     for block in range(writer.progress["n_blocks"], -(-n // shard_size)):
         part = slice(block * shard_size, (block + 1) * shard_size)
         stats = writer.write_shard(activations[part], token_ids[part], rows[part], np.zeros_like(rows[part]), block)
