@@ -287,6 +287,8 @@ def train_crosscoder(
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.resolved_lr(), betas=(cfg.beta1, cfg.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, total_steps, cfg))
     start = load_checkpoint(run_dir, model, optimizer, scheduler, device) if cfg.resume else 0
+    if start and not store.remote:  # a resume reads the store again: check its shards against their checksums
+        store.verify()
     wandb_id = write_run(run_dir, identity, store)
     objective = Objective(model)
     if world > 1:

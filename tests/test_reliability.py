@@ -350,3 +350,14 @@ def test_an_owner_name_whose_owner_is_a_local_folder_is_not_sent_to_the_hub(make
     (tmp_path / "mdl").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no such directory: mdl/bse \(its folder mdl/ is here"):
         load_model_pair("mdl/bse", make_model())
+
+
+def test_a_resume_checks_the_store_against_its_checksums(store, tmp_path):
+    train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 20 * 256}), store, tmp_path / "run", CC)
+    (tmp_path / "run/crosscoder.safetensors").unlink()
+    data = next(Path(store.path, "shards/shard_00001").glob("*.arrow"))
+    raw = bytearray(data.read_bytes())
+    raw[-200] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"shard shard_00001 of the store at .* is corrupt"):
+        train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 20 * 256}, resume=True), store, tmp_path / "run", CC)
