@@ -280,6 +280,7 @@ def build_organism(cfg: OrganismConfig = OrganismConfig()) -> Organism:
         pad_token_id=tokenizer.pad_token_id,
     )
     base = GPT2LMHeadModel(config)
+    base.loss_type = "ForCausalLM"  # the loss transformers picks anyway; left unset, it warns
     train_lm(base, [data["stories"]], cfg.base_steps, cfg, "pre-training the base", cfg.lr)
     finetuned = copy.deepcopy(base)
     mix = [data["stories"], data["chat"], data["trigger"]]
