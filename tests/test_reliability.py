@@ -32,6 +32,14 @@ def tree(path) -> dict:
     return fingerprint(path)
 
 
+def flip_a_byte(store, shard: str) -> None:
+    """One flipped byte inside a shard's activations, as a failing disk leaves it."""
+    data = next(Path(store.path, "shards", shard).glob("*.arrow"))
+    raw = bytearray(data.read_bytes())
+    raw[-200] ^= 0xFF
+    data.write_bytes(bytes(raw))
+
+
 @pytest.fixture
 def store(tmp_path):
     x = torch.randn(4000, 2, 16) * torch.tensor([1.0, 3.0])[None, :, None]
@@ -56,10 +64,7 @@ def test_a_float16_overflow_is_refused_before_the_shard_is_written(tmp_path):
 
 
 def test_a_corrupt_shard_is_caught_by_its_checksum(store):
-    data = next(Path(store.path, "shards/shard_00002").glob("*.arrow"))
-    raw = bytearray(data.read_bytes())
-    raw[-200] ^= 0xFF  # one flipped byte inside the activations
-    data.write_bytes(bytes(raw))
+    flip_a_byte(store, "shard_00002")
     before = tree(store.path)
     with pytest.raises(ValueError, match=r"shard shard_00002 of the store at .* is corrupt"):
         ActivationStore(store.path, verify=True)
@@ -355,9 +360,6 @@ def test_an_owner_name_whose_owner_is_a_local_folder_is_not_sent_to_the_hub(make
 def test_a_resume_checks_the_store_against_its_checksums(store, tmp_path):
     train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 20 * 256}), store, tmp_path / "run", CC)
     (tmp_path / "run/crosscoder.safetensors").unlink()
-    data = next(Path(store.path, "shards/shard_00001").glob("*.arrow"))
-    raw = bytearray(data.read_bytes())
-    raw[-200] ^= 0xFF
-    data.write_bytes(bytes(raw))
+    flip_a_byte(store, "shard_00001")
     with pytest.raises(ValueError, match=r"shard shard_00001 of the store at .* is corrupt"):
         train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 20 * 256}, resume=True), store, tmp_path / "run", CC)
