@@ -24,9 +24,10 @@ lint: $(VENV)/installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
+# progress bars would be saved in the reports as widgets that static viewers show stuck at 0 %
 demo: $(VENV)/installed
 	@mkdir -p outputs
 	for nb in $(NOTEBOOKS); do \
 		[ -f notebooks/$$nb.ipynb ] || continue; \
-		papermill --log-output notebooks/$$nb.ipynb outputs/$$nb.ipynb || exit 1; \
+		TQDM_DISABLE=1 papermill --log-output notebooks/$$nb.ipynb outputs/$$nb.ipynb || exit 1; \
 	done
