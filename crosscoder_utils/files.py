@@ -27,6 +27,14 @@ def resolve(path: str) -> str:
     return path if "://" in path or Path(path).is_absolute() else str(REPO / path)
 
 
+def parse_json(text: str | bytes, where) -> dict:
+    """The JSON in ``text`` read from the file ``where``, or an error naming that file when it is damaged."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not valid JSON ({error}): the file is damaged") from error
+
+
 def write_json(path: str | Path, value: dict) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
     path = Path(path)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import CrossCoderConfig, TrainConfig, model_roles
 from .crosscoder import MODEL_LETTERS, CrossCoder
-from .files import check_same_settings, portable, resolve, take_lock, write_json
+from .files import check_same_settings, parse_json, portable, resolve, take_lock, write_json
 from .models import resolve_device
 from .normalize import load_norm_factors
 from .store import ActivationStore
@@ -215,7 +215,7 @@ def prepare_run(
         "norm_factors": factors.tolist(),
     }
     if (run_dir / "run.json").exists() and not cfg.overwrite:
-        before = read_record(run_dir / "run.json")
+        before = parse_json((run_dir / "run.json").read_text(), run_dir / "run.json")
         check_same_settings(
             run_dir,
             "a run",
@@ -236,7 +236,9 @@ def write_run(run_dir: Path, identity: dict, store: ActivationStore) -> str:
     the run's wandb id: new for a new run (unique, so that two runs with the same folder name never merge),
     kept from run.json on a resume."""
     distributed.barrier()
-    record = read_record(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
+    record = (
+        parse_json((run_dir / "run.json").read_text(), run_dir / "run.json") if (run_dir / "run.json").exists() else {}
+    )
     wandb_id = record.get("wandb_id") or uuid.uuid4().hex[:16]
     if distributed.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -392,14 +394,6 @@ def logged_step(line: str) -> float:
         return math.inf
 
 
-def read_record(path: Path) -> dict:
-    """A JSON file of a run (run.json), or an error naming it when it is damaged."""
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}): the file is damaged") from error
-
-
 def diverged(run_dir: Path, step: int, what: str) -> str:
     """The message of a run stopped at ``step`` because ``what``."""
     kept = sorted((run_dir / "checkpoints").glob("step_*"))
@@ -458,9 +452,11 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     run_dir, device = Path(run_dir).expanduser(), resolve_device(device)
     if not (run_dir / "crosscoder.safetensors").exists():
         raise FileNotFoundError(f"{run_dir} holds no finished run (no crosscoder.safetensors): train it with 03_train")
-    record = read_record(run_dir / "run.json")
+    record = parse_json((run_dir / "run.json").read_text(), run_dir / "run.json")
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    factors = torch.tensor(read_record(run_dir / "norm_factors.json")["norm_factors"])
+    factors = torch.tensor(
+        parse_json((run_dir / "norm_factors.json").read_text(), run_dir / "norm_factors.json")["norm_factors"]
+    )
     store = ActivationStore(resolve(record["store"]))
     remedy = f"point {run_dir / 'run.json'}'s store at the store the run was trained on, or train again"
     check_same_settings(store.path, "a store", store_identity(store), record["store_identity"], remedy)

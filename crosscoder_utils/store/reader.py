@@ -15,7 +15,7 @@ import torch
 from datasets.filesystems import is_remote_filesystem
 from tqdm.auto import tqdm
 
-from ..files import write_json
+from ..files import parse_json, write_json
 from .format import from_storage, open_shard, shard_checksum
 from .remote import prefetching
 from .rows import groups, index_batches, rank_share
@@ -98,11 +98,10 @@ class ActivationStore:
     def read_json(self, name: str) -> dict | None:
         """A JSON file of the store (``meta.json``, ``norm.json`` ...), or None when it has none."""
         try:
-            return json.loads(self.fs.cat_file(f"{self.root}/{name}"))
+            text = self.fs.cat_file(f"{self.root}/{name}")
         except FileNotFoundError:
             return None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{self.root}/{name} is not valid JSON ({error}): the file is damaged") from error
+        return parse_json(text, f"{self.root}/{name}")
 
     def write_json(self, name: str, value: dict) -> None:
         """Write a JSON file into the store (atomically when local)."""

@@ -8,7 +8,6 @@ written on local disk; a complete one can be copied anywhere fsspec reaches, or 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ from datasets.filesystems import is_remote_filesystem
 from datasets.table import InMemoryTable
 
 from ..config import STORE_DTYPES, check_range
-from ..files import check_same_settings, differing_keys, take_lock, write_json
+from ..files import check_same_settings, differing_keys, parse_json, take_lock, write_json
 from .format import from_storage, shard_rows, shard_table, to_storage
 
 
@@ -65,12 +64,7 @@ class StoreWriter:
         self.shards = self.path / "shards"
         progress_file = self.path / "progress.json"
         if progress_file.exists():
-            try:
-                self.progress = json.loads(progress_file.read_text())
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{progress_file} is damaged ({error}); delete the store at {self.path} to collect again"
-                ) from error
+            self.progress = parse_json(progress_file.read_text(), progress_file)
         if progress_file.exists() and self.progress["n_blocks"] == 0:  # a refused or killed start: nothing to keep
             if lock:
                 take_lock(self.path / "writer.lock")  # unless another writer is at work there
