@@ -172,11 +172,13 @@ def input_identity(cfg: CollectConfig, pair: ModelPair) -> dict:
     the dataset's name and split, all that can be known of a streamed Hub dataset offline)."""
     identity = {}
     for role, name, model in zip(("base_model", "finetuned_model"), (cfg.base_model, cfg.finetuned_model), pair.models):
-        local = Path(name).expanduser().exists()
-        identity[role] = fingerprint(name) if local else {"commit": getattr(model.config, "_commit_hash", None)}
+        source = local_or_hub(name)
+        identity[role] = (
+            fingerprint(source) if isinstance(source, Path) else {"commit": getattr(model.config, "_commit_hash", None)}
+        )
     if isinstance(cfg.dataset, str):
-        local = Path(cfg.dataset).expanduser().exists()
-        identity["dataset"] = fingerprint(cfg.dataset) if local else {"id": cfg.dataset, "split": cfg.split}
+        source = local_or_hub(cfg.dataset)
+        identity["dataset"] = fingerprint(source) if isinstance(source, Path) else {"id": source, "split": cfg.split}
     else:
         identity["dataset"] = {"texts": hashlib.sha256("\0".join(cfg.dataset).encode()).hexdigest()}
     return identity

@@ -30,6 +30,11 @@ from .sparse_encode import sparse_encode
 MODEL_LETTERS = "ABCDEFGHIJ"
 
 
+def finite(weights: dict[str, torch.Tensor]) -> bool:
+    """Whether every tensor of a state dict is finite (no NaN or inf)."""
+    return all(bool(torch.isfinite(w).all()) for w in weights.values())
+
+
 @dataclass
 class Losses:
     """What ``CrossCoder.losses`` returns; every field a scalar tensor unless said otherwise."""
@@ -342,6 +347,6 @@ class CrossCoder(nn.Module):
             raise ValueError(
                 f"the crosscoder in {directory} cannot be read ({error}): cfg.json or crosscoder.safetensors is damaged"
             ) from error
-        if not all(bool(torch.isfinite(w).all()) for w in weights.values()):
+        if not finite(weights):
             raise ValueError(f"{directory / 'crosscoder.safetensors'} holds non-finite weights (NaN or inf)")
         return model.to(device).eval()

@@ -35,6 +35,11 @@ def parse_json(text: str | bytes, where) -> dict:
         raise ValueError(f"{where} is not valid JSON ({error}): the file is damaged") from error
 
 
+def read_json(path: str | Path) -> dict:
+    """A local JSON file, or an error naming it when it is damaged (``parse_json``)."""
+    return parse_json(Path(path).read_text(), path)
+
+
 def write_json(path: str | Path, value: dict) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
     path = Path(path)

@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import CrossCoderConfig, TrainConfig, model_roles
-from .crosscoder import MODEL_LETTERS, CrossCoder
-from .files import check_same_settings, parse_json, portable, resolve, take_lock, write_json
+from .crosscoder import MODEL_LETTERS, CrossCoder, finite
+from .files import check_same_settings, portable, read_json, resolve, take_lock, write_json
 from .models import resolve_device
 from .normalize import load_norm_factors
 from .store import ActivationStore
@@ -135,11 +135,6 @@ def resample_dead_latents(model: CrossCoder, optimizer: torch.optim.Adam, x: tor
     return len(dead)
 
 
-def finite(model: CrossCoder) -> bool:
-    """Whether every weight of the crosscoder is finite."""
-    return all(bool(torch.isfinite(p).all()) for p in model.state_dict().values())
-
-
 def save_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, step: int, keep: int = 2) -> None:
     """Write checkpoints/step_N atomically (a temporary folder renamed) and read its weights back; only then
     drop the checkpoints older than the ``keep`` newest, so a damaged newest one still has one before it."""
@@ -169,7 +164,7 @@ def load_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, devi
             weights = load_file(checkpoint / "crosscoder.safetensors", device=str(device))
             states = torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location=device)
             state = torch.load(checkpoint / "state.pt", weights_only=True)
-            if not all(bool(torch.isfinite(w).all()) for w in weights.values()):
+            if not finite(weights):
                 raise ValueError("non-finite weights")
             model.load_state_dict(weights)
         except Exception as error:  # a truncated or damaged file: fall back to the checkpoint before it
@@ -215,7 +210,7 @@ def prepare_run(
         "norm_factors": factors.tolist(),
     }
     if (run_dir / "run.json").exists() and not cfg.overwrite:
-        before = parse_json((run_dir / "run.json").read_text(), run_dir / "run.json")
+        before = read_json(run_dir / "run.json")
         check_same_settings(
             run_dir,
             "a run",
@@ -236,9 +231,7 @@ def write_run(run_dir: Path, identity: dict, store: ActivationStore) -> str:
     the run's wandb id: new for a new run (unique, so that two runs with the same folder name never merge),
     kept from run.json on a resume."""
     distributed.barrier()
-    record = (
-        parse_json((run_dir / "run.json").read_text(), run_dir / "run.json") if (run_dir / "run.json").exists() else {}
-    )
+    record = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
     wandb_id = record.get("wandb_id") or uuid.uuid4().hex[:16]
     if distributed.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -365,7 +358,7 @@ def train_crosscoder(
                 loss=f"{metrics['loss']:.3g}", L0=f"{metrics['l0']:.1f}", EV=f"{metrics['explained_variance']:.3f}"
             )
         if (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-            if not finite(model):
+            if not finite(model.state_dict()):
                 raise FloatingPointError(diverged(run_dir, step + 1, "the weights are not finite"))
             if rank == 0:
                 save_checkpoint(run_dir, model, optimizer, scheduler, step + 1)
@@ -377,7 +370,7 @@ def train_crosscoder(
             + " (`wandb sync` uploads it)" * (cfg.log_to == "offline")
         )
     model.eval()
-    if not finite(model):
+    if not finite(model.state_dict()):
         raise FloatingPointError(diverged(run_dir, total_steps, "the weights are not finite"))
     if rank == 0:
         export(model, factors, run_dir)
@@ -452,11 +445,9 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     run_dir, device = Path(run_dir).expanduser(), resolve_device(device)
     if not (run_dir / "crosscoder.safetensors").exists():
         raise FileNotFoundError(f"{run_dir} holds no finished run (no crosscoder.safetensors): train it with 03_train")
-    record = parse_json((run_dir / "run.json").read_text(), run_dir / "run.json")
+    record = read_json(run_dir / "run.json")
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    factors = torch.tensor(
-        parse_json((run_dir / "norm_factors.json").read_text(), run_dir / "norm_factors.json")["norm_factors"]
-    )
+    factors = torch.tensor(read_json(run_dir / "norm_factors.json")["norm_factors"])
     store = ActivationStore(resolve(record["store"]))
     remedy = f"point {run_dir / 'run.json'}'s store at the store the run was trained on, or train again"
     check_same_settings(store.path, "a store", store_identity(store), record["store_identity"], remedy)

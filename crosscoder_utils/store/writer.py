@@ -20,7 +20,7 @@ from datasets.filesystems import is_remote_filesystem
 from datasets.table import InMemoryTable
 
 from ..config import STORE_DTYPES, check_range
-from ..files import check_same_settings, differing_keys, parse_json, take_lock, write_json
+from ..files import check_same_settings, differing_keys, read_json, take_lock, write_json
 from .format import from_storage, shard_rows, shard_table, to_storage
 
 
@@ -63,14 +63,15 @@ class StoreWriter:
         self.n_models, self.d_model = n_models, d_model
         self.shards = self.path / "shards"
         progress_file = self.path / "progress.json"
-        if progress_file.exists():
-            self.progress = parse_json(progress_file.read_text(), progress_file)
-        if progress_file.exists() and self.progress["n_blocks"] == 0:  # a refused or killed start: nothing to keep
+        progress = read_json(progress_file) if progress_file.exists() else None
+        if progress and progress["n_blocks"] == 0:  # a refused or killed start: nothing to keep
             if lock:
                 take_lock(self.path / "writer.lock")  # unless another writer is at work there
             progress_file.unlink()
             shutil.rmtree(self.shards, ignore_errors=True)
-        if progress_file.exists():
+            progress = None
+        if progress:
+            self.progress = progress
             check_same_settings(
                 self.path,
                 "an activation store",
