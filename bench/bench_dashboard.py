@@ -13,12 +13,13 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
+from crosscoder_utils.analysis import analyse
 from crosscoder_utils.dashboard import build_dashboard
 
 
 def main(run_dir=Path("outputs/runs/organism-relu"), organism_dir=Path("outputs/organism")):
     start = time.perf_counter()
-    site = build_dashboard(run_dir, organism_dir, out_dir=Path("outputs/bench_dashboard")).resolve()
+    site = build_dashboard(analyse(run_dir, organism_dir), out_dir=Path("outputs/bench_dashboard")).resolve()
     built = time.perf_counter() - start
     size = sum(f.stat().st_size for f in site.rglob("*") if f.is_file())
     n_live = (site / "data/index.js").read_text().count('"latent":')

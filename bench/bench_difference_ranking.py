@@ -166,25 +166,29 @@ def finetune_drift(pair: ModelPair, cfg: OrganismConfig, site: str, layer: int, 
 
 # ---------------------------------------------------------------- scores and ranks
 @torch.no_grad()
-def latent_sums(cc: CrossCoder, batches, planted: torch.Tensor) -> dict:
-    """One pass over encoded batches: the per-latent sums the scores need (float64 [dict_size]), the global
+@torch.no_grad()
+def latent_sums(cc: CrossCoder, store, factors, planted: torch.Tensor) -> dict:
+    """One pass over the val split: the per-latent sums the scores need (float64 [dict_size]), the global
     sums, and how often each latent fires on ``planted`` tokens (bool [len(store)])."""
     delta = cc.W_dec[:, 1] - cc.W_dec[:, 0]  # [dict_size, d] Δd
     delta_sq = delta.pow(2).sum(-1).double()
     s = dict.fromkeys(("fired", "f", "proj", "proj_pos", "explained", "fired_planted", "dx_sq", "x_sq", "n"), 0.0)
-    for batch in batches:
-        f = batch.f.double()
+    span = store.split_range("val")
+    for start in range(span.start, span.stop, 4096):
+        rows = np.arange(start, min(start + 4096, span.stop))
+        x = store.read(rows) * factors[None, :, None]
+        f = cc.encode(x).double()
         fired = (f > 0).double()
-        dx = batch.x[:, 1] - batch.x[:, 0]
+        dx = x[:, 1] - x[:, 0]
         fp = f * (dx @ delta.T).double()  # f_i ⟨Δd_i, Δx(t)⟩
         s["fired"] += fired.sum(0)
         s["f"] += f.sum(0)
         s["proj"] += fp.sum(0)
         s["proj_pos"] += fp.clamp(min=0).sum(0)
         s["explained"] += (2 * fp - f.pow(2) * delta_sq).sum(0)
-        s["fired_planted"] += fired[planted[batch.rows]].sum(0)
+        s["fired_planted"] += fired[planted[rows]].sum(0)
         s["dx_sq"] += float(dx.double().pow(2).sum())
-        s["x_sq"] += float(batch.x.double().pow(2).sum())
+        s["x_sq"] += float(x.double().pow(2).sum())
         s["n"] += len(f)
     s["delta_norm"] = delta_sq.sqrt()
     return s
@@ -209,10 +213,10 @@ def evaluate(cc, store, divergence: A.TokenDivergence, behaviours: dict, planted
     """The report of one crosscoder: per behaviour its best latent and that latent's ranks; per score the
     planted latents and found behaviours in its top N_TOP; decoder statistics of planted / unplanted latents."""
     factors = load_norm_factors(store)
-    batches = lambda: A.encoded_batches(cc, store, factors, "val")
-    table = A.difference_table(cc, batches(), divergence)
-    matches = {b: m for b, m in A.best_latents(batches(), behaviours).items() if m.n_tokens > 0}
-    s = latent_sums(cc, batches(), planted)
+    encoded = A.encode(cc, store, factors)
+    table = A.difference_table(cc, encoded, divergence)
+    matches = {b: m for b, m in A.best_latents(encoded, behaviours).items() if m.n_tokens > 0}
+    s = latent_sums(cc, store, factors, planted)
     s["kl"] = float(divergence.kl.double().sum())
     live = table.frequency > 0
     on_planted = live & (s["fired_planted"] / s["fired"].clamp(min=1) >= 0.5)

@@ -60,13 +60,12 @@ def main(out=Path("outputs")):
             CrossCoderConfig(dict_size=1024, dead_tokens=200_000, **fields),
         )
         seconds = time.perf_counter() - start
-        val = lambda cc=cc: A.encoded_batches(cc, store, factors, "val", 4096)
-        table = A.difference_table(cc, val(), divergence)
-        matches = A.best_latents(val(), labels)
-        stats = A.latent_statistics(val())
+        encoded = A.encode(cc, store, factors)
+        table = A.difference_table(cc, encoded, divergence)
+        matches = A.best_latents(encoded, labels)
         cells = [f"{m.f1:.2f} / {table.rank(m.latent)}" for m in matches.values()]
         in_top = len({m.latent for m in matches.values()} & set(table.order[:20].tolist()))
-        ev = "{:.3f}/{:.3f}".format(*stats.explained_variance_per_model.tolist())
+        ev = "{:.3f}/{:.3f}".format(*encoded.explained_variance_per_model.tolist())
         print(
             f"{name:<36} " + " ".join(f"{c:>14}" for c in cells) + f" {in_top:>9} {ev:>11} {seconds:>4.0f}", flush=True
         )

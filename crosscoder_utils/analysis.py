@@ -9,10 +9,10 @@ held-out ``val`` split unless said otherwise.
 
 from __future__ import annotations
 
+import copy
 import csv
 import itertools
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,11 +22,13 @@ import torch.nn.functional as F
 from einops import einsum
 from tqdm.auto import tqdm
 
-from .collect import TracedPair, keep_mask, load_texts, tokenize
+from .collect import TracedPair, check_inputs, keep_mask, load_texts, tokenize
 from .config import CollectConfig, model_roles
 from .crosscoder import CrossCoder
-from .models import ModelPair
+from .models import ModelPair, load_model_pair, resolve_device
+from .organism import behaviour_labels, load_organism
 from .store import ActivationStore
+from .train import Run, load_run
 
 
 @torch.no_grad()
@@ -71,92 +73,114 @@ def random_pair_cosines(
     return F.cosine_similarity(cc.W_dec[i, first], cc.W_dec[j, second], dim=-1)
 
 
-class Batch(NamedTuple):
+class Encoded(NamedTuple):
+    """The crosscoder's latents on a split, from one pass (``encode``): every firing, kept sparse, and the sums
+    that the statistics need besides the firings, so that every statistic of a report reads the split once."""
+
     rows: np.ndarray
-    """Store rows of the batch."""
-    x: torch.Tensor
-    """[batch, n_models, d_model] normalised activations."""
-    f: torch.Tensor
-    """[batch, dict_size] latent activations."""
-    x_hat: torch.Tensor
-    """[batch, n_models, d_model] reconstruction."""
+    """int64 [n] the store rows read, ascending."""
+    token: torch.Tensor
+    """int64 [nnz] each firing's index into ``rows``, ascending."""
+    latent: torch.Tensor
+    """int64 [nnz] each firing's latent."""
+    value: torch.Tensor
+    """[nnz] each firing's activation."""
+    dict_size: int
+    explained_variance_per_model: torch.Tensor
+    """[n_models] on the rows read."""
+    squared_difference: torch.Tensor
+    """[n, n_models] ‖x_m − x_base‖² per token."""
+    f_squared: torch.Tensor
+    """float64 [dict_size] Σ_t f_j(t)²."""
+    f_x: torch.Tensor
+    """float64 [dict_size, n_models, d_model] Σ_t f_j(t) x_m(t): with ``f_x_hat``, Latent Scaling of any latent."""
+    f_x_hat: torch.Tensor
+    """float64 [dict_size, n_models, d_model] Σ_t f_j(t) x̂_m(t)."""
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.rows)
+
+    @property
+    def frequency(self) -> torch.Tensor:
+        """[dict_size] fraction of the tokens on which each latent fires."""
+        return torch.bincount(self.latent, minlength=self.dict_size).float() / self.n_tokens
+
+    @property
+    def l0(self) -> float:
+        """Mean active latents per token."""
+        return len(self.latent) / self.n_tokens
+
+    def activations(self, latents, positions=None) -> torch.Tensor:
+        """[len(positions), L] the activations of ``latents`` at ``positions`` (indices into ``rows``,
+        ascending; all of them by default), dense."""
+        latents = torch.as_tensor(latents, dtype=torch.long)
+        positions = torch.arange(self.n_tokens) if positions is None else torch.as_tensor(positions, dtype=torch.long)
+        column = torch.full((self.dict_size,), -1)
+        column[latents] = torch.arange(len(latents))
+        lo = int(torch.searchsorted(self.token, positions[0]))
+        hi = int(torch.searchsorted(self.token, positions[-1], right=True))
+        token, latent, value = self.token[lo:hi], self.latent[lo:hi], self.value[lo:hi]
+        index = torch.searchsorted(positions, token).clamp(max=len(positions) - 1)
+        keep = (positions[index] == token) & (column[latent] >= 0)
+        out = torch.zeros(len(positions), len(latents))
+        out[index[keep], column[latent[keep]]] = value[keep]
+        return out
 
 
 @torch.no_grad()
-def encoded_batches(
+def encode(
     cc: CrossCoder,
     store: ActivationStore,
     factors: torch.Tensor,
     split: str = "val",
     tokens_per_batch: int = 4096,
     max_tokens: int | None = None,
-) -> Iterator[Batch]:
-    """The split in store order, normalised, encoded and decoded by ``cc`` (in eval mode)."""
-    cc.eval()
-    rows = store.split_range(split)
-    stop = rows.stop if max_tokens is None else min(rows.stop, rows.start + max_tokens)
-    if stop <= rows.start:
+    device: str = "cpu",
+) -> Encoded:
+    """One pass of ``cc`` (in eval mode, a copy on ``device``; bf16 autocast on CUDA) over a split's first
+    ``max_tokens`` tokens (all by default), in store order, normalised by ``factors``."""
+    span = store.split_range(split)
+    stop = span.stop if max_tokens is None else min(span.stop, span.start + max_tokens)
+    if stop <= span.start:
         raise ValueError(f"the store's {split!r} split is empty; collect a store with val_fraction > 0")
-    for start in tqdm(range(rows.start, stop, tokens_per_batch), desc=f"encoding {split}"):
-        indices = np.arange(start, min(start + tokens_per_batch, stop))
-        x = store.read(indices) * factors[None, :, None]
-        f = cc.encode(x)
-        yield Batch(indices, x, f, cc.decode(f))
-
-
-class LatentStatistics(NamedTuple):
-    frequency: torch.Tensor
-    """[dict_size] fraction of tokens on which each latent fires."""
-    max_activation: torch.Tensor
-    """[dict_size] largest activation."""
-    explained_variance_per_model: torch.Tensor
-    """[n_models] on the split."""
-    l0: float
-    """Mean active latents per token."""
-    n_tokens: int
-
-
-@torch.no_grad()
-def latent_statistics(batches: Iterator[Batch]) -> LatentStatistics:
-    fired = max_act = None
-    n, l0 = 0, 0.0
-    sums = None  # Σ err, Σ err², Σ x, Σ x² per model and dimension, for Σ Var = Σ (E[v²] − E[v]²)
-    for batch in batches:
-        active = batch.f > 0
-        fired = active.sum(0) if fired is None else fired + active.sum(0)
-        top = batch.f.max(0).values
-        max_act = top if max_act is None else torch.maximum(max_act, top)
-        l0 += active.sum().item()
-        n += len(batch.f)
-        err, x = (batch.x - batch.x_hat).double(), batch.x.double()
-        new = [err.sum(0), err.pow(2).sum(0), x.sum(0), x.pow(2).sum(0)]
-        sums = new if sums is None else [a + b for a, b in zip(sums, new)]
-    err_sum, err_sq, x_sum, x_sq = sums
-    var_err = (err_sq / n - (err_sum / n) ** 2).sum(-1)
-    var_x = (x_sq / n - (x_sum / n) ** 2).sum(-1)
-    return LatentStatistics(fired.float() / n, max_act, (1 - var_err / var_x).float(), l0 / n, n)
-
-
-class TopActivations(NamedTuple):
-    latents: torch.Tensor
-    """[L] the latents asked for."""
-    values: torch.Tensor
-    """[L, n_top] their largest activations, descending."""
-    rows: torch.Tensor
-    """[L, n_top] the store rows where they occurred."""
-
-
-@torch.no_grad()
-def top_activations(batches: Iterator[Batch], latents, n_top: int = 10) -> TopActivations:
-    latents = torch.as_tensor(latents, dtype=torch.long)
-    values = torch.full((len(latents), n_top), -1.0)
-    rows = torch.full((len(latents), n_top), -1, dtype=torch.long)
-    for batch in batches:
-        both_values = torch.cat([values, batch.f[:, latents].T], dim=1)
-        both_rows = torch.cat([rows, torch.as_tensor(batch.rows).expand(len(latents), -1)], dim=1)
-        values, order = both_values.topk(n_top, dim=1)
-        rows = both_rows.gather(1, order)
-    return TopActivations(latents, values, rows)
+    device = torch.device(resolve_device(device))
+    model = copy.deepcopy(cc).to(device).eval()
+    factors = factors.to(device)[None, :, None]
+    shape = (cc.cfg.dict_size, cc.cfg.n_models * cc.cfg.d_model)
+    f_x, f_x_hat = (torch.zeros(shape, dtype=torch.float64, device=device) for _ in range(2))
+    f_squared = torch.zeros(cc.cfg.dict_size, dtype=torch.float64, device=device)
+    moments = torch.zeros(4, cc.cfg.n_models, cc.cfg.d_model, dtype=torch.float64, device=device)
+    tokens, latents, values, squared = [], [], [], []
+    for start in tqdm(range(span.start, stop, tokens_per_batch), desc=f"encoding {split}"):
+        x = store.read(np.arange(start, min(start + tokens_per_batch, stop))).to(device) * factors
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            f = model.encode(x)
+            x_hat = model.decode(f)
+        f, x_hat = f.float(), x_hat.float()
+        token, latent = (f > 0).nonzero(as_tuple=True)
+        tokens.append((token + start - span.start).cpu())
+        latents.append(latent.cpu())
+        values.append(f[token, latent].cpu())
+        f_x += (f.T @ x.flatten(1)).double()
+        f_x_hat += (f.T @ x_hat.flatten(1)).double()
+        f_squared += f.pow(2).sum(0).double()
+        error = (x - x_hat).double()
+        moments += torch.stack([error.sum(0), error.pow(2).sum(0), x.double().sum(0), x.double().pow(2).sum(0)])
+        squared.append((x - x[:, :1]).pow(2).sum(-1).cpu())
+    mean = (moments / (stop - span.start)).cpu()
+    variance = (mean[[1, 3]] - mean[[0, 2]] ** 2).sum(-1)  # of the error and of x, per model
+    return Encoded(
+        np.arange(span.start, stop),
+        torch.cat(tokens),
+        torch.cat(latents),
+        torch.cat(values),
+        cc.cfg.dict_size,
+        (1 - variance[0] / variance[1]).float(),
+        torch.cat(squared),
+        f_squared.cpu(),
+        *(sums.view(cc.cfg.dict_size, cc.cfg.n_models, cc.cfg.d_model).cpu() for sums in (f_x, f_x_hat)),
+    )
 
 
 def context(store: ActivationStore, tokenizer, row: int, width: int = 8) -> str:
@@ -192,21 +216,13 @@ def _first_per_latent(latents: torch.Tensor, key: torch.Tensor, n: int, n_latent
     return order[keep], position[keep]
 
 
-@torch.no_grad()
-def latent_samples(batches: Iterator[Batch], n_top: int = 10, n_sample: int = 30, seed: int = 0) -> LatentSamples:
-    """One pass over encoded batches: each latent's ``n_top`` largest activations and ``n_sample`` firings
-    drawn uniformly (random priorities, the smallest kept), with their store rows."""
-    g = torch.Generator().manual_seed(seed)
-    kept = None  # (latent, value, row, priority) of the candidates so far
-    for batch in batches:
-        rows, latents = (batch.f > 0).nonzero(as_tuple=True)
-        new = (latents, batch.f[rows, latents], torch.as_tensor(batch.rows)[rows], torch.rand(len(rows), generator=g))
-        both = new if kept is None else tuple(torch.cat(pair) for pair in zip(kept, new))
-        n_latents = batch.f.shape[1]
-        top, _ = _first_per_latent(both[0], -both[1], n_top, n_latents)
-        sample, _ = _first_per_latent(both[0], both[3], n_sample, n_latents)
-        kept = tuple(column[torch.unique(torch.cat([top, sample]))] for column in both)
-    latents, values, rows, priority = kept
+def latent_samples(encoded: Encoded, n_top: int = 10, n_sample: int = 30, seed: int = 0) -> LatentSamples:
+    """Each latent's ``n_top`` largest activations and ``n_sample`` firings drawn uniformly (random
+    priorities, the smallest kept), with their store rows."""
+    latents, values = encoded.latent, encoded.value
+    rows = torch.from_numpy(encoded.rows)[encoded.token]
+    priority = torch.rand(len(latents), generator=torch.Generator().manual_seed(seed))
+    n_latents = encoded.dict_size
 
     def table(key: torch.Tensor, width: int, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[n_latents, width] values and rows of the entries chosen by ``key``, each latent's laid out by ``order``."""
@@ -243,23 +259,16 @@ class LatentScaling(NamedTuple):
     """[J] ν^r."""
 
 
-@torch.no_grad()
-def latent_scaling(cc: CrossCoder, batches: Iterator[Batch], latents, owner: int, other: int) -> LatentScaling:
+def latent_scaling(cc: CrossCoder, encoded: Encoded, latents, owner: int, other: int) -> LatentScaling:
     latents = torch.as_tensor(latents, dtype=torch.long)
-    direction = cc.W_dec[latents, owner]  # [J, d]
-    own = einsum(direction, cc.W_dec[latents], "j d, j m d -> m j")  # ⟨d, W_dec[j, m]⟩
-    sums = {name: 0.0 for name in ("activation", "reconstruction", "error")}
-    f_squared = 0.0
-    for batch in batches:
-        f = batch.f[:, latents].double()
-        on_x = einsum(batch.x, direction, "b m d, j d -> b m j").double()
-        on_hat = einsum(batch.x_hat, direction, "b m d, j d -> b m j").double()
-        contribution = f[:, None, :] * own[None].double()
-        targets = {"activation": on_x, "reconstruction": on_hat - contribution, "error": on_x - on_hat + contribution}
-        for name, projection in targets.items():
-            sums[name] = sums[name] + (f[:, None, :] * projection).sum(0)
-        f_squared = f_squared + f.pow(2).sum(0)
-    denominator = direction.double().pow(2).sum(-1) * f_squared
+    decoders = cc.W_dec.detach()[latents].double().cpu()  # [J, n_models, d]
+    direction = decoders[:, owner]
+    own = einsum(direction, decoders, "j d, j m d -> m j")  # ⟨d, W_dec[j, m]⟩
+    on_x = einsum(encoded.f_x[latents], direction, "j m d, j d -> m j")  # Σ_t f_j ⟨d, x_m⟩
+    on_hat = einsum(encoded.f_x_hat[latents], direction, "j m d, j d -> m j")
+    contribution = encoded.f_squared[latents] * own  # Σ_t f_j ⟨d, f_j W_dec[j, m]⟩
+    sums = {"activation": on_x, "reconstruction": on_hat - contribution, "error": on_x - on_hat + contribution}
+    denominator = direction.pow(2).sum(-1) * encoded.f_squared[latents]
     beta = {name: (value / denominator).float() for name, value in sums.items()}
     ratio = lambda name: beta[name][other] / beta[name][owner]
     return LatentScaling(latents, beta, ratio("error"), ratio("reconstruction"))
@@ -278,25 +287,18 @@ class BehaviourMatch(NamedTuple):
     """The behaviour's tokens in the split."""
 
 
-@torch.no_grad()
-def behaviour_hits(batches: Iterator[Batch], labels: dict[str, torch.Tensor]):
+def behaviour_hits(encoded: Encoded, labels: dict[str, torch.Tensor]):
     """For behaviours ``labels`` (name -> bool [len(store)]): firings of each latent on each behaviour's tokens
     [behaviours, dict_size], firings of each latent [dict_size], and each behaviour's token count."""
-    hits = fired_total = None
-    n_labelled = torch.zeros(len(labels))
-    for batch in batches:
-        fired = (batch.f > 0).float()
-        on = torch.stack([labels[name][batch.rows].float() for name in labels])  # [behaviours, batch]
-        hits = on @ fired if hits is None else hits + on @ fired
-        fired_total = fired.sum(0) if fired_total is None else fired_total + fired.sum(0)
-        n_labelled += on.sum(1)
-    return hits, fired_total, n_labelled
+    on = torch.stack([labels[name][torch.from_numpy(encoded.rows)] for name in labels]).double()  # [behaviours, n]
+    count = lambda weights=None: torch.bincount(encoded.latent, weights, minlength=encoded.dict_size).double()
+    return torch.stack([count(label[encoded.token]) for label in on]), count(), on.sum(1)
 
 
-def best_latents(batches: Iterator[Batch], labels: dict[str, torch.Tensor]) -> dict[str, BehaviourMatch]:
+def best_latents(encoded: Encoded, labels: dict[str, torch.Tensor]) -> dict[str, BehaviourMatch]:
     """For each behaviour (``labels``: name -> bool [len(store)]), the latent whose firing has the best F1
     against the behaviour's tokens."""
-    hits, fired, n_labelled = behaviour_hits(batches, labels)
+    hits, fired, n_labelled = behaviour_hits(encoded, labels)
     matches = {}
     for b, name in enumerate(labels):
         f1 = 2 * hits[b] / (fired + n_labelled[b]).clamp(min=1)
@@ -307,10 +309,10 @@ def best_latents(batches: Iterator[Batch], labels: dict[str, torch.Tensor]) -> d
     return matches
 
 
-def main_behaviours(batches: Iterator[Batch], labels: dict[str, torch.Tensor], min_precision: float = 0.5) -> dict:
+def main_behaviours(encoded: Encoded, labels: dict[str, torch.Tensor], min_precision: float = 0.5) -> dict:
     """latent -> (behaviour, precision) for the latents that fire mostly (at least ``min_precision`` of their
     firings) on one behaviour's tokens."""
-    hits, fired, _ = behaviour_hits(batches, labels)
+    hits, fired, _ = behaviour_hits(encoded, labels)
     precision = hits / fired.clamp(min=1)
     best, behaviour = precision.max(0)
     names = list(labels)
@@ -365,14 +367,15 @@ def token_divergence(
     factors: torch.Tensor,
     model: int = 1,
     split: str = "val",
-    seqs_per_batch: int = 16,
+    seqs_per_batch: int = 4,
     max_tokens: int | None = None,
 ) -> TokenDivergence:
     """KL(model ‖ base) of the next-token distributions, and the norm of the activation difference at the
-    site, on every stored token of a split (its first ``max_tokens``, as ``encoded_batches`` reads them):
+    site, on every stored token of a split (its first ``max_tokens``, as ``encode`` reads them):
     the baseline view of where two models differ, which also checks the crosscoder against the models
     themselves. The split's documents are tokenised again from the store's dataset and run through both
-    models."""
+    models, ``seqs_per_batch`` at a time (at Gemma-2-2B's 256k vocabulary and 1024-token documents, the
+    float32 distributions of 4 take 29 GiB of GPU memory, of 16 88 GiB, for the same speed)."""
     if "site" not in store.meta["settings"]:
         raise ValueError("per-token divergence needs a store collected from models (not from_arrays)")
     cfg = CollectConfig.from_dict(store.meta["settings"])
@@ -398,7 +401,7 @@ def token_divergence(
 @torch.no_grad()
 def difference_table(
     cc: CrossCoder,
-    batches: Iterator[Batch],
+    encoded: Encoded,
     divergence: TokenDivergence | None = None,
     model: int = 1,
     exclusive_share: float = 0.9,
@@ -418,26 +421,19 @@ def difference_table(
     Kinds: ``dead`` never fires on the tokens; ``<role>-only`` holds at least ``exclusive_share`` of the
     decoder norm (base-only: at most 1 − share); ``changed`` both decoders substantial but with cosine below
     ``changed_cosine`` (the fine-tune changed what the latent writes); ``shared`` otherwise."""
-    cc.eval()
     norms = cc.decoder_norms()
     relative = norms[:, model] / (norms[:, 0] + norms[:, model]).clamp(min=1e-12)
     cosine = decoder_cosines(cc, 0, model)
-    weighted = torch.zeros(cc.cfg.dict_size, dtype=torch.float64)
-    activation = torch.zeros(cc.cfg.dict_size, dtype=torch.float64)
-    fired = torch.zeros(cc.cfg.dict_size)
-    n = 0
-    kl = None if divergence is None else dict(zip(divergence.rows.tolist(), divergence.kl.tolist()))
-    for batch in batches:
-        if kl is None:
-            difference = (batch.x[:, model] - batch.x[:, 0]).pow(2).sum(-1)
-        else:
-            difference = torch.tensor([kl[row] for row in batch.rows.tolist()])
-        weighted += (batch.f.T @ difference).double()
-        activation += batch.f.sum(0).double()
-        fired += (batch.f > 0).sum(0)
-        n += len(batch.f)
-    frequency = fired / n
-    score = (weighted / activation.clamp(min=1e-12)).float()
+    if divergence is None:
+        difference = encoded.squared_difference[:, model]
+    elif np.array_equal(divergence.rows, encoded.rows):
+        difference = divergence.kl
+    else:
+        raise ValueError("the divergence and the encoding cover different rows: compute both with the same max_tokens")
+    weights = encoded.value.double()
+    count = lambda w: torch.bincount(encoded.latent, w, minlength=cc.cfg.dict_size)
+    score = (count(weights * difference[encoded.token]) / count(weights).clamp(min=1e-12)).float()
+    frequency = encoded.frequency
     role = model_roles(cc.cfg.n_models)[model]
     kind = []
     for i in range(cc.cfg.dict_size):
@@ -458,38 +454,36 @@ def difference_table(
 
 @torch.no_grad()
 def difference_explained(
-    cc: CrossCoder, batches: Iterator[Batch], latents, rows: np.ndarray | None = None, model: int = 1
+    cc: CrossCoder, encoded: Encoded, store: ActivationStore, factors: torch.Tensor, latents, rows, model: int = 1
 ) -> float:
-    """Fraction of the activation difference x_m − x_base (summed squares, over ``rows`` of the batches, or
-    all) that the crosscoder reconstructs from ``latents`` alone: 1 − Σ‖Δx − Δx̂‖² / Σ‖Δx‖², where
+    """Fraction of the activation difference x_m − x_base (summed squares over store ``rows``, among those
+    encoded) that the crosscoder reconstructs from ``latents`` alone: 1 − Σ‖Δx − Δx̂‖² / Σ‖Δx‖², where
     Δx̂ = Δb_dec + Σ_{i ∈ latents} f_i (d_m,i − d_base,i)."""
+    rows = np.sort(np.asarray(rows))
+    positions = np.searchsorted(encoded.rows, rows)
+    if not np.array_equal(encoded.rows[positions.clip(max=encoded.n_tokens - 1)], rows):
+        raise ValueError("difference_explained: some rows were not encoded")
     latents = torch.as_tensor(latents, dtype=torch.long)
-    delta = cc.W_dec[latents, model] - cc.W_dec[latents, 0]
-    bias = cc.b_dec[model] - cc.b_dec[0]
+    delta = (cc.W_dec[latents, model] - cc.W_dec[latents, 0]).detach()
+    bias = (cc.b_dec[model] - cc.b_dec[0]).detach()
     residual = total = 0.0
-    for batch in batches:
-        keep = (
-            torch.ones(len(batch.rows), dtype=torch.bool)
-            if rows is None
-            else torch.from_numpy(np.isin(batch.rows, rows))
-        )
-        difference = (batch.x[:, model] - batch.x[:, 0])[keep]
-        predicted = bias + batch.f[keep][:, latents] @ delta
+    for start in range(0, len(rows), 4096):
+        x = store.read(rows[start : start + 4096]) * factors[None, :, None]
+        difference = x[:, model] - x[:, 0]
+        predicted = bias + encoded.activations(latents, positions[start : start + 4096]) @ delta
         residual += float((difference - predicted).pow(2).sum())
         total += float(difference.pow(2).sum())
     return 1 - residual / max(total, 1e-12)
 
 
-@torch.no_grad()
-def exclusive_latent_scaling(cc: CrossCoder, batches, table: DifferenceTable) -> dict[str, LatentScaling]:
-    """Latent Scaling of the table's live exclusive latents, by kind (``<role>-only`` and ``base-only``);
-    ``batches`` is a callable returning a fresh iterator of encoded batches."""
+def exclusive_latent_scaling(cc: CrossCoder, encoded: Encoded, table: DifferenceTable) -> dict[str, LatentScaling]:
+    """Latent Scaling of the table's live exclusive latents, by kind (``<role>-only`` and ``base-only``)."""
     role = model_roles(cc.cfg.n_models)[table.model]
     scalings = {}
     for kind, owner, other in ((f"{role}-only", table.model, 0), ("base-only", 0, table.model)):
         latents = [i for i, k in enumerate(table.kind) if k == kind]
         if latents:
-            scalings[kind] = latent_scaling(cc, batches(), latents, owner, other)
+            scalings[kind] = latent_scaling(cc, encoded, latents, owner, other)
     return scalings
 
 
@@ -534,14 +528,10 @@ class Finding(NamedTuple):
     """The rank of a higher-ranked latent that fires on nearly the same tokens (see ``repeats``), else None."""
 
 
-@torch.no_grad()
-def firing_overlap(batches: Iterator[Batch], latents) -> torch.Tensor:
+def firing_overlap(encoded: Encoded, latents) -> torch.Tensor:
     """[L, L] Jaccard overlap of the sets of tokens on which each of ``latents`` fires."""
-    latents = torch.as_tensor(latents, dtype=torch.long)
-    shared = torch.zeros(len(latents), len(latents), dtype=torch.float64)
-    for batch in batches:
-        fired = (batch.f[:, latents] > 0).double()
-        shared += fired.T @ fired
+    fired = (encoded.activations(latents) > 0).double()
+    shared = fired.T @ fired
     size = shared.diagonal()
     return (shared / (size[:, None] + size[None, :] - shared).clamp(min=1)).float()
 
@@ -555,21 +545,23 @@ def repeats(overlap: torch.Tensor, same: float = 0.9) -> list[int | None]:
 
 def findings(
     table: DifferenceTable,
-    top: TopActivations,
+    samples: LatentSamples,
+    n_contexts: int,
     store: ActivationStore,
     tokenizer,
     overlap: torch.Tensor,
     matches: dict[str, BehaviourMatch] | None = None,
     mains: dict | None = None,
 ) -> list[Finding]:
-    """The top latents of the ranking (those of ``top``, in ranking order) with their contexts, the latent each
-    repeats (from their ``firing_overlap``) and, on the organism (``matches`` from best_latents, ``mains``
-    from main_behaviours), the planted behaviour each fires on."""
+    """The top latents of the ranking (as many as ``overlap``, their ``firing_overlap``) with their
+    ``n_contexts`` top contexts (from ``samples``), the latent each repeats and, on the organism (``matches``
+    from best_latents, ``mains`` from main_behaviours), the planted behaviour each fires on."""
     best_of = {match.latent: (name, match.f1) for name, match in (matches or {}).items()}
     earlier = repeats(overlap)
     result = []
-    for i, latent in enumerate(top.latents.tolist()):
-        rows = [row for value, row in zip(top.values[i].tolist(), top.rows[i].tolist()) if value > 0]
+    top = table.order[: len(overlap)].tolist()
+    for i, latent in enumerate(top):
+        rows = [row for row in samples.top_rows[latent, :n_contexts].tolist() if row >= 0]
         fires_on = ""
         if latent in (mains or {}):
             behaviour, precision = mains[latent]
@@ -585,7 +577,7 @@ def findings(
                 float(table.difference_score[latent]),
                 [context(store, tokenizer, row) for row in rows],
                 fires_on,
-                None if earlier[i] is None else table.rank(int(top.latents[earlier[i]])),
+                None if earlier[i] is None else table.rank(top[earlier[i]]),
             )
         )
     return result
@@ -636,7 +628,7 @@ class SplicedLoss(NamedTuple):
 
 @torch.no_grad()
 def spliced_loss(
-    raw_cc: CrossCoder, pair: ModelPair, store: ActivationStore, n_sequences: int = 64, seqs_per_batch: int = 16
+    raw_cc: CrossCoder, pair: ModelPair, store: ActivationStore, n_sequences: int = 64, seqs_per_batch: int = 4
 ) -> list[SplicedLoss]:
     """Per model, the loss when the crosscoder's reconstruction replaces the site activation, on held-out
     documents: those after the store's last document, or when the dataset ran out, the store's val documents.
@@ -685,3 +677,55 @@ def spliced_loss(
         SplicedLoss(clean, spliced, zero, (zero - spliced) / (zero - clean), kl)
         for clean, spliced, zero, kl in totals / n_predicted
     ]
+
+
+class Analysis(NamedTuple):
+    """What 04 and the dashboard read off a run, from one encoding pass over its held-out split."""
+
+    run_dir: Path
+    run: Run
+    encoded: Encoded
+    pair: ModelPair | None
+    """The models, for a store collected from them (else None)."""
+    divergence: TokenDivergence | None
+    """Per-token KL between the base and the first fine-tune (None without models)."""
+    tables: dict[str, DifferenceTable]
+    """Each fine-tune's role -> its difference table against the base."""
+    matches: dict[str, BehaviourMatch] | None
+    """On the organism: each planted behaviour's best latent (against the first fine-tune), else None."""
+    mains: dict | None
+    """On the organism: the latents that fire mostly on one planted behaviour (``main_behaviours``)."""
+
+
+def analyse(
+    run_dir: str | Path,
+    organism_dir: str | Path | None = None,
+    exclusive_share: float = 0.9,
+    changed_cosine: float = 0.5,
+    device: str = "auto",
+    tokens_per_batch: int = 4096,
+    max_tokens: int | None = None,
+) -> Analysis:
+    """Read a finished run: encode its store's held-out split once (its first ``max_tokens`` tokens) on
+    ``device``, and, for a store collected from models, load them (checked to be those the store came
+    from) for the per-token KL; then each fine-tune's difference table and, with ``organism_dir``, the
+    planted behaviours' latents."""
+    run = load_run(run_dir)
+    store = run.store
+    pair = load_model_pair(*store.meta["models"], device=device) if store.meta["site"] else None
+    if pair:
+        check_inputs(store, pair)  # the models and data are still those the store was collected from
+    divergence = token_divergence(pair, store, run.norm_factors, max_tokens=max_tokens) if pair else None
+    encoded = encode(run.crosscoder, store, run.norm_factors, "val", tokens_per_batch, max_tokens, device)
+    roles = model_roles(store.n_models)
+    tables = {
+        roles[m]: difference_table(
+            run.crosscoder, encoded, divergence if m == 1 else None, m, exclusive_share, changed_cosine
+        )
+        for m in range(1, store.n_models)
+    }
+    matches = mains = None
+    if organism_dir:
+        labels = behaviour_labels(store, load_organism(organism_dir))
+        matches, mains = best_latents(encoded, labels), main_behaviours(encoded, labels)
+    return Analysis(Path(run_dir), run, encoded, pair, divergence, tables, matches, mains)

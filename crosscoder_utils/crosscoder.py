@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from einops import einsum, rearrange
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -100,6 +101,8 @@ class CrossCoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(cfg.dict_size))
         self.b_dec = nn.Parameter(torch.zeros(cfg.n_models, cfg.d_model))
         self.register_buffer("norm_factors", torch.ones(cfg.n_models))
+        self.source: dict | None = None
+        """What the crosscoder reads (models, revisions, site, layer), from the model card when ``load`` finds one."""
         self.register_buffer("threshold", torch.tensor(-1.0))  # batchtopk inference threshold; < 0: not yet learnt
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.dict_size, dtype=torch.long))
         # the partition (derived from cfg, so not saved): designated shared latents first, then each model's
@@ -331,12 +334,14 @@ class CrossCoder(nn.Module):
     @classmethod
     def load(cls, directory_or_hub_id: str | Path, device: str = "cpu") -> "CrossCoder":
         """Read what ``save`` wrote, from a local directory or a Hub model repository (see
-        ``models.local_or_hub``: a missing local path is refused, never looked up on the Hub)."""
+        ``models.local_or_hub``: a missing local path is refused, never looked up on the Hub), and, when it
+        holds a model card (``push_to_hub``'s README.md), what the crosscoder reads into ``source``."""
         directory = local_or_hub(directory_or_hub_id)
         if isinstance(directory, str):
             from huggingface_hub import snapshot_download
 
-            directory = Path(snapshot_download(directory, allow_patterns=["crosscoder.safetensors", "cfg.json"]))
+            patterns = ["crosscoder.safetensors", "cfg.json", "README.md"]
+            directory = Path(snapshot_download(directory, allow_patterns=patterns))
         try:
             model = cls(CrossCoderConfig.load(directory / "cfg.json"))
             weights = load_file(directory / "crosscoder.safetensors", device=device)
@@ -349,4 +354,7 @@ class CrossCoder(nn.Module):
             ) from error
         if not finite(weights):
             raise ValueError(f"{directory / 'crosscoder.safetensors'} holds non-finite weights (NaN or inf)")
+        card = directory / "README.md"
+        if card.exists():
+            model.source = yaml.safe_load(card.read_text().split("---\n", 2)[1]).get("crosscoder")
         return model.to(device).eval()

@@ -1,6 +1,6 @@
 """Latent dashboards: a static site with every live latent of a run, readable offline from disk.
 
-``build_dashboard(run_dir)`` writes ``<run_dir>/dashboard/``::
+``build_dashboard(analyse(run_dir))`` writes ``<run_dir>/dashboard/``::
 
     index.html           every live latent in one table, sortable by each column, filterable by kind
     latent.html#<id>     one latent: contexts shaded by its activation, activation histogram, the tokens
@@ -24,12 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from . import analysis as A
 from .config import model_roles
 from .models import direct_logit_effect, load_model_pair
-from .organism import behaviour_labels, load_organism
 from .train import load_run
 
 SITE = Path(__file__).parent / "site"
@@ -68,46 +66,36 @@ def _script(path: Path, name: str, value) -> None:
 
 @torch.no_grad()
 def build_dashboard(
-    run_dir: str | Path,
-    organism_dir: str | Path | None = None,
+    analysis: A.Analysis,
     out_dir: str | Path | None = None,
-    exclusive_share: float = 0.9,
-    changed_cosine: float = 0.5,
     n_top: int = 10,
     n_sample: int = 30,
     width: int = 8,
     n_logits: int = 8,
     latents_per_shard: int = 256,
     tokens_per_batch: int = 4096,
-    device: str = "cpu",
-    max_tokens: int | None = None,
 ) -> Path:
-    """Write the dashboard of a finished run (default ``<run_dir>/dashboard``); returns its folder.
+    """Write the dashboard of an analysed run (``analysis.analyse``; default ``<run_dir>/dashboard``);
+    returns its folder.
 
-    Everything is measured on the store's held-out split in one pass (``analysis.latent_samples``): each
-    latent's ``n_top`` top contexts and ``n_sample`` contexts drawn uniformly from its firings (shown by
-    activation quantile), ``width`` tokens either side. The ranking and kinds are ``analysis.difference_table``'s
-    (with the models' per-token KL when the store was collected from models); ``organism_dir`` adds which
-    planted behaviour each latent fires on; ``max_tokens`` reads only the split's first tokens."""
-    run = load_run(run_dir, device)
+    Everything comes from the analysis's one encoding pass over the held-out split: the ranking and kinds
+    (the first fine-tune's ``difference_table``), Latent Scaling, the planted behaviour each latent fires on
+    (on the organism), and each latent's ``n_top`` top contexts and ``n_sample`` contexts drawn uniformly
+    from its firings (``analysis.latent_samples``, shown by activation quantile), ``width`` tokens either
+    side."""
+    run, encoded, pair = analysis.run, analysis.encoded, analysis.pair
     cc, store, factors = run.crosscoder, run.store, run.norm_factors
-    out = Path(out_dir) if out_dir else Path(run_dir) / "dashboard"
+    table = next(iter(analysis.tables.values()))
+    out = Path(out_dir) if out_dir else analysis.run_dir / "dashboard"
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(SITE, out)
     (out / "data").mkdir()
-    tokenizer = AutoTokenizer.from_pretrained(store.meta["models"][0]) if store.meta["site"] else None
-    pair = load_model_pair(*store.meta["models"], device=device) if store.meta["site"] else None
-    val = lambda: A.encoded_batches(cc, store, factors, "val", tokens_per_batch, max_tokens)
-    divergence = A.token_divergence(pair, store, factors, max_tokens=max_tokens) if pair else None
-    table = A.difference_table(cc, val(), divergence, 1, exclusive_share, changed_cosine)
     nu = {}
-    for scaling in A.exclusive_latent_scaling(cc, val, table).values():
+    for scaling in A.exclusive_latent_scaling(cc, encoded, table).values():
         nu.update(zip(scaling.latents.tolist(), zip(scaling.nu_error.tolist(), scaling.nu_reconstruction.tolist())))
-    mains = {}
-    if organism_dir:
-        mains = A.main_behaviours(val(), behaviour_labels(store, load_organism(organism_dir)))
-    samples = A.latent_samples(val(), n_top, n_sample)
+    mains = analysis.mains or {}
+    samples = A.latent_samples(encoded, n_top, n_sample)
     live = table.order.tolist()
 
     # contexts: the rows around each top and sampled firing, and the latent's activation on each
@@ -140,7 +128,7 @@ def build_dashboard(
     vocab_ids = set(token_of.values())
     for up, down in logits.values():
         vocab_ids |= set(up.indices.flatten().tolist()) | set(down.indices.flatten().tolist())
-    decode = (lambda t: tokenizer.decode([t])) if tokenizer else str
+    decode = (lambda t: pair.tokenizer.decode([t])) if pair else str
     _script(out / "data/vocab.js", "VOCAB", {t: decode(t) for t in sorted(vocab_ids)})
 
     index = []
@@ -199,7 +187,7 @@ def build_dashboard(
         "META",
         {
             "latents_per_shard": latents_per_shard,
-            "run": str(run_dir),
+            "run": str(analysis.run_dir),
             "roles": roles,
             "n_live": len(live),
             "n_dead": table.kind.count("dead"),

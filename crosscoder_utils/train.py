@@ -477,6 +477,14 @@ def model_card(run: Run, repo_id: str) -> str:
         "tags": ["crosscoder", "model-diffing", "sparse-autoencoder", "interpretability"],
         "base_model": hub(meta["models"]) if meta.get("site") else None,
         "datasets": hub([dataset.get("name")]),
+        "crosscoder": {  # what CrossCoder.load reads into ``source``
+            "models": meta["models"],
+            "revisions": meta.get("revisions"),
+            "site": meta.get("site"),
+            "layer": meta.get("layer"),
+            "d_model": meta["d_model"],
+            "units": "raw",
+        },
     }
     front = {key: value for key, value in front.items() if value}
     roles = model_roles(cc.n_models)

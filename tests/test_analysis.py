@@ -47,18 +47,16 @@ def test_latent_scaling_and_statistics_on_planted_structure(tmp_path):
     x[:, 0] += 0.5 * a[:, :1] * d[0]  # the base holds half of latent 0's direction: its error keeps it
     store = ActivationStore.from_arrays(tmp_path / "s", x, val_fraction=0.5)
     factors = torch.ones(2)
-    batches = lambda: A.encoded_batches(cc, store, factors, "val", 512)
-    scaling = A.latent_scaling(cc, batches(), [0], owner=1, other=0)
+    encoded = A.encode(cc, store, factors, "val", 512)
+    scaling = A.latent_scaling(cc, encoded, [0], owner=1, other=0)
     torch.testing.assert_close(scaling.nu_error, torch.tensor([0.5]), atol=1e-4, rtol=0)
     torch.testing.assert_close(scaling.beta["activation"][:, 0], torch.tensor([0.5, 1.0]), atol=1e-4, rtol=0)
-    stats = A.latent_statistics(batches())
     val = a[2000:]
-    torch.testing.assert_close(stats.frequency, (val > 0).float().mean(0))
-    torch.testing.assert_close(stats.max_activation, val.max(0).values)
-    assert stats.explained_variance_per_model[1] == pytest.approx(1.0, abs=1e-5)
-    assert stats.explained_variance_per_model[0] < 1
-    top = A.top_activations(batches(), [1], n_top=3)
-    assert top.rows[0].tolist() == (2000 + val[:, 1].topk(3).indices).tolist()
+    torch.testing.assert_close(encoded.frequency, (val > 0).float().mean(0))
+    assert encoded.l0 == pytest.approx(float((val > 0).sum(1).float().mean()))
+    assert encoded.explained_variance_per_model[1] == pytest.approx(1.0, abs=1e-5)
+    assert encoded.explained_variance_per_model[0] < 1
+    torch.testing.assert_close(encoded.activations([2, 0], [5, 7, 1999]), val[[5, 7, 1999]][:, [2, 0]])
 
 
 def planted_crosscoder_and_store(tmp_path):
@@ -85,11 +83,11 @@ def planted_crosscoder_and_store(tmp_path):
 
 def test_difference_table_kinds_scores_and_ranking(tmp_path):
     cc, store, val = planted_crosscoder_and_store(tmp_path)
-    batches = lambda: A.encoded_batches(cc, store, torch.ones(2), "val", 512)
+    encoded = A.encode(cc, store, torch.ones(2), "val", 512)
     kl = torch.rand(2000, generator=torch.Generator().manual_seed(2))
     kl[val[:, 1] > 0] += 5  # the models differ most where latent 1 fires
     divergence = A.TokenDivergence(np.arange(2000, 4000), kl, torch.zeros(2000))
-    table = A.difference_table(cc, batches(), divergence, changed_cosine=0.5)
+    table = A.difference_table(cc, encoded, divergence, changed_cosine=0.5)
     assert table.kind == ["finetuned-only", "base-only", "changed", "shared", "dead"]
     expected = [float((val[:, i] * kl).sum() / val[:, i].sum()) for i in range(4)]
     torch.testing.assert_close(table.difference_score[:4], torch.tensor(expected))
@@ -97,11 +95,11 @@ def test_difference_table_kinds_scores_and_ranking(tmp_path):
     torch.testing.assert_close(table.frequency[:4], (val > 0).float().mean(0)[:4])
     x = store.read(np.arange(2000, 4000))
     squared = (x[:, 1] - x[:, 0]).pow(2).sum(-1)  # without models: the activation difference weighs the tokens
-    without = A.difference_table(cc, batches())
+    without = A.difference_table(cc, encoded)
     torch.testing.assert_close(without.difference_score[0], (val[:, 0] * squared).sum() / val[:, 0].sum())
 
     csv_path = tmp_path / "latents.csv"
-    A.write_latents_csv(table, A.exclusive_latent_scaling(cc, batches, table), csv_path)
+    A.write_latents_csv(table, A.exclusive_latent_scaling(cc, encoded, table), csv_path)
     lines = csv_path.read_text().splitlines()
     assert lines[0] == "latent,kind,frequency,relative_norm,decoder_cosine,difference_score,nu_error,nu_reconstruction"
     assert [line.split(",")[0] for line in lines[1:]] == [str(i) for i in table.order.tolist()] + ["4"]
@@ -111,7 +109,7 @@ def test_difference_table_kinds_scores_and_ranking(tmp_path):
 
 def test_best_latents_and_the_difference_they_reconstruct(tmp_path):
     cc, store, val = planted_crosscoder_and_store(tmp_path)
-    batches = lambda: A.encoded_batches(cc, store, torch.ones(2), "val", 512)
+    encoded = A.encode(cc, store, torch.ones(2), "val", 512)
     labels = {
         "where 0 fires": torch.zeros(len(store), dtype=torch.bool),
         "half of 2": torch.zeros(len(store), dtype=torch.bool),
@@ -119,23 +117,23 @@ def test_best_latents_and_the_difference_they_reconstruct(tmp_path):
     labels["where 0 fires"][2000:][val[:, 0] > 0] = True
     fires_2 = (val[:, 2] > 0).nonzero().squeeze(1)
     labels["half of 2"][2000 + fires_2[: len(fires_2) // 2]] = True
-    matches = A.best_latents(batches(), labels)
+    matches = A.best_latents(encoded, labels)
     assert matches["where 0 fires"].latent == 0 and matches["where 0 fires"].f1 == 1.0
     half = matches["half of 2"]
     assert half.latent == 2 and half.recall == 1.0 and half.precision == pytest.approx(0.5, abs=0.01)
     assert half.f1 == pytest.approx(2 * half.precision / (half.precision + 1))
-    mains = A.main_behaviours(batches(), labels)
+    mains = A.main_behaviours(encoded, labels)
     assert mains[0] == ("where 0 fires", 1.0) and mains[2][0] == "half of 2" and set(mains) == {0, 2}
-    table = A.difference_table(cc, batches())
-    sentence = A.verdict(table, A.firing_overlap(batches(), table.order[:2]), matches, mains)
+    table = A.difference_table(cc, encoded)
+    sentence = A.verdict(table, A.firing_overlap(encoded, table.order[:2]), matches, mains)
     top = table.order[:2].tolist()
     assert sentence.startswith("Where the models' predictions differ most: the top 2 latents of the ranking are")
     assert f"{sum(i in mains for i in top)} of them fire mostly on planted tokens" in sentence
     assert f"where 0 fires 1.00 #{table.rank(0)}" in sentence
-    everything = A.difference_explained(cc, batches(), [0, 1, 2, 3, 4])
-    assert everything == pytest.approx(1.0, abs=1e-6)  # the crosscoder reconstructs x exactly
-    assert A.difference_explained(cc, batches(), [3]) == pytest.approx(0.0, abs=1e-6)  # shared: writes no difference
-    assert 0 < A.difference_explained(cc, batches(), [0]) < 1
+    explained = lambda latents: A.difference_explained(cc, encoded, store, torch.ones(2), latents, encoded.rows)
+    assert explained([0, 1, 2, 3, 4]) == pytest.approx(1.0, abs=1e-6)  # the crosscoder reconstructs x exactly
+    assert explained([3]) == pytest.approx(0.0, abs=1e-6)  # shared: writes no difference
+    assert 0 < explained([0]) < 1
 
 
 def test_scoring_the_truth_and_a_random_dictionary():
@@ -157,7 +155,8 @@ def test_scoring_the_truth_and_a_random_dictionary():
 
 def test_latent_samples_keep_each_latents_top_and_a_uniform_sample_in_one_pass(tmp_path):
     cc, store, val = planted_crosscoder_and_store(tmp_path)
-    samples = A.latent_samples(A.encoded_batches(cc, store, torch.ones(2), "val", 300), n_top=5, n_sample=40)
+    encoded = A.encode(cc, store, torch.ones(2), "val", 300)
+    samples = A.latent_samples(encoded, n_top=5, n_sample=40)
     for latent in range(4):
         top = val[:, latent].topk(5)
         torch.testing.assert_close(samples.top_values[latent], top.values)
@@ -169,10 +168,7 @@ def test_latent_samples_keep_each_latents_top_and_a_uniform_sample_in_one_pass(t
         assert (samples.sample_values[latent].diff() >= 0).all()
     assert (samples.top_rows[4] == -1).all() and (samples.sample_rows[4] == -1).all()  # the dead latent
     # uniform: over many seeds the sampled activations average to the latent's mean activation
-    means = [
-        A.latent_samples(A.encoded_batches(cc, store, torch.ones(2), "val", 300), 1, 40, seed).sample_values[0].mean()
-        for seed in range(20)
-    ]
+    means = [A.latent_samples(encoded, 1, 40, seed).sample_values[0].mean() for seed in range(20)]
     assert float(torch.stack(means).mean()) == pytest.approx(float(val[:, 0][val[:, 0] > 0].mean()), rel=0.05)
 
 
@@ -185,18 +181,23 @@ def test_each_finetune_of_several_is_compared_with_the_base(tmp_path):
     cc = crosscoder_with_decoders(W_dec)
     x = torch.einsum("tf,fmd->tmd", torch.rand(400, 3, generator=torch.Generator().manual_seed(0)), W_dec)
     store = ActivationStore.from_arrays(tmp_path / "s", x, val_fraction=0.5)
-    tables = {m: A.difference_table(cc, A.encoded_batches(cc, store, torch.ones(3), "val"), model=m) for m in (1, 2)}
+    encoded = A.encode(cc, store, torch.ones(3))
+    tables = {m: A.difference_table(cc, encoded, model=m) for m in (1, 2)}
     assert tables[2].kind == ["finetuned_2-only", "base-only", "shared"]
     assert tables[1].kind[1:] == ["base-only", "shared"]  # latent 0 writes into neither the base nor fine-tune 1
 
 
+def test_firing_overlap_is_the_jaccard_overlap_of_the_tokens_latents_fire_on(tmp_path):
+    cc, store, val = planted_crosscoder_and_store(tmp_path)
+    overlap = A.firing_overlap(A.encode(cc, store, torch.ones(2), "val", 300), [2, 0, 3])
+    fired = val[:, [2, 0, 3]] > 0
+    for i in range(3):
+        for j in range(3):
+            both, either = (fired[:, i] & fired[:, j]).sum(), (fired[:, i] | fired[:, j]).sum()
+            assert float(overlap[i, j]) == pytest.approx(float(both / either))
+
+
 def test_latents_firing_on_the_same_tokens_are_marked_as_repeats():
-    f = torch.zeros(6, 3)
-    f[[0, 1, 2], 0] = 1.0
-    f[[0, 1, 2], 1] = 0.5  # the same tokens as latent 0
-    f[[1, 2, 3, 4], 2] = 2.0  # 2 of the 5 tokens of 0 and 2 together
-    batches = [A.Batch(np.arange(3), None, f[:3], None), A.Batch(np.arange(3, 6), None, f[3:], None)]
-    overlap = A.firing_overlap(iter(batches), [0, 1, 2])
-    torch.testing.assert_close(overlap, torch.tensor([[1.0, 1.0, 0.4], [1.0, 1.0, 0.4], [0.4, 0.4, 1.0]]))
+    overlap = torch.tensor([[1.0, 1.0, 0.4], [1.0, 1.0, 0.4], [0.4, 0.4, 1.0]])
     assert A.repeats(overlap) == [None, 0, None]
     assert A.repeats(overlap, same=0.4) == [None, 0, 0]

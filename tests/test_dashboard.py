@@ -18,6 +18,7 @@ from crosscoder_utils import (
     estimate_norm_factors,
     train_crosscoder,
 )
+from crosscoder_utils.analysis import analyse
 from crosscoder_utils.dashboard import build_dashboard, contexts_html
 from crosscoder_utils.train import load_run
 
@@ -40,7 +41,7 @@ def dashboard(organism, tmp_path_factory):
     estimate_norm_factors(store, n_batches=4, tokens_per_batch=1024)
     train = TrainConfig(tokens_per_step=256, train_tokens=40_000, log_to="none", log_every=50)
     train_crosscoder(train, store, out / "run", CrossCoderConfig(dict_size=64))
-    return out / "run", build_dashboard(out / "run", organism_dir=Path(organism.base).parent)
+    return out / "run", build_dashboard(analyse(out / "run", organism_dir=Path(organism.base).parent))
 
 
 @pytest.fixture(scope="module")

@@ -28,10 +28,10 @@ def test_the_ranking_leads_with_every_planted_behaviour(organism, tmp_path):
     factors = estimate_norm_factors(store, n_batches=10, tokens_per_batch=2048)
     train = TrainConfig(tokens_per_step=512, train_tokens=400_000, log_to="none", log_every=100)
     cc = train_crosscoder(train, store, tmp_path / "run", CrossCoderConfig(dict_size=256, dead_tokens=50_000))
-    val = lambda: A.encoded_batches(cc, store, factors, "val", 4096)
+    encoded = A.encode(cc, store, factors)
     divergence = A.token_divergence(load_model_pair(organism.base, organism.finetuned), store, factors)
-    table = A.difference_table(cc, val(), divergence)
-    matches = A.best_latents(val(), behaviour_labels(store, organism))
+    table = A.difference_table(cc, encoded, divergence)
+    matches = A.best_latents(encoded, behaviour_labels(store, organism))
     # measured over tiny organisms of seeds 0-6 (~235 live latents): best F1 0.51-1.00 (the trigger and the
     # two <|end|> lowest: the tiny fine-tune only half separates them from their other uses), ranks 1-9
     for name, match in matches.items():

@@ -9,7 +9,7 @@ import papermill
 import pytest
 import yaml
 
-from crosscoder_utils import ActivationStore, CollectConfig, CrossCoderConfig, OrganismConfig, TrainConfig
+from crosscoder_utils import ActivationStore, CollectConfig, CrossCoder, CrossCoderConfig, OrganismConfig, TrainConfig
 from crosscoder_utils.notebook import check_parameters, declared
 from crosscoder_utils.organism import TINY
 from crosscoder_utils.train import load_run, model_card
@@ -152,6 +152,16 @@ def test_the_model_card_says_what_the_crosscoder_reads(trained):
         "| site | resid_post, layer 1 (d_model 64) |" in body and "| dictionary | batchtopk, 128 latents, k 8 |" in body
     )
     assert 'CrossCoder.load("owner/name")' in body
+
+
+def test_a_crosscoder_loaded_with_its_card_knows_what_it_reads(trained, tmp_path):
+    run = load_run(trained[0] / "run")
+    run.raw.save(tmp_path)
+    (tmp_path / "README.md").write_text(model_card(run, "owner/name"))
+    source = CrossCoder.load(tmp_path).source
+    meta = run.store.meta
+    assert source["models"] == meta["models"] and (source["site"], source["layer"]) == ("resid_post", 1)
+    assert source["d_model"] == 64 and source["units"] == "raw"
 
 
 def test_running_train_again_reuses_the_finished_run(trained):
