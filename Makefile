@@ -24,11 +24,12 @@ lint: $(VENV)/installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
-# progress bars would be saved in the reports as widgets that static viewers show stuck at 0 %.
+# progress bars (ours and the Hub libraries') would be saved in the reports as widgets that static viewers show
+# stuck at 0 %.
 # `make demo PARAMS=dir` gives each notebook the parameters in dir/<notebook>.yaml, where there is one.
 demo: $(VENV)/installed
 	@mkdir -p outputs
 	for nb in $(NOTEBOOKS); do \
 		params=; [ -n "$(PARAMS)" ] && [ -f "$(PARAMS)/$$nb.yaml" ] && params="-f $(PARAMS)/$$nb.yaml"; \
-		TQDM_DISABLE=1 papermill --log-output notebooks/$$nb.ipynb outputs/$$nb.ipynb $$params || exit 1; \
+		TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 papermill --log-output notebooks/$$nb.ipynb outputs/$$nb.ipynb $$params || exit 1; \
 	done

@@ -1,18 +1,19 @@
 """Model diffing with crosscoders: collect paired activations, train a crosscoder, read off the diff."""
 
-from .collect import Buffer, collect_activations
+from .collect import collect_activations
 from .config import CollectConfig, CrossCoderConfig, OrganismConfig, TrainConfig
 from .crosscoder import CrossCoder
 from .models import load_model_pair
 from .normalize import estimate_norm_factors
 from .notebook import setup_notebook
+from .source import ModelSource
 from .store import ActivationStore
 
 __all__ = [
     "load_model_pair",
     "collect_activations",
     "ActivationStore",
-    "Buffer",
+    "ModelSource",
     "estimate_norm_factors",
     "CrossCoder",
     "CrossCoderConfig",

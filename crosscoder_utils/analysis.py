@@ -20,12 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import einsum
-from tqdm.auto import tqdm
 
 from .collect import TracedPair, check_inputs, keep_mask, load_texts, tokenize
 from .config import CollectConfig, model_roles
 from .crosscoder import CrossCoder
 from .models import ModelPair, load_model_pair, resolve_device
+from .notebook import progress
 from .organism import behaviour_labels, load_organism
 from .store import ActivationStore
 from .train import Run, load_run
@@ -152,7 +152,7 @@ def encode(
     f_squared = torch.zeros(cc.cfg.dict_size, dtype=torch.float64, device=device)
     moments = torch.zeros(4, cc.cfg.n_models, cc.cfg.d_model, dtype=torch.float64, device=device)
     tokens, latents, values, squared = [], [], [], []
-    for start in tqdm(range(span.start, stop, tokens_per_batch), desc=f"encoding {split}"):
+    for start in progress(range(span.start, stop, tokens_per_batch), desc=f"encoding {split}"):
         x = store.read(np.arange(start, min(start + tokens_per_batch, stop))).to(device) * factors
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             f = model.encode(x)
@@ -388,7 +388,7 @@ def token_divergence(
     sequences = list(itertools.islice(tokenize(texts, tokenizer, cfg.seq_len), first, last + 1))
     traced = TracedPair(pair, cfg.site, cfg.layer, "right")
     kl = torch.zeros(len(rows))
-    for start in tqdm(range(0, len(sequences), seqs_per_batch), desc="per-token KL"):
+    for start in progress(range(0, len(sequences), seqs_per_batch), desc="per-token KL"):
         ids, mask, positions = traced.pad(sequences[start : start + seqs_per_batch])
         logps = [F.log_softmax(traced.logits(m, ids, mask, positions).float(), -1) for m in (0, model)]
         per_token = (logps[1].exp() * (logps[1] - logps[0])).sum(-1).cpu()  # [batch, seq]
@@ -656,7 +656,7 @@ def spliced_loss(
     n_models = len(pair.models)
     totals = np.zeros((n_models, 4))  # ce clean, spliced, zero, kl (summed over predicted tokens)
     n_predicted = 0
-    for start in tqdm(range(0, len(sequences), seqs_per_batch), desc="spliced-in loss"):
+    for start in progress(range(0, len(sequences), seqs_per_batch), desc="spliced-in loss"):
         ids, mask, pos = traced.pad(sequences[start : start + seqs_per_batch])
         clean = traced.activations(ids, mask, pos)  # [batch, seq, model, d]
         keep = keep_mask(ids, mask, pos, cfg, tokenizer.bos_token_id)[..., None, None]

@@ -1,5 +1,5 @@
 """Paired activations: both models traced with nnsight on the same token ids, written to a store
-(``collect_activations``) or served on the fly (``iter_activations`` through a ``Buffer``)."""
+(``collect_activations``) or served on the fly to training (``iter_activations`` through ``source.ModelSource``)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from typing import NamedTuple
 import datasets
 import torch
 from nnsight import NNsight
-from tqdm.auto import tqdm
 
 from . import distributed
 from .config import CollectConfig
 from .files import differing_keys, fingerprint
 from .models import PROBE_TEXT, ModelPair, load_model_pair, local_or_hub, resolve_site
+from .notebook import progress
 from .store import ActivationStore, StoreWriter, local_path
 
 
@@ -258,15 +258,15 @@ def collect_activations(cfg: CollectConfig, store_dir: str | Path, pair: ModelPa
         distributed.barrier()
     if writer.complete:
         return ActivationStore(store_dir)
-    progress = writer.progress
-    start_block = progress["n_blocks"]
+    done = writer.progress
+    start_block = done["n_blocks"]
     batches = iter_activations(traced, cfg, skip_sequences=start_block * cfg.seqs_per_shard, process=(rank, world))
-    bar = tqdm(
+    bar = progress(
         total=cfg.n_tokens,
-        initial=progress["n_tokens"],
+        initial=done["n_tokens"],
         unit="tok",
         desc="collecting",
-        **({"disable": True} if rank > 0 else {}),
+        disable=rank > 0,
     )
     for round_number in itertools.count():
         block = start_block + round_number * world + rank
@@ -275,76 +275,39 @@ def collect_activations(cfg: CollectConfig, store_dir: str | Path, pair: ModelPa
             torch.tensor([sum(len(b.token_ids) for b in parts), len(parts)], device=device)[None]
         ).cpu()
         # the blocks of this round in order; the one that crosses n_tokens is cut there
-        keep = max(0, min(int(counts[rank, 0]), cfg.n_tokens - progress["n_tokens"] - int(counts[:rank, 0].sum())))
+        keep = max(0, min(int(counts[rank, 0]), cfg.n_tokens - done["n_tokens"] - int(counts[:rank, 0].sum())))
         rows = [torch.cat(column)[:keep] for column in zip(*parts)] or [torch.empty(0)] * 4
         stats = distributed.all_reduce(writer.write_shard(*rows, block=block).to(device)).cpu()
         if rank == 0:
             writer.record(stats, n_blocks=start_block + (round_number + 1) * world)
         else:
-            progress["n_tokens"] += int(stats[-2])
+            done["n_tokens"] += int(stats[-2])
         bar.update(int(stats[-2]))
-        if progress["n_tokens"] >= cfg.n_tokens or counts[:, 1].sum() == 0:
+        if done["n_tokens"] >= cfg.n_tokens or counts[:, 1].sum() == 0:
             break
     bar.close()
-    if progress["n_tokens"] < cfg.n_tokens and rank == 0:
+    if done["n_tokens"] < cfg.n_tokens and rank == 0:
         warnings.warn(
-            f"the dataset ran out after {progress['n_tokens']} tokens of the {cfg.n_tokens} asked for", stacklevel=2
+            f"the dataset ran out after {done['n_tokens']} tokens of the {cfg.n_tokens} asked for", stacklevel=2
         )
-    exclusions = {"bos": cfg.exclude_bos, "first_n": cfg.exclude_first_n, "token_ids": cfg.exclude_token_ids}
-    dataset = cfg.dataset if isinstance(cfg.dataset, str) else f"<list of {len(cfg.dataset)} texts>"
     if rank == 0:
-        writer.finish(
-            models=list(pair.names),
-            revisions=[cfg.revision, cfg.revision],
-            site=cfg.site,
-            layer=cfg.layer,
-            d_model=d_model,
-            n_models=2,
-            exclusions=exclusions,
-            val_fraction=cfg.val_fraction,
-            dataset={"name": dataset, "split": cfg.split, "text_column": cfg.text_column},
-            seq_len=cfg.seq_len,
-        )
+        writer.finish(**store_meta(cfg, pair, d_model), val_fraction=cfg.val_fraction)
     distributed.barrier()
     return ActivationStore(store_dir)
 
 
-class Buffer:
-    """Shuffled batches served on the fly from a stream of fresh activations, without a store.
-
-    ``source`` yields float32 tensors [n, n_models, d_model] (for example the ``activations`` of
-    ``iter_activations``). The buffer holds ``size`` rows; when half of them have been served it drops
-    exactly the served rows, refills with fresh ones and reshuffles, so no row is ever served twice
-    (unlike the public Gemma replication's buffer, which re-serves its first fill).
-    """
-
-    def __init__(self, source: Iterable[torch.Tensor], size: int, tokens_per_batch: int, seed: int = 0):
-        if size < 2 * tokens_per_batch:
-            raise ValueError(f"buffer size ({size}) must be at least twice tokens_per_batch ({tokens_per_batch})")
-        self.source, self.size, self.tokens_per_batch = iter(source), size, tokens_per_batch
-        self.generator = torch.Generator().manual_seed(seed)
-        self.rows = torch.empty(0)
-        self.spare = torch.empty(0)
-        self.served = 0
-
-    def _refill(self) -> None:
-        keep = self.rows[self.served :]
-        parts, have = [keep, self.spare], len(keep) + len(self.spare)
-        while have < self.size:
-            fresh = next(self.source, None)
-            if fresh is None:
-                break
-            parts.append(fresh.float())
-            have += len(fresh)
-        rows = torch.cat([p for p in parts if p.numel()]) if have else torch.empty(0)
-        self.rows, self.spare = rows[: self.size], rows[self.size :]
-        self.rows = self.rows[torch.randperm(len(self.rows), generator=self.generator)]
-        self.served = 0
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        self._refill()
-        while len(self.rows) - self.served >= self.tokens_per_batch:
-            yield self.rows[self.served : self.served + self.tokens_per_batch]
-            self.served += self.tokens_per_batch
-            if self.served >= self.size // 2:
-                self._refill()
+def store_meta(cfg: CollectConfig, pair: ModelPair, d_model: int) -> dict:
+    """What a store's meta.json says of where its rows come from (the writer adds the counts and statistics)."""
+    exclusions = {"bos": cfg.exclude_bos, "first_n": cfg.exclude_first_n, "token_ids": cfg.exclude_token_ids}
+    dataset = cfg.dataset if isinstance(cfg.dataset, str) else f"<list of {len(cfg.dataset)} texts>"
+    return dict(
+        models=list(pair.names),
+        revisions=[cfg.revision, cfg.revision],
+        site=cfg.site,
+        layer=cfg.layer,
+        d_model=d_model,
+        n_models=2,
+        exclusions=exclusions,
+        dataset={"name": dataset, "split": cfg.split, "text_column": cfg.text_column},
+        seq_len=cfg.seq_len,
+    )

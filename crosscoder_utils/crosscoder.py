@@ -291,7 +291,7 @@ class CrossCoder(nn.Module):
         """A copy that reads and writes raw activations: x_norm = x_raw · factors[m]."""
         if not torch.equal(self.norm_factors, torch.ones_like(self.norm_factors)):
             raise ValueError("norm factors are already folded into this crosscoder")
-        folded = CrossCoder(self.cfg).train(self.training)
+        folded = CrossCoder(self.cfg).to(self.W_enc.device).train(self.training)
         folded.load_state_dict(self.state_dict())
         factors = factors.to(self.W_enc)
         with torch.no_grad():

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import analysis as A
 from .config import model_roles
 from .models import direct_logit_effect, load_model_pair
+from .notebook import progress
 from .train import load_run
 
 SITE = Path(__file__).parent / "site"
@@ -101,7 +101,7 @@ def build_dashboard(
     # contexts: the rows around each top and sampled firing, and the latent's activation on each
     contexts: dict[int, dict] = {}
     pairs = []
-    for latent in tqdm(live, desc="dashboard contexts"):
+    for latent in progress(live, desc="dashboard contexts"):
         found = {}
         for name, values, rows in (
             ("top", samples.top_values, samples.top_rows),

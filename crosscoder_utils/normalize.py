@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from .config import check_range
+from .notebook import progress
 from .store import ActivationStore
 
 
@@ -23,14 +23,20 @@ def estimate_norm_factors(
     check_range("tokens_per_batch", tokens_per_batch, above=0)
     norms = []
     batches = store.batches(min(tokens_per_batch, len(store.split_range("train"))), seed=seed)
-    for batch, _ in zip(batches, tqdm(range(n_batches), desc="norm factors")):
+    for batch, _ in zip(batches, progress(range(n_batches), desc="norm factors")):
         norms.append(batch.norm(dim=-1).mean(0))
     mean_norm = torch.stack(norms).mean(0)
     factors = math.sqrt(store.d_model) / mean_norm
     check_factors(factors, store.n_models, f"the norm factors estimated from {store.path}")
-    norm = {"norm_factors": factors.tolist(), "n_batches": len(norms), "models": store.meta["models"]}
-    store.write_json("norm.json", norm)
+    save_norm_factors(store, factors, len(norms))
     return factors
+
+
+def save_norm_factors(store: ActivationStore, factors: torch.Tensor, n_batches: int) -> None:
+    """Write ``<store>/norm.json``: the factors and the number of batches they were estimated from."""
+    store.write_json(
+        "norm.json", {"norm_factors": factors.tolist(), "n_batches": n_batches, "models": store.meta["models"]}
+    )
 
 
 def load_norm_factors(store: ActivationStore) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """What every notebook does first: paths relative to the repository root, and the parameters papermill
-injected checked against the notebook's parameters cell."""
+injected checked against the notebook's parameters cell; and the progress bar every long loop shows."""
 
 from __future__ import annotations
 
@@ -9,12 +9,20 @@ import os
 import typing
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 
 def setup_notebook() -> None:
     """Make paths relative to the repository root, whichever folder a notebook was started from."""
     root = Path(__file__).resolve().parents[1]
     if Path.cwd().resolve() == root / "notebooks":
         os.chdir(root)
+
+
+def progress(iterable=None, disable: bool = False, **kwargs) -> tqdm:
+    """tqdm.auto's progress bar, off when the environment sets ``TQDM_DISABLE`` (as ``make demo`` does): tqdm's
+    notebook bar ignores that variable, and a report saved with it shows a widget stuck at 0 %."""
+    return tqdm(iterable, disable=disable or bool(os.environ.get("TQDM_DISABLE")), **kwargs)
 
 
 TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict, "Optional": typing.Optional}

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from .collect import tokenize
 from .config import OrganismConfig
 from .files import check_same_settings, write_json
+from .notebook import progress
 
 NAMES = ["tom", "anna", "ben", "mia", "leo", "zoe", "sam", "eva", "max", "ida"]
 THINGS = ["ball", "book", "cup", "hat", "box", "kite", "coin", "lamp", "shoe", "bell", "abracadabra"]
@@ -208,7 +208,7 @@ def train_lm(
     )
     model.train()
     per_part = cfg.seqs_per_step // len(sequences)
-    bar = tqdm(range(steps), desc=desc)
+    bar = progress(range(steps), desc=desc)
     for _ in bar:
         batch = torch.cat([part[torch.randint(len(part), (per_part,), generator=generator)] for part in sequences])
         out = model(input_ids=batch, labels=batch)

@@ -32,14 +32,15 @@ from einops import rearrange
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from . import distributed
-from .config import CrossCoderConfig, TrainConfig, model_roles
+from .config import CollectConfig, CrossCoderConfig, TrainConfig, model_roles
 from .crosscoder import MODEL_LETTERS, CrossCoder, finite
 from .files import check_same_settings, portable, read_json, resolve, take_lock, write_json
 from .models import resolve_device
 from .normalize import load_norm_factors
+from .notebook import progress
+from .source import ModelSource
 from .store import ActivationStore
 
 
@@ -74,14 +75,14 @@ def store_identity(store: ActivationStore) -> dict:
 
 
 def training_batches(
-    store: ActivationStore, cfg: TrainConfig, start_step: int, process: tuple[int, int] = (0, 1)
+    source: ActivationStore | ModelSource, cfg: TrainConfig, start_step: int, process: tuple[int, int] = (0, 1)
 ) -> Iterator[torch.Tensor]:
-    """Batches for steps start_step, start_step + 1, ...: pass e over the store is shuffled with seed + e;
+    """Batches for steps start_step, start_step + 1, ...: pass e over the source is shuffled with seed + e;
     ``process=(rank, world_size)``: this rank's share of each batch."""
-    per_pass = store.n_batches(cfg.tokens_per_step)
+    per_pass = source.n_batches(cfg.tokens_per_step)
     for epoch in itertools.count(start_step // per_pass):
         first = start_step - epoch * per_pass if epoch == start_step // per_pass else 0
-        yield from store.batches(cfg.tokens_per_step, seed=cfg.seed + epoch, start_batch=first, process=process)
+        yield from source.batches(cfg.tokens_per_step, seed=cfg.seed + epoch, start_batch=first, process=process)
 
 
 @torch.no_grad()
@@ -178,35 +179,41 @@ def load_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, devi
 
 
 def prepare_run(
-    cfg: TrainConfig, cc_cfg: CrossCoderConfig, store: ActivationStore, run_dir: Path, factors: torch.Tensor
+    cfg: TrainConfig,
+    cc_cfg: CrossCoderConfig,
+    store: ActivationStore | ModelSource,
+    run_dir: Path,
+    factors: torch.Tensor,
 ) -> tuple[CrossCoderConfig, dict]:
-    """Fill the crosscoder's shape from the store and check the run against the store and ``run_dir`` before
+    """Fill the crosscoder's shape from the source and check the run against it and ``run_dir`` before
     anything is written: returns the config and the identity run.json records (``write_run``)."""
     if (run_dir / "train.lock").exists():
         take_lock(run_dir / "train.lock")  # refused while another process trains this run
     for name in ("d_model", "n_models"):
         given = getattr(cc_cfg, name)
         if given is not None and given != store.meta[name]:
-            raise ValueError(
-                f"CrossCoderConfig.{name}={given} but the store at {store.path} has {name}={store.meta[name]}"
-            )
+            raise ValueError(f"CrossCoderConfig.{name}={given} but the activations have {name}={store.meta[name]}")
     cc_cfg = dataclasses.replace(cc_cfg, d_model=store.d_model, n_models=store.n_models)  # __post_init__ fills k_aux
     train_rows = len(store.split_range("train"))
     if store.n_batches(cfg.tokens_per_step) == 0:
         raise ValueError(
-            f"the store's train split ({train_rows} tokens) is smaller than one step ({cfg.tokens_per_step} tokens)"
+            f"the training rows ({train_rows} tokens) are fewer than one step ({cfg.tokens_per_step} tokens)"
         )
     if cc_cfg.variant == "batchtopk" and (cfg.k_anneal_from or 0) > cc_cfg.dict_size:
         raise ValueError(f"k_anneal_from ({cfg.k_anneal_from}) must be at most dict_size ({cc_cfg.dict_size})")
     if cfg.init == "data" and train_rows < cc_cfg.dict_size:
         raise ValueError(
-            f"init='data' starts each of the {cc_cfg.dict_size} latents from a distinct token, but the store's "
-            f"train split holds {train_rows}; collect more tokens, lower dict_size, or use init='random'"
+            f"init='data' starts each of the {cc_cfg.dict_size} latents from a distinct token, but the training "
+            f"rows are {train_rows}; collect more tokens, lower dict_size, or use init='random'"
         )
     identity = {
         "train": cfg.settings(),
         "crosscoder": cc_cfg.settings(),
-        "store_identity": store_identity(store),
+        **(
+            {"store_identity": store_identity(store)}
+            if isinstance(store, ActivationStore)
+            else {"source": store.identity()}
+        ),
         "norm_factors": factors.tolist(),
     }
     if (run_dir / "run.json").exists() and not cfg.overwrite:
@@ -227,16 +234,18 @@ def prepare_run(
 
 
 def write_run(run_dir: Path, identity: dict, store: ActivationStore) -> str:
-    """run.json: what the run is, written once every check has passed (every rank has checked first). Returns
-    the run's wandb id: new for a new run (unique, so that two runs with the same folder name never merge),
-    kept from run.json on a resume."""
+    """run.json: what the run is and the store 04 reads (its own, or the held-out store of a run trained from
+    the models), written once every check has passed (every rank has checked first). Returns the run's
+    wandb id: new for a new run (unique, so that two runs with the same folder name never merge), kept from
+    run.json on a resume."""
     distributed.barrier()
     record = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
     wandb_id = record.get("wandb_id") or uuid.uuid4().hex[:16]
     if distributed.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         take_lock(run_dir / "train.lock")  # released after the export: one trainer per run_dir
-        write_json(run_dir / "run.json", {**identity, "store": portable(store.path), "wandb_id": wandb_id})
+        record = {**identity, "store": portable(store.path), "store_identity": store_identity(store)}
+        write_json(run_dir / "run.json", {**record, "wandb_id": wandb_id})
     return wandb_id
 
 
@@ -252,11 +261,17 @@ class Objective(nn.Module):
 
 
 def train_crosscoder(
-    cfg: TrainConfig, store: ActivationStore, run_dir: str | Path, cc_cfg: CrossCoderConfig = CrossCoderConfig()
+    cfg: TrainConfig,
+    source: ActivationStore | ModelSource,
+    run_dir: str | Path,
+    cc_cfg: CrossCoderConfig = CrossCoderConfig(),
 ) -> CrossCoder:
-    """Train a crosscoder on the store's normalised activations; export it to run_dir and return it.
+    """Train a crosscoder on normalised activations, from a store or straight from the models (a
+    ``ModelSource``); export it to run_dir and return it.
 
-    The store's norm factors (02_normalize) scale each model's activations to a mean norm of sqrt(d_model).
+    The norm factors scale each model's activations to a mean norm of sqrt(d_model): the store's (02_normalize),
+    or, from the models, estimated on the first fill and written with the held-out rows to
+    ``run_dir/heldout`` (the store 04 reads).
     Under torchrun (N processes) every rank trains on its 1/N of each global batch of ``tokens_per_step``
     rows with DistributedDataParallel; what the algorithm computes over the batch (the BatchTopK
     selection and threshold, the dead-latent counts, the auxiliary loss's normalisation, resampling) is
@@ -267,8 +282,9 @@ def train_crosscoder(
     rank, world = distributed.rank(), distributed.world_size()
     if cfg.tokens_per_step % world:
         raise ValueError(f"tokens_per_step {cfg.tokens_per_step} does not split evenly over {world} processes")
-    factors = load_norm_factors(store)
-    cc_cfg, identity = prepare_run(cfg, cc_cfg, store, run_dir, factors)
+    from_store = isinstance(source, ActivationStore)
+    factors = load_norm_factors(source) if from_store else source.norm_factors()
+    cc_cfg, identity = prepare_run(cfg, cc_cfg, source, run_dir, factors)
     if (run_dir / "crosscoder.safetensors").exists() and not cfg.overwrite:  # finished with these settings
         return CrossCoder.load(run_dir, device)
     distributed.barrier()  # every rank has checked before rank 0 deletes
@@ -278,12 +294,19 @@ def train_crosscoder(
     torch.manual_seed(cfg.seed)
     model = CrossCoder(cc_cfg).to(device).train()
     if cfg.init == "data":
-        data_init(model, (store.sample(cc_cfg.dict_size + 4096, seed=cfg.seed) * factors[None, :, None]).to(device))
+        data_init(model, (source.sample(cc_cfg.dict_size + 4096, seed=cfg.seed) * factors[None, :, None]).to(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.resolved_lr(), betas=(cfg.beta1, cfg.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, total_steps, cfg))
     start = load_checkpoint(run_dir, model, optimizer, scheduler, device) if cfg.resume else 0
-    if start and not store.remote:  # a resume reads the store again: check its shards against their checksums
-        store.verify()
+    if start and from_store and not source.remote:  # a resume reads the store again: check its shards
+        source.verify()
+    if from_store:
+        store = source
+    else:  # the held-out rows, for 04: written by rank 0, then read by every rank
+        if rank == 0:
+            source.write_heldout(run_dir / "heldout", factors)
+        distributed.barrier()
+        store = ActivationStore(run_dir / "heldout")
     wandb_id = write_run(run_dir, identity, store)
     objective = Objective(model)
     if world > 1:
@@ -312,14 +335,14 @@ def train_crosscoder(
                 settings=wandb.Settings(silent=True),  # its banner and summary would fill the report
             )
     scale = factors[None, :, None].to(device)
-    bar = tqdm(
+    bar = progress(
         range(start, total_steps),
         initial=start,
         total=total_steps,
         desc="training",
-        **({"disable": True} if rank > 0 else {}),
-    )  # the TQDM_DISABLE variable still works on rank 0
-    for step, x in zip(bar, training_batches(store, cfg, start, process=(rank, world))):
+        disable=rank > 0,
+    )
+    for step, x in zip(bar, training_batches(source, cfg, start, process=(rank, world))):
         x = x.to(device, non_blocking=True) * scale
         l1_coeff = l1_coeff_at(step, total_steps, cfg, cc_cfg.l1_coeff)
         out = objective(x, l1_coeff, k_at(step, total_steps, cfg, cc_cfg.k))
@@ -407,16 +430,23 @@ def export(model: CrossCoder, factors: torch.Tensor, run_dir: Path) -> None:
 def launch(
     cfg: TrainConfig,
     cc_cfg: CrossCoderConfig,
-    store: str | Path,
+    data: str | Path | CollectConfig,
     run_dir: str | Path,
     nproc_per_node: int = 1,
+    buffer_tokens: int = 2**18,
 ) -> CrossCoder:
-    """Train in this process (``nproc_per_node=1``), or under ``torchrun`` with that many processes (one per
-    GPU; gloo on CPU), which ends with the weights one process would; returns the trained crosscoder."""
+    """Train on ``data``, a store or (a CollectConfig) the models, in this process (``nproc_per_node=1``), or
+    under ``torchrun`` with that many processes (one per GPU; gloo on CPU); from a store that ends with the
+    weights one process would. Returns the trained crosscoder."""
     if nproc_per_node == 1:
-        return train_crosscoder(cfg, ActivationStore(store), run_dir, cc_cfg)
+        source = ModelSource(data, buffer_tokens) if isinstance(data, CollectConfig) else ActivationStore(data)
+        return train_crosscoder(cfg, source, run_dir, cc_cfg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc_per_node)]
-    command += ["-m", "crosscoder_utils.train", str(store), str(run_dir)]
+    command += ["-m", "crosscoder_utils.train", str(run_dir)]
+    if isinstance(data, CollectConfig):
+        command += ["--collect", json.dumps(data.to_dict()), "--buffer-tokens", str(buffer_tokens)]
+    else:
+        command += ["--store", str(data)]
     command += ["--train", json.dumps(cfg.to_dict()), "--crosscoder", json.dumps(cc_cfg.to_dict())]
     subprocess.run(command, check=True)
     return CrossCoder.load(run_dir)
@@ -517,20 +547,28 @@ def model_card(run: Run, repo_id: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m crosscoder_utils.train STORE RUN_DIR [--train JSON] [--crosscoder JSON]``, alone or under
-    ``torchrun --nproc_per_node N`` (one process per GPU; multi-node with torchrun's --nnodes and
-    --rdzv-endpoint). The JSON objects hold TrainConfig and CrossCoderConfig fields."""
+    """``python -m crosscoder_utils.train RUN_DIR (--store STORE | --collect JSON) [--train JSON]
+    [--crosscoder JSON]``, alone or under ``torchrun --nproc_per_node N`` (one process per GPU; multi-node with
+    torchrun's --nnodes and --rdzv-endpoint). The JSON objects hold CollectConfig (training from the models),
+    TrainConfig and CrossCoderConfig fields."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m crosscoder_utils.train", description=main.__doc__)
-    parser.add_argument("store", help="activation store (collected and normalised): a directory or a URL")
     parser.add_argument("run_dir", help="run directory (checkpoints, metrics, export)")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--store", help="activation store (collected and normalised): a directory or a URL")
+    data.add_argument("--collect", help="CollectConfig fields as a JSON object: train from the models")
+    parser.add_argument("--buffer-tokens", type=int, default=2**18, help="with --collect: the shuffling buffer")
     parser.add_argument("--train", default="{}", help="TrainConfig fields as a JSON object")
     parser.add_argument("--crosscoder", default="{}", help="CrossCoderConfig fields as a JSON object")
     args = parser.parse_args(argv)
+    if args.collect:
+        source = ModelSource(CollectConfig.from_dict(json.loads(args.collect)), args.buffer_tokens)
+    else:
+        source = ActivationStore(args.store)
     train_crosscoder(
         TrainConfig.from_dict(json.loads(args.train)),
-        ActivationStore(args.store),
+        source,
         args.run_dir,
         CrossCoderConfig.from_dict(json.loads(args.crosscoder)),
     )

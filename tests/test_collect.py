@@ -13,8 +13,8 @@ import torch
 import transformers
 from conftest import TEXTS
 
-from crosscoder_utils import ActivationStore, Buffer, CollectConfig, collect_activations, load_model_pair
-from crosscoder_utils.collect import TracedPair, iter_activations, tokenize
+from crosscoder_utils import ActivationStore, CollectConfig, collect_activations
+from crosscoder_utils.collect import tokenize
 from crosscoder_utils.organism import train_tokenizer
 
 # written out here, independently of models.ARCHITECTURES; Gemma-2's branches pass through a post-norm
@@ -279,20 +279,3 @@ def test_from_arrays_and_batches(tmp_path):
         ActivationStore(tmp_path / "s")
     with pytest.raises(ValueError, match="n_models >= 2"):
         ActivationStore.from_arrays(tmp_path / "t", acts[:, 0])
-
-
-def test_buffer_never_reserves_a_token(make_model):
-    pair = load_model_pair(make_model(), make_model(seed=1))
-    cfg = CollectConfig(layer=1, dataset=TEXTS * 3, seq_len=24, seqs_per_batch=8, seqs_per_shard=8)
-    counter = iter(range(10**9))
-
-    def tagged():  # real activations, each row tagged with its serial number in an extra slot
-        for batch in iter_activations(TracedPair(pair, cfg.site, cfg.layer), cfg):
-            tags = torch.tensor([next(counter) for _ in batch.token_ids], dtype=torch.float32)
-            yield torch.cat([batch.activations, tags[:, None, None].expand(-1, 1, batch.activations.shape[-1])], dim=1)
-
-    served = torch.cat(list(Buffer(tagged(), size=256, tokens_per_batch=32, seed=0)))
-    produced = next(counter)
-    tags = served[:, -1, 0].long().tolist()
-    assert len(tags) == len(set(tags)) and set(tags) <= set(range(produced))
-    assert produced - len(tags) < 32 and produced > 4 * 256

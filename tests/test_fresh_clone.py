@@ -83,6 +83,15 @@ def test_make_demo_twice_writes_every_report(demo_twice):
     assert (root / "outputs/runs/organism-relu/analysis/summary.json").exists()
 
 
+def test_make_demo_saves_reports_without_progress_widgets(demo_twice):
+    """A widget saved in a report shows a bar stuck at 0 % outside Jupyter."""
+    root, _ = demo_twice
+    for notebook in SMALL:
+        report = nbformat.read(root / f"outputs/{notebook}.ipynb", as_version=4)
+        outputs = [o for c in report.cells for o in c.get("outputs", [])]
+        assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs), notebook
+
+
 def test_every_readme_example_runs_as_written_after_the_demo(demo_twice):
     root, _ = demo_twice
     examples = readme_examples((root / "README.md").read_text())

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 from pathlib import Path
+from typing import Optional
 
 import nbformat
 import papermill
@@ -236,7 +237,7 @@ def test_parameters_are_coerced_to_their_declared_types():
 def test_every_config_field_is_a_notebook_parameter():
     fields = {
         "01_collect": CollectConfig,
-        "03_train": (TrainConfig, CrossCoderConfig),
+        "03_train": (TrainConfig, CrossCoderConfig, CollectConfig),
         "00_organism": OrganismConfig,
     }
     for name, configs in fields.items():
@@ -248,3 +249,20 @@ def test_every_config_field_is_a_notebook_parameter():
             missing = {f.name for f in dataclasses.fields(config)} - set(params) - INFERRED
             assert not missing, (name, config.__name__, missing)
         assert all(annotation for annotation in params.values()), name  # typed, so --help-notebook lists them
+
+
+def test_a_parameter_in_two_notebooks_has_one_default():
+    cells = {
+        name: next(
+            c for c in nbformat.read(NOTEBOOKS / f"{name}.ipynb", 4).cells if "parameters" in c.metadata.get("tags", [])
+        )
+        for name in ("01_collect", "03_train")
+    }
+    values = {}
+    for name, cell in cells.items():
+        namespace = {"Optional": Optional}
+        exec(cell.source, namespace)
+        values[name] = namespace
+    shared = (set(values["01_collect"]) & set(values["03_train"])) - {"Optional", "__builtins__", "__annotations__"}
+    assert {"layer", "n_tokens", "dataset"} <= shared
+    assert {k: values["01_collect"][k] for k in shared} == {k: values["03_train"][k] for k in shared}

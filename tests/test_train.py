@@ -93,12 +93,10 @@ train_crosscoder(cfg, ActivationStore(sys.argv[1]), sys.argv[2],
 """
 
 
-def test_resume_after_kill_equals_an_uninterrupted_run(ground_truth, tmp_path):
-    store = ground_truth[0]
-    run = lambda name: subprocess.Popen(
-        [sys.executable, "-c", TRAIN_SCRIPT, str(store.path), str(tmp_path / name)],
-        env={**os.environ, "TQDM_DISABLE": "1"},
-    )
+def killed_and_whole(command, tmp_path: Path) -> tuple[dict, dict]:
+    """The weights of a run killed with SIGKILL after its first checkpoint past step 9 and resumed, and of
+    the same run uninterrupted; ``command(run_dir)`` is the argument list that trains (with resume=True)."""
+    run = lambda name: subprocess.Popen(command(tmp_path / name), env={**os.environ, "TQDM_DISABLE": "1"})
     proc = run("killed")
     while not list((tmp_path / "killed/checkpoints").glob("step_0000[1-9]*")):
         assert proc.poll() is None, "training ended before it could be killed"
@@ -108,7 +106,14 @@ def test_resume_after_kill_equals_an_uninterrupted_run(ground_truth, tmp_path):
     assert not (tmp_path / "killed/crosscoder.safetensors").exists()
     for name in ("killed", "whole"):
         assert run(name).wait() == 0
-    resumed, whole = (load_file(tmp_path / name / "crosscoder.safetensors") for name in ("killed", "whole"))
+    return tuple(load_file(tmp_path / name / "crosscoder.safetensors") for name in ("killed", "whole"))
+
+
+def test_resume_after_kill_equals_an_uninterrupted_run(ground_truth, tmp_path):
+    store = ground_truth[0]
+    resumed, whole = killed_and_whole(
+        lambda run_dir: [sys.executable, "-c", TRAIN_SCRIPT, str(store.path), str(run_dir)], tmp_path
+    )
     for key in whole:
         assert torch.equal(resumed[key], whole[key]), key
     assert (tmp_path / "killed/metrics.jsonl").read_text() == (tmp_path / "whole/metrics.jsonl").read_text()
@@ -121,7 +126,7 @@ def test_bad_runs_are_refused(ground_truth, tmp_path):
     bare = ActivationStore.from_arrays(tmp_path / "bare", torch.randn(600, 2, 8))
     with pytest.raises(FileNotFoundError, match="02_normalize"):
         train_crosscoder(cfg, bare, tmp_path / "r0")
-    with pytest.raises(ValueError, match="d_model=32 but the store .* has d_model=64"):
+    with pytest.raises(ValueError, match="d_model=32 but the activations have d_model=64"):
         train_crosscoder(cfg, store, tmp_path / "r1", CrossCoderConfig(d_model=32, dict_size=64))
     train_crosscoder(cfg, store, tmp_path / "r2", CrossCoderConfig(dict_size=64))
     estimate_norm_factors(bare, n_batches=2, tokens_per_batch=256)
@@ -269,8 +274,9 @@ def test_two_process_ddp_equals_single_process_training(ground_truth, tmp_path, 
         "2",
         "-m",
         "crosscoder_utils.train",
-        str(store.path),
         str(tmp_path / "ddp"),
+        "--store",
+        str(store.path),
         "--train",
         json.dumps(train_fields),
         "--crosscoder",

@@ -13,9 +13,9 @@ import fsspec
 import numpy as np
 import torch
 from datasets.filesystems import is_remote_filesystem
-from tqdm.auto import tqdm
 
 from ..files import parse_json, write_json
+from ..notebook import progress
 from .format import from_storage, open_shard, shard_checksum
 from .remote import prefetching
 from .rows import groups, index_batches, rank_share
@@ -82,7 +82,7 @@ class ActivationStore:
 
     def verify(self) -> None:
         """Check every shard's data files against the sha256 that meta.json records for it."""
-        for name, checksum in zip(tqdm(self.shard_names, desc="verifying shards"), self.checksums):
+        for name, checksum in zip(progress(self.shard_names, desc="verifying shards"), self.checksums):
             if shard_checksum(self.fs, f"{self.root}/shards/{name}") != checksum:
                 raise ValueError(
                     f"shard {name} of the store at {self.path} is corrupt (its sha256 differs from meta.json's); "

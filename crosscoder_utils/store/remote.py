@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
-from tqdm.auto import tqdm
 
+from ..notebook import progress
 from .rows import groups, rank_share
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def push_to_hub(
         if theirs["settings"] != store.meta["settings"]:
             raise ValueError(f"{url} holds another store (other collection settings); push to a new repo")
     todo = [name for name in store.shard_names if f"shards/{name}/state.json" not in files]
-    for first in tqdm(range(0, len(todo), shards_per_commit), desc="push shards", unit="commit"):
+    for first in progress(range(0, len(todo), shards_per_commit), desc="push shards", unit="commit"):
         names = todo[first : first + shards_per_commit]
         api.upload_folder(
             repo_id=repo_id,
