@@ -25,7 +25,10 @@ SMALL = {  # notebook -> the parameters that make the demo small; everything els
     "04_analyze": {"n_eval_sequences": 8},
     "05_ground_truth": GROUND_TRUTH,
 }
-EXAMPLE_SIZE = ["-p", "n_tokens", "3000"]  # appended to the README's collection examples
+EXAMPLE_SIZE = {  # appended to the README's examples, by notebook
+    "01_collect": {"n_tokens": 3000},
+    "03_train": {"n_tokens": 3000, **SMALL["03_train"]},
+}
 
 
 def readme_examples(readme: str) -> list[list[str]]:
@@ -99,7 +102,8 @@ def test_every_readme_example_runs_as_written_after_the_demo(demo_twice):
     local = [args for args in examples if not hub(args)]
     assert local, "the README has no example that runs offline"
     for args in local:
-        run(args + EXAMPLE_SIZE, root)
+        sizes = EXAMPLE_SIZE.get(Path(args[1]).stem, {})
+        run(args + [word for name, value in sizes.items() for word in ("-p", name, str(value))], root)
         assert (root / args[2]).exists() and args[2] != f"outputs/{Path(args[1]).name}"  # a report of its own
 
 

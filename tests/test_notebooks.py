@@ -251,6 +251,15 @@ def test_every_config_field_is_a_notebook_parameter():
         assert all(annotation for annotation in params.values()), name  # typed, so --help-notebook lists them
 
 
+def test_papermill_reads_every_parameter_with_its_type():
+    """A line papermill cannot parse is left out of --help-notebook (it logs and goes on)."""
+    for path in NOTEBOOKS.glob("*.ipynb"):
+        cell = next(c for c in nbformat.read(path, 4).cells if "parameters" in c.metadata.get("tags", []))
+        inspected = papermill.inspect_notebook(str(path))
+        assert set(inspected) == set(declared(cell.source)), path
+        assert all(p["inferred_type_name"] not in ("None", "") for p in inspected.values()), path
+
+
 def test_a_parameter_in_two_notebooks_has_one_default():
     cells = {
         name: next(
