@@ -342,6 +342,10 @@ class TrainConfig(ConfigBase):
     train.resample_dead_latents); None: off."""
     seed: int = 0
     """Seed of the initialisation and of the data order."""
+    sparse_path: str = "auto"
+    """BatchTopK training's sparse path (the kept latents alone encoded with gradients and decoded) ``on`` or
+    ``off`` (the dense step); ``auto``: on a CPU the sparse path, on a GPU whichever a one-off micro-benchmark
+    on the run's shape measures faster (train.use_sparse_path; there dense matmuls are cheap)."""
     init: str = "data"
     """``data``: decoder directions from centred activations of sampled tokens, b_dec at the mean activation
     (see train.data_init); ``random``: random unit decoder directions (A1-style)."""
@@ -373,6 +377,7 @@ class TrainConfig(ConfigBase):
         self.check_types()
         _check_choice("log_to", self.log_to, ("offline", "online", "none"))
         _check_choice("init", self.init, ("random", "data"))
+        _check_choice("sparse_path", self.sparse_path, ("auto", "on", "off"))
         check_range("lr", self.lr, above=0, at_most=1, optional=True)
         check_range("lr_steps_product", self.lr_steps_product, above=0)
         for name in ("beta1", "beta2"):

@@ -101,6 +101,8 @@ class CrossCoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(cfg.dict_size))
         self.b_dec = nn.Parameter(torch.zeros(cfg.n_models, cfg.d_model))
         self.register_buffer("norm_factors", torch.ones(cfg.n_models))
+        self.sparse_path = True
+        """Training BatchTopK takes the sparse path (``losses``); train_crosscoder sets it (TrainConfig.sparse_path)."""
         self.source: dict | None = None
         """What the crosscoder reads (models, revisions, site, layer), from the model card when ``load`` finds one."""
         self.register_buffer("threshold", torch.tensor(-1.0))  # batchtopk inference threshold; < 0: not yet learnt
@@ -148,34 +150,40 @@ class CrossCoder(nn.Module):
         return self.W_dec.norm(dim=-1) * self.norm_factors
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """[batch, dict_size]: ReLU(x · W_enc + b_enc)."""
-        return F.relu(einsum(x, self.W_enc, "batch model d, model d latent -> batch latent") + self.b_enc)
+        """[batch, dict_size]: ReLU(x · W_enc + b_enc): one matrix product over the models' concatenated
+        activations, then the bias and the ReLU in place (an einsum over the models writes a [batch, dict_size]
+        product per model and adds them; 0.61 s against 0.44 s at batch 2048, dict 16384 on 2 CPU cores)."""
+        pre = x.flatten(1) @ self.W_enc.flatten(0, 1)
+        pre += self.b_enc
+        return pre.relu_()
 
+    @torch.no_grad()  # the selection takes no gradient, on the sparse path or the dense one
     def _batch_topk(self, pre: torch.Tensor, k: int | None = None) -> torch.Tensor:
         """Sorted flat indices of the kept entries of pre [batch, dict_size]: the scores
         f_i·Σ_m ‖W_dec[i, m]‖ of the ordinary latents at or above the k·B-th largest of the global batch
         (all ranks together, B rows in all), plus every active designated shared latent (they sit outside
         the top-k budget, see CrossCoderConfig.n_shared_latents); updates the threshold EMA with that value."""
         k = k or self.cfg.k
-        scores = pre * self.selection_weights()
-        k_total = k * len(scores) * distributed.world_size()
+        weights, n_latents = self.selection_weights(), pre.shape[1]
+        k_total = k * len(pre) * distributed.world_size()
         # the k·B-th largest score from each row's top-m candidates (all ranks' gathered), which is much
         # cheaper than a top-k over B·dict_size; exact unless some row had all m candidates at or above
-        # it, and then m doubles until it is
-        m = min(scores.shape[1], 2 * k)
+        # it, and then m doubles until it is. On a CPU the scores are formed 256 rows at a time, never as a
+        # second [batch, dict_size] matrix (faster there too); on a GPU in one go (fewer kernels).
+        m = min(n_latents, 2 * k)
         while True:
-            candidates, columns = scores.topk(m, dim=1)
+            tops = [(chunk * weights).topk(m, dim=1) for chunk in pre.split(len(pre) if pre.is_cuda else 256)]
+            candidates, columns = torch.cat([t.values for t in tops]), torch.cat([t.indices for t in tops])
             kth = distributed.all_gather_cat(candidates.flatten()).topk(k_total).values[-1]
-            undecided = torch.tensor(int(m < scores.shape[1] and kth > 0 and bool((candidates[:, -1] >= kth).any())))
-            if not distributed.all_reduce(undecided.to(scores.device), "max"):
+            undecided = torch.tensor(int(m < n_latents and kth > 0 and bool((candidates[:, -1] >= kth).any())))
+            if not distributed.all_reduce(undecided.to(pre.device), "max"):
                 break
-            m = min(scores.shape[1], 2 * m)
-        with torch.no_grad():
-            decay = self.cfg.threshold_decay
-            self.threshold.copy_(kth if self.threshold < 0 else decay * self.threshold + (1 - decay) * kth)
+            m = min(n_latents, 2 * m)
+        decay = self.cfg.threshold_decay
+        self.threshold.copy_(kth if self.threshold < 0 else decay * self.threshold + (1 - decay) * kth)
         rows, slots = ((candidates >= kth) & (candidates > 0)).nonzero(as_tuple=True)  # a zero score adds nothing
         tied_rows, tied_latents = (pre[:, : self.cfg.n_shared_latents] > 0).nonzero(as_tuple=True)
-        kept = torch.cat([rows * scores.shape[1] + columns[rows, slots], tied_rows * scores.shape[1] + tied_latents])
+        kept = torch.cat([rows * n_latents + columns[rows, slots], tied_rows * n_latents + tied_latents])
         return kept.sort().values
 
     def _select(self, pre: torch.Tensor) -> torch.Tensor:
@@ -229,13 +237,14 @@ class CrossCoder(nn.Module):
         """All loss terms on a batch x [batch, n_models, d_model]; in training mode it also updates the
         BatchTopK threshold and the dead-latent counts. ``l1_coeff`` and ``k`` override the config's (schedules).
 
-        Training BatchTopK takes the sparse path: the selection runs on no-grad pre-activations, then only
-        the kept latents are encoded with gradients (``sparse_encode``) and decoded (``_decode_bags``)."""
+        Training BatchTopK takes the sparse path (unless ``sparse_path`` is off): the selection runs on no-grad
+        pre-activations (float32, also under autocast), then only the kept latents are encoded with gradients
+        (``sparse_encode``) and decoded (``_decode_bags``)."""
         cfg = self.cfg
         l1_coeff = cfg.l1_coeff if l1_coeff is None else l1_coeff
-        if cfg.variant == "batchtopk" and self.training:
+        if cfg.variant == "batchtopk" and self.training and self.sparse_path:
             with torch.no_grad():
-                pre = self.pre_activations(x)
+                pre = self.pre_activations(x).float()
                 kept = self._batch_topk(pre, k)
             rows, latents = kept // cfg.dict_size, kept % cfg.dict_size
             values = self._sparse_code(x, pre, rows, latents)
@@ -248,7 +257,7 @@ class CrossCoder(nn.Module):
             f = self._select(pre)
             x_hat = self.decode(f)
             activity = f.sum(0)
-            l0 = (f > 0).sum(-1).float().mean()
+            l0 = torch.count_nonzero(f) / len(x)
         # activity [dict_size]: each latent's activations summed over the batch
         norms = self.decoder_norms().sum(-1)
         l1_loss = (activity * norms).sum() / len(x)

@@ -12,6 +12,7 @@ A run directory holds::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -20,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -85,6 +87,40 @@ def training_batches(
         yield from source.batches(cfg.tokens_per_step, seed=cfg.seed + epoch, start_batch=first, process=process)
 
 
+SPARSE_CHOICES: dict[tuple, bool] = {}
+"""use_sparse_path's measured choices, per shape and device."""
+
+
+def use_sparse_path(model: CrossCoder, cfg: TrainConfig, rows: int, device: str) -> bool:
+    """Whether BatchTopK training takes the sparse path: as ``cfg.sparse_path`` says, or with ``auto`` on a CPU
+    the sparse path (faster there at every shape measured, and a choice by timing would make CPU runs
+    depend on it), on a GPU whichever of the sparse and the dense step (forward and backward, bf16 autocast)
+    a one-off micro-benchmark on a batch of ``rows`` random rows measures faster; cached per shape and
+    device, and every rank takes rank 0's choice."""
+    on_cuda = device.startswith("cuda")
+    if model.cfg.variant != "batchtopk" or cfg.sparse_path != "auto" or not on_cuda:
+        return cfg.sparse_path != "off"
+    c = model.cfg
+    key = (torch.cuda.get_device_name(device), rows, c.n_models, c.d_model, c.dict_size, c.k)
+    if key not in SPARSE_CHOICES:
+        trial = copy.deepcopy(model)
+        x = torch.randn(rows, c.n_models, c.d_model, generator=torch.Generator().manual_seed(0)).to(device)
+        seconds = {}
+        for sparse in (True, False):
+            trial.sparse_path = sparse
+            for repeat in range(3):  # the first warms up
+                if repeat == 1:
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                with torch.autocast("cuda", torch.bfloat16):
+                    trial.losses(x).loss.backward()
+            torch.cuda.synchronize()
+            seconds[sparse] = time.perf_counter() - start
+        choice = torch.tensor(int(seconds[True] <= seconds[False]) * (distributed.rank() == 0), device=device)
+        SPARSE_CHOICES[key] = bool(distributed.all_reduce(choice))
+    return SPARSE_CHOICES[key]
+
+
 @torch.no_grad()
 def data_init(model: CrossCoder, x: torch.Tensor) -> None:
     """Decoder vectors from centred activations of distinct tokens (each model's half from the same token,
@@ -145,7 +181,7 @@ def save_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, step
     tmp.mkdir(parents=True)
     model.save(tmp)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    torch.save({"step": step, "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+    torch.save({"step": step, "torch_rng": torch.get_rng_state(), "sparse_path": model.sparse_path}, tmp / "state.pt")
     written = load_file(tmp / "crosscoder.safetensors")
     if any(not torch.equal(written[k], v.cpu()) for k, v in model.state_dict().items()):
         raise OSError(
@@ -174,6 +210,7 @@ def load_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, devi
         optimizer.load_state_dict(states["optimizer"])
         scheduler.load_state_dict(states["scheduler"])
         torch.set_rng_state(state["torch_rng"])
+        model.sparse_path = state["sparse_path"]  # the path the run took, whatever auto would measure now
         return state["step"]
     return 0
 
@@ -295,7 +332,10 @@ def train_crosscoder(
     model = CrossCoder(cc_cfg).to(device).train()
     if cfg.init == "data":
         data_init(model, (source.sample(cc_cfg.dict_size + 4096, seed=cfg.seed) * factors[None, :, None]).to(device))
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.resolved_lr(), betas=(cfg.beta1, cfg.beta2))
+    model.sparse_path = use_sparse_path(model, cfg, cfg.tokens_per_step // world, device)
+    optimizer = torch.optim.Adam(  # fused: one kernel over all parameters (bench/bench_train.py)
+        model.parameters(), lr=cfg.resolved_lr(), betas=(cfg.beta1, cfg.beta2), fused=True
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, total_steps, cfg))
     start = load_checkpoint(run_dir, model, optimizer, scheduler, device) if cfg.resume else 0
     if start and from_store and not source.remote:  # a resume reads the store again: check its shards
@@ -345,7 +385,8 @@ def train_crosscoder(
     for step, x in zip(bar, training_batches(source, cfg, start, process=(rank, world))):
         x = x.to(device, non_blocking=True) * scale
         l1_coeff = l1_coeff_at(step, total_steps, cfg, cc_cfg.l1_coeff)
-        out = objective(x, l1_coeff, k_at(step, total_steps, cfg, cc_cfg.k))
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):  # float32 master weights
+            out = objective(x, l1_coeff, k_at(step, total_steps, cfg, cc_cfg.k))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()

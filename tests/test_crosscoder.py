@@ -106,8 +106,10 @@ def test_aux_loss_touches_only_dead_latents_and_gradients_reach_everything():
     assert cc.b_enc.grad.abs().sum() > 0 and cc.b_dec.grad.abs().sum() > 0
 
 
-def test_sparse_batchtopk_training_path_equals_the_dense_path():
+@pytest.mark.parametrize("sparse_path", [True, False])
+def test_batchtopk_training_step_equals_a_dense_reference_on_either_path(sparse_path):
     sparse = perturbed(make("batchtopk", k=3, dict_size=64, aux_coeff=0.0)).train()
+    sparse.sparse_path = sparse_path
     dense = make("batchtopk", k=3, dict_size=64, aux_coeff=0.0).train()
     dense.load_state_dict(sparse.state_dict())
     x = torch.randn(16, 2, 6)

@@ -329,3 +329,26 @@ def test_runs_with_the_same_folder_name_get_their_own_wandb_id_and_a_resume_keep
     (tmp_path / "a/run/crosscoder.safetensors").unlink()
     train_crosscoder(dataclasses.replace(cfg, resume=True), store, tmp_path / "a/run", CrossCoderConfig(dict_size=32))
     assert json.loads((tmp_path / "a/run/run.json").read_text())["wandb_id"] == ids[0]
+
+
+def test_the_sparse_path_is_as_set_and_on_a_cpu_auto_takes_it_without_timing():
+    from crosscoder_utils.train import SPARSE_CHOICES, use_sparse_path
+
+    SPARSE_CHOICES.clear()
+    model = CrossCoder(CrossCoderConfig(d_model=16, n_models=2, dict_size=64, variant="batchtopk", k=4)).train()
+    assert use_sparse_path(model, TrainConfig(sparse_path="auto"), 128, "cpu") is True
+    assert use_sparse_path(model, TrainConfig(sparse_path="on"), 128, "cpu") is True
+    assert use_sparse_path(model, TrainConfig(sparse_path="off"), 128, "cpu") is False
+    assert not SPARSE_CHOICES  # nothing measured: CPU runs never depend on a timing
+
+
+def test_a_resume_takes_the_path_the_run_took(tmp_path):
+    from crosscoder_utils.train import load_checkpoint, save_checkpoint
+
+    model = CrossCoder(CrossCoderConfig(d_model=16, n_models=2, dict_size=64, variant="batchtopk", k=4))
+    optimizer = torch.optim.Adam(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model.sparse_path = False
+    save_checkpoint(tmp_path, model, optimizer, scheduler, step=7)
+    model.sparse_path = True  # what auto might measure in the resumed process
+    assert load_checkpoint(tmp_path, model, optimizer, scheduler, "cpu") == 7 and model.sparse_path is False
