@@ -6,10 +6,12 @@ rates, rotated and re-scaled shared features, parent co-firing, fine-tune 4x lar
 dict_size 2000 (2x the true features), batch 1024 (synthetic.PRESETS). "*_plain" is the recipe a new user
 starts from: A1-style random init, a constant learning rate, no λ warm-up, no resampling.
 
-Run: .venv/bin/python bench/bench_ground_truth.py [--passes N] [PRESET ...]   (default: every preset, one pass)
+Run: .venv/bin/python bench/bench_ground_truth.py [--passes N] [--seed S] [--set FIELD=VALUE ...] [PRESET ...]
+(default: every preset, one pass, seed 0; --set overrides a TrainConfig or CrossCoderConfig field of each)
 """
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -21,21 +23,24 @@ from crosscoder_utils.synthetic import PRESETS, SyntheticConfig, generate, prese
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--passes", type=int, default=1, help="passes over the 1.5M-token store")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the ground truth and the training")
+    parser.add_argument("--set", action="append", default=[], help="FIELD=VALUE over every preset (a JSON value)")
     parser.add_argument("presets", nargs="*", default=list(PRESETS), help="names from synthetic.PRESETS")
     args = parser.parse_args()
+    overrides = {name: json.loads(value) for name, value in (item.split("=", 1) for item in args.set)}
     with tempfile.TemporaryDirectory() as tmp:
-        data = generate(SyntheticConfig())
+        data = generate(SyntheticConfig(seed=args.seed))
         store = ActivationStore.from_arrays(Path(tmp) / "store", data.activations, val_fraction=0.0)
         factors = estimate_norm_factors(store, n_batches=20)
         train_tokens = args.passes * len(store)
-        print(f"{args.passes} pass(es), {train_tokens:,} tokens")
+        print(f"{args.passes} pass(es), {train_tokens:,} tokens, seed {args.seed}, {overrides or 'no overrides'}")
         print(
             f"{'preset':<32} {'lr':>7} {'shared':>13} {'base-only':>13} {'ft-only':>13} "
             f"{'false excl.':>11} {'tok/s':>8}"
         )
         print(f"{'':<40} {'rec / class':>13} {'rec / class':>13} {'rec / class':>13}")
         for name in args.presets:
-            cfg, cc_cfg = preset(name, train_tokens=train_tokens)
+            cfg, cc_cfg = preset(name, train_tokens=train_tokens, seed=args.seed, **overrides)
             start = time.perf_counter()
             cc = train_crosscoder(cfg, store, Path(tmp) / name, cc_cfg)
             seconds = time.perf_counter() - start

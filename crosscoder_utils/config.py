@@ -270,6 +270,10 @@ class CrossCoderConfig(ConfigBase):
     wherever their ReLU is, and only they pay an L1 (ratio · l1_coeff)."""
     shared_penalty_ratio: float = 0.15
     """λ_shared / λ of the designated shared latents (the update suggests 0.1-0.2)."""
+    norm_penalty: float = 0.0
+    """``batchtopk``: the weight, relative to ``l1_coeff``, of the relu-style penalty Σ_i f_i Σ_m ‖W_dec[i, m]‖
+    on its selected latents, which pulls the decoder half a latent does not use towards zero (its top-k
+    sparsity is unchanged); 0: plain BatchTopK (measured on the ground truth: bench/RESULTS.md)."""
     n_dedicated: int = 0
     """Dedicated latents per model (Dedicated Feature Crosscoders, Jiralerspong & Bricken 2026): after the
     designated shared ones, model m owns the next n_dedicated latents; their encoder and decoder weights
@@ -290,6 +294,7 @@ class CrossCoderConfig(ConfigBase):
         check_range("k_aux", self.k_aux, at_least=1, optional=True)
         check_range("dead_tokens", self.dead_tokens, above=0)
         check_range("threshold_decay", self.threshold_decay, at_least=0, below=1)
+        check_range("norm_penalty", self.norm_penalty, at_least=0)
         check_range("n_shared_latents", self.n_shared_latents, at_least=0)
         check_range("n_dedicated", self.n_dedicated, at_least=0)
         check_range("shared_penalty_ratio", self.shared_penalty_ratio, above=0, at_most=1)

@@ -42,7 +42,8 @@ class Losses:
 
     loss: torch.Tensor
     """What is minimised: l2_loss + λ·(L1 penalty) + aux_coeff·aux_loss. The L1 penalty is l1_loss for
-    relu and 0 for batchtopk, with designated shared latents' terms scaled by shared_penalty_ratio."""
+    relu and norm_penalty · l1_loss for batchtopk (0 by default), with designated shared latents' terms scaled
+    by shared_penalty_ratio."""
     l2_loss: torch.Tensor
     """Squared error summed over models and d_model, mean over the batch."""
     l1_loss: torch.Tensor
@@ -118,9 +119,9 @@ class CrossCoder(nn.Module):
         )
         self.register_buffer("tied", tied, persistent=False)
         self.register_buffer("owner", owner, persistent=False)
-        # each latent's weight in the L1 term: relu 1, batchtopk 0 (its sparsity is the top-k); designated
-        # shared latents shared_penalty_ratio in both
-        ordinary = 1.0 if cfg.variant == "relu" else 0.0
+        # each latent's weight in the L1 term: relu 1, batchtopk norm_penalty (its sparsity is the top-k;
+        # 0 by default); designated shared latents shared_penalty_ratio in both
+        ordinary = 1.0 if cfg.variant == "relu" else cfg.norm_penalty
         self.register_buffer("penalty", torch.where(tied, cfg.shared_penalty_ratio, ordinary), persistent=False)
         mask = ((owner[:, None] == -1) | (owner[:, None] == torch.arange(cfg.n_models))).float()
         self.register_buffer("decoder_mask", mask[..., None], persistent=False)

@@ -236,3 +236,14 @@ def test_partition_with_three_models():
         others = [m for m in range(3) if m != model]
         assert (cc.W_dec[mine][:, others] == 0).all() and (cc.W_enc[others][:, :, mine] == 0).all()
         assert (cc.W_dec[mine, model] != 0).any()
+
+
+def test_batchtopk_norm_penalty_adds_the_relu_term_on_the_selected_latents():
+    plain = make("batchtopk", k=3, dict_size=64, aux_coeff=0.0).train()
+    penalised = make("batchtopk", k=3, dict_size=64, aux_coeff=0.0, norm_penalty=0.1).train()
+    penalised.load_state_dict(plain.state_dict())
+    x = torch.randn(16, 2, 6)
+    a, b = plain.losses(x, l1_coeff=2.0), penalised.losses(x, l1_coeff=2.0)
+    torch.testing.assert_close(a.loss, a.l2_loss)  # plain BatchTopK: no L1 at all
+    torch.testing.assert_close(b.l1_loss, a.l1_loss)  # the same selection
+    torch.testing.assert_close(b.loss, b.l2_loss + 2.0 * 0.1 * b.l1_loss)
