@@ -13,11 +13,11 @@ Run: .venv/bin/python bench/bench_onthefly.py [--gemma-shaped]
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import transformers
+from bench_analyze_scale import GEMMA_2_2B, timed
 
 from crosscoder_utils import CollectConfig, CrossCoderConfig, TrainConfig, collect_activations, train_crosscoder
 from crosscoder_utils.models import load_model_pair
@@ -26,20 +26,8 @@ from crosscoder_utils.organism import base_corpus, train_tokenizer
 from crosscoder_utils.source import ModelSource
 
 
-def timed(function):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = function()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
-
-
 def gemma_shaped(root: Path) -> CollectConfig:
     """Two random models of Gemma-2-2B's shape saved as model directories, and generated stories."""
-    from bench_analyze_scale import GEMMA_2_2B
-
     texts = base_corpus(12_000, seed=0)
     tokenizer = train_tokenizer(texts, 512)
     names = []

@@ -25,10 +25,17 @@ def estimate_norm_factors(
     batches = store.batches(min(tokens_per_batch, len(store.split_range("train"))), seed=seed)
     for batch, _ in zip(batches, progress(range(n_batches), desc="norm factors")):
         norms.append(batch.norm(dim=-1).mean(0))
-    mean_norm = torch.stack(norms).mean(0)
-    factors = math.sqrt(store.d_model) / mean_norm
-    check_factors(factors, store.n_models, f"the norm factors estimated from {store.path}")
+    factors = factors_from_norms(
+        torch.stack(norms).mean(0), store.d_model, f"the norm factors estimated from {store.path}"
+    )
     save_norm_factors(store, factors, len(norms))
+    return factors
+
+
+def factors_from_norms(mean_norm: torch.Tensor, d_model: int, where: str) -> torch.Tensor:
+    """float32 [n_models]: sqrt(d_model) / each model's mean activation norm, refused unless finite and positive."""
+    factors = math.sqrt(d_model) / mean_norm
+    check_factors(factors, len(mean_norm), where)
     return factors
 
 

@@ -36,8 +36,11 @@ from .collect import (
 )
 from .config import CollectConfig, check_range
 from .models import ModelPair, load_model_pair
-from .normalize import save_norm_factors
+from .normalize import factors_from_norms, save_norm_factors
 from .store import ActivationStore, StoreWriter
+
+FIRST_FILL = 32_768
+"""At most this many first training rows estimate the norm factors (and data_init draws from at least as many)."""
 
 
 class Chunk(NamedTuple):
@@ -193,8 +196,9 @@ class ModelSource:
         n_rows = self.share(process) // per * per
         sizes = [min(self.chunk_rows, n_rows - c * self.chunk_rows) for c in range(math.ceil(n_rows / self.chunk_rows))]
         phase_rows = np.array([sizes[0] // 2] + [a - a // 2 + b // 2 for a, b in zip(sizes, sizes[1:] + [0])])
+        phase_ends = np.cumsum(phase_rows)
         start = start_batch * per
-        phase = int(np.searchsorted(np.cumsum(phase_rows), start, side="right"))
+        phase = int(np.searchsorted(phase_ends, start, side="right"))
         if start >= n_rows:
             return
         produced: queue.Queue = queue.Queue(maxsize=1)
@@ -224,7 +228,7 @@ class ModelSource:
         producer.start()
         loaded: dict[int, Chunk] = {}
         pending_chunks, pending_rows = np.empty(0, dtype=int), np.empty(0, dtype=int)
-        skip = start - int(np.cumsum(phase_rows)[phase - 1]) if phase else start
+        skip = start - int(phase_ends[phase - 1]) if phase else start
         try:
             for number in range(phase, len(sizes) + 1):
                 chunks, rows = self._phase(seed, number, sizes)
@@ -267,25 +271,23 @@ class ModelSource:
     def head(self, n_rows: int) -> torch.Tensor:
         """float32 [n, n_models, d_model]: the first ``n_rows`` training rows in store order (every process the
         same rows)."""
+        n_rows = min(n_rows, self.n_train)
         if self._head is None or len(self._head.seq) < n_rows:
-            parts, have = [], 0
-            for batch in self._stream(0, self.n_train, (0, 1)):
-                parts.append(batch)
-                have += len(batch.seq)
-                if have >= n_rows:
-                    break
-            self._head = _cat(parts)
+            self._head = _cat([chunk for _, chunk in self._chunks((0, 1), 0, n_rows)])
         return self._head.activations[:n_rows].float()
 
     def sample(self, n_rows: int, seed: int = 0) -> torch.Tensor:
-        """Up to ``n_rows`` rows drawn at random from the first max(n_rows, 32,768) training rows."""
-        rows = self.head(max(n_rows, 32_768))
+        """Up to ``n_rows`` rows drawn at random from the first max(n_rows, FIRST_FILL) training rows."""
+        rows = self.head(max(n_rows, FIRST_FILL))
         return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:n_rows]]
 
     def norm_factors(self) -> torch.Tensor:
         """The factors that scale each model's mean activation norm to sqrt(d_model) on the first fill: the
-        first buffer_tokens / 2 training rows, at most 32,768."""
-        return math.sqrt(self.d_model) / self.head(min(self.chunk_rows, 32_768)).norm(dim=-1).mean(0)
+        first buffer_tokens / 2 training rows, at most FIRST_FILL."""
+        mean_norm = self.head(min(self.chunk_rows, FIRST_FILL)).norm(dim=-1).mean(0)
+        return factors_from_norms(
+            mean_norm, self.d_model, f"the norm factors of the first fill of {self.cfg.base_model}"
+        )
 
     def identity(self) -> dict:
         """What a run trained from this source records, to refuse a resume from other data or models."""
