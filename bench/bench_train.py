@@ -16,6 +16,7 @@ train_crosscoder's do). Peak RSS: each step alone in a fresh process; on CUDA, p
 Target for batchtopk at dict_size 16384, k 100: ours >= 3x the public step; relu at parity with plain.
 
 Run: .venv/bin/python bench/bench_train.py [--batch 2048 --d-model 512 --dict-size 16384 --k 100 --steps 3]
+[--profile] (--profile: the ten ops with the most self time in each batchtopk step, from torch.profiler)
 """
 
 import argparse
@@ -92,6 +93,16 @@ def time_steps(step, cc, x, steps, fused=True) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def profile(step, cc, x, name: str) -> None:
+    """Print the ten ops with the most self time (CUDA time on a GPU) over three steps after a warm-up."""
+    time_steps(step, cc, x, 1)
+    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * x.is_cuda
+    with torch.profiler.profile(activities=activities) as prof:
+        time_steps(step, cc, x, 2)
+    sort_by = "self_cuda_time_total" if x.is_cuda else "self_cpu_time_total"
+    print(f"--- {name}\n{prof.key_averages().table(sort_by=sort_by, row_limit=10)}", flush=True)
+
+
 def matmul_rate(a: torch.Tensor, b: torch.Tensor, repeats: int = 5) -> float:
     """FLOP/s of a @ b (after a warm-up)."""
     a @ b
@@ -118,7 +129,7 @@ def batch(args) -> torch.Tensor:
 def peak_rss(args, variant: str, step: str) -> float:
     """GiB: the peak resident memory of a fresh process that runs one step (and a warm-up)."""
     command = [sys.executable, __file__, "--only", variant, step] + [
-        f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items() if name != "only"
+        f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items() if name not in ("only", "profile")
     ]
     return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
 
@@ -131,6 +142,7 @@ def main():
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", action="store_true", help="print each batchtopk step's costliest ops")
     parser.add_argument("--only", nargs=2, help=argparse.SUPPRESS)  # variant and step: peak RSS of one step
     args = parser.parse_args()
     if args.only:
@@ -147,6 +159,9 @@ def main():
     dtype = torch.bfloat16 if x.is_cuda else torch.float32  # on CUDA the steps run under bf16 autocast
     weights = torch.randn(2 * args.d_model, args.dict_size, device=args.device, dtype=dtype)
     ceiling = matmul_rate(x.flatten(1).to(dtype), weights)
+    if args.profile:
+        for name in ("public", "ours", "ours, dense path"):
+            profile(STEPS[name], model(args, "batchtopk"), x, name)
     print(f"dense {dtype} matmul of the encoder's shape: {ceiling / 1e9:,.0f} GFLOP/s")
     dense_flops = 10 * args.batch * 2 * args.d_model * args.dict_size
     for variant, names in (("relu", ("plain", "ours")), ("batchtopk", ("plain", "public", "ours", "ours, dense path"))):

@@ -29,6 +29,8 @@ from .models import local_or_hub
 from .sparse_encode import sparse_encode
 
 MODEL_LETTERS = "ABCDEFGHIJ"
+POSITIVE = torch.finfo(torch.float32).tiny
+"""BatchTopK keeps only scores at or above this (the smallest normal float32): never a zero score (it adds nothing)."""
 
 
 def finite(weights: dict[str, torch.Tensor]) -> bool:
@@ -123,6 +125,7 @@ class CrossCoder(nn.Module):
         # 0 by default); designated shared latents shared_penalty_ratio in both
         ordinary = 1.0 if cfg.variant == "relu" else cfg.norm_penalty
         self.register_buffer("penalty", torch.where(tied, cfg.shared_penalty_ratio, ordinary), persistent=False)
+        self.penalised = bool(self.penalty.any())  # else the loss skips the term and its backward through the norms
         mask = ((owner[:, None] == -1) | (owner[:, None] == torch.arange(cfg.n_models))).float()
         self.register_buffer("decoder_mask", mask[..., None], persistent=False)
         self.register_buffer("encoder_mask", rearrange(mask, "latent model -> model 1 latent"), persistent=False)
@@ -159,44 +162,60 @@ class CrossCoder(nn.Module):
         return pre.relu_()
 
     @torch.no_grad()  # the selection takes no gradient, on the sparse path or the dense one
-    def _batch_topk(self, pre: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        """Sorted flat indices of the kept entries of pre [batch, dict_size]: the scores
-        f_i·Σ_m ‖W_dec[i, m]‖ of the ordinary latents at or above the k·B-th largest of the global batch
-        (all ranks together, B rows in all), plus every active designated shared latent (they sit outside
-        the top-k budget, see CrossCoderConfig.n_shared_latents); updates the threshold EMA with that value."""
+    def _batch_topk(self, pre: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """BatchTopK's training selection on pre [batch, dict_size]: each row's top-m candidate columns
+        [batch, m] by score f_i·Σ_m ‖W_dec[i, m]‖, and which of them are kept (bool [batch, m]): the positive
+        scores at or above the k·B-th largest of the global batch (all ranks together, B rows in all). Updates
+        the threshold EMA with that score. Designated shared latents are never candidates (weight 0).
+
+        The k·B-th score comes from the candidates (all ranks' gathered), much cheaper than a top-k over
+        B·dict_size; exact unless some row had all m candidates at or above it, and then m doubles until it is
+        (one host sync a step). On a CPU the scores are formed 256 rows at a time, never as a second
+        [batch, dict_size] matrix (faster there too); on a GPU in one go (fewer kernels)."""
         k = k or self.cfg.k
         weights, n_latents = self.selection_weights(), pre.shape[1]
         k_total = k * len(pre) * distributed.world_size()
-        # the k·B-th largest score from each row's top-m candidates (all ranks' gathered), which is much
-        # cheaper than a top-k over B·dict_size; exact unless some row had all m candidates at or above
-        # it, and then m doubles until it is. On a CPU the scores are formed 256 rows at a time, never as a
-        # second [batch, dict_size] matrix (faster there too); on a GPU in one go (fewer kernels).
         m = min(n_latents, 2 * k)
         while True:
             tops = [(chunk * weights).topk(m, dim=1) for chunk in pre.split(len(pre) if pre.is_cuda else 256)]
             candidates, columns = torch.cat([t.values for t in tops]), torch.cat([t.indices for t in tops])
             kth = distributed.all_gather_cat(candidates.flatten()).topk(k_total).values[-1]
-            undecided = torch.tensor(int(m < n_latents and kth > 0 and bool((candidates[:, -1] >= kth).any())))
-            if not distributed.all_reduce(undecided.to(pre.device), "max"):
+            undecided = (candidates[:, -1] >= kth).any() & (kth > 0) & (m < n_latents)
+            if not distributed.all_reduce(undecided.int(), "max"):
                 break
             m = min(n_latents, 2 * m)
         decay = self.cfg.threshold_decay
-        self.threshold.copy_(kth if self.threshold < 0 else decay * self.threshold + (1 - decay) * kth)
-        rows, slots = ((candidates >= kth) & (candidates > 0)).nonzero(as_tuple=True)  # a zero score adds nothing
-        tied_rows, tied_latents = (pre[:, : self.cfg.n_shared_latents] > 0).nonzero(as_tuple=True)
-        kept = torch.cat([rows * n_latents + columns[rows, slots], tied_rows * n_latents + tied_latents])
-        return kept.sort().values
+        self.threshold.copy_(torch.where(self.threshold < 0, kth, decay * self.threshold + (1 - decay) * kth))
+        return columns, candidates >= kth.clamp(min=POSITIVE)
 
-    def _select(self, pre: torch.Tensor) -> torch.Tensor:
-        """Which latents stay active: the variant's one difference in the forward pass."""
+    @torch.no_grad()
+    def _kept_entries(self, pre: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """Sorted flat indices of the entries ``_select`` keeps in training (the sparse path's form: no
+        [batch, dict_size] mask)."""
+        columns, chosen = self._batch_topk(pre, k)
+        rows, slots = chosen.nonzero(as_tuple=True)
+        tied_rows, tied_latents = (pre[:, : self.cfg.n_shared_latents] > 0).nonzero(as_tuple=True)
+        n_latents = pre.shape[1]
+        return torch.cat([rows * n_latents + columns[rows, slots], tied_rows * n_latents + tied_latents]).sort().values
+
+    def _select(self, pre: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """Which latents stay active: the variant's one difference in the forward pass. BatchTopK keeps the
+        batch's top k·B scores in training (``_batch_topk``; the mask scattered from its [batch, m] choice,
+        with no second pass over the [batch, dict_size] scores) and the scores at or above the learnt threshold
+        at inference; every active designated shared latent either way (they sit outside the top-k budget,
+        see CrossCoderConfig.n_shared_latents)."""
         if self.cfg.variant == "relu":
             return pre
         if self.training:
-            mask = torch.zeros(pre.numel(), dtype=torch.bool, device=pre.device)
-            return pre * mask.index_fill_(0, self._batch_topk(pre), True).view_as(pre)
-        if self.threshold < 0:
+            columns, chosen = self._batch_topk(pre, k)
+            kept = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, columns, chosen)
+        elif self.threshold < 0:
             raise ValueError("this batchtopk crosscoder has no inference threshold yet: train it first")
-        return pre * ((pre * self.selection_weights() > self.threshold) | self.tied)
+        else:
+            kept = pre * self.selection_weights() >= self.threshold.clamp(min=POSITIVE)
+        if self.cfg.n_shared_latents:
+            kept |= (pre > 0) & self.tied
+        return pre * kept
 
     def selection_weights(self) -> torch.Tensor:
         """[dict_size]: BatchTopK ranks f_i times this, Σ_m ‖W_dec[i, m]‖ (0 for the designated shared
@@ -246,8 +265,8 @@ class CrossCoder(nn.Module):
         if cfg.variant == "batchtopk" and self.training and self.sparse_path:
             with torch.no_grad():
                 pre = self.pre_activations(x).float()
-                kept = self._batch_topk(pre, k)
-            rows, latents = kept // cfg.dict_size, kept % cfg.dict_size
+                flat = self._kept_entries(pre, k)
+            rows, latents = flat // cfg.dict_size, flat % cfg.dict_size
             values = self._sparse_code(x, pre, rows, latents)
             offsets = torch.searchsorted(rows, torch.arange(len(x), device=x.device))
             x_hat = self._decode_bags(latents, values, offsets) + self.b_dec
@@ -255,14 +274,14 @@ class CrossCoder(nn.Module):
             l0 = (values > 0).sum() / len(x)
         else:
             pre = self.pre_activations(x)
-            f = self._select(pre)
+            f = self._select(pre, k)
             x_hat = self.decode(f)
             activity = f.sum(0)
             l0 = torch.count_nonzero(f) / len(x)
         # activity [dict_size]: each latent's activations summed over the batch
         norms = self.decoder_norms().sum(-1)
         l1_loss = (activity * norms).sum() / len(x)
-        penalty = (activity * norms * self.penalty).sum() / len(x)
+        penalty = (activity * norms * self.penalty).sum() / len(x) if self.penalised else x.new_zeros(())
         l2_loss = (x - x_hat).pow(2).sum((1, 2)).mean()
         aux_loss = self._aux_loss(x, x - x_hat, pre.detach()) if cfg.aux_coeff > 0 else x.new_zeros(())
         if self.training:
@@ -282,9 +301,10 @@ class CrossCoder(nn.Module):
     def _aux_loss(self, x: torch.Tensor, residual: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         """Dead latents' top-k_aux pre-activations reconstruct the residual, normalised by its variance."""
         dead = self.dead_latents()
-        if not dead.any():
+        n_dead = int(dead.sum())  # the step's one host sync for AuxK
+        if not n_dead:
             return residual.new_zeros(())
-        k_aux = min(self.cfg.k_aux, int(dead.sum()))
+        k_aux = min(self.cfg.k_aux, n_dead)
         latents = (pre * dead).topk(k_aux, dim=1).indices
         rows = torch.arange(len(x), device=x.device).repeat_interleave(k_aux)
         values = self._sparse_code(x, pre, rows, latents.flatten())
