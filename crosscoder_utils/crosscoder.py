@@ -169,8 +169,9 @@ class CrossCoder(nn.Module):
         the threshold EMA with that score. Designated shared latents are never candidates (weight 0).
 
         The k·B-th score comes from the candidates (all ranks' gathered), much cheaper than a top-k over
-        B·dict_size; exact unless some row had all m candidates at or above it, and then m doubles until it is
-        (one host sync a step). On a CPU the scores are formed 256 rows at a time, never as a second
+        B·dict_size; exact unless some row had all m candidates positive and at or above it (also when the
+        candidates hold fewer than k·B positive scores, k·B-th is then 0), and then m doubles until it is (one
+        host sync a step). On a CPU the scores are formed 256 rows at a time, never as a second
         [batch, dict_size] matrix (faster there too); on a GPU in one go (fewer kernels)."""
         k = k or self.cfg.k
         weights, n_latents = self.selection_weights(), pre.shape[1]
@@ -180,7 +181,8 @@ class CrossCoder(nn.Module):
             tops = [(chunk * weights).topk(m, dim=1) for chunk in pre.split(len(pre) if pre.is_cuda else 256)]
             candidates, columns = torch.cat([t.values for t in tops]), torch.cat([t.indices for t in tops])
             kth = distributed.all_gather_cat(candidates.flatten()).topk(k_total).values[-1]
-            undecided = (candidates[:, -1] >= kth).any() & (kth > 0) & (m < n_latents)
+            last = candidates[:, -1]  # a row whose last candidate is positive and kept may hold more
+            undecided = ((last >= kth) & (last > 0)).any() & (m < n_latents)
             if not distributed.all_reduce(undecided.int(), "max"):
                 break
             m = min(n_latents, 2 * m)

@@ -47,7 +47,7 @@ def test_relu_losses_equal_a_hand_computation():
 
 
 def test_batchtopk_keeps_exactly_k_times_batch_by_score():
-    cc = perturbed(make("batchtopk", k=3, aux_coeff=0.0)).train()
+    cc = perturbed(make("batchtopk", k=3, aux_coeff=0.0, norm_penalty=0.0)).train()
     x = torch.randn(16, 2, 6)
     f = cc.encode(x)
     pre = torch.relu(torch.einsum("bmd,mdl->bl", x, cc.W_enc) + cc.b_enc)
@@ -64,6 +64,21 @@ def test_batchtopk_keeps_exactly_k_times_batch_by_score():
     x[0] *= 1000
     f = cc.encode(x)
     assert (f > 0).sum() == 48 and (f[0] > 0).sum() >= 6
+
+
+@pytest.mark.parametrize("sparse_path", [True, False])
+def test_batchtopk_keeps_every_positive_score_when_the_batch_has_fewer_than_k_per_row(sparse_path):
+    # one row holds all the batch's positive scores, more than the per-row candidates (2k) but fewer than
+    # k·B: training keeps every one of them (a sparse batch, as a decoder-norm penalty makes them)
+    cc = make("batchtopk", k=3, dict_size=64).train()
+    cc.sparse_path = sparse_path
+    with torch.no_grad():
+        cc.b_enc.zero_()
+    x = torch.zeros(16, 2, 6)
+    x[0] = torch.randn(2, 6, generator=torch.Generator().manual_seed(0)) * 10
+    positive = (cc.pre_activations(x) > 0).sum()
+    assert 2 * 3 < positive < 3 * 16
+    assert cc.losses(x).l0 * 16 == positive
 
 
 def test_batchtopk_threshold_agrees_with_training_selection():
@@ -109,9 +124,9 @@ def test_aux_loss_touches_only_dead_latents_and_gradients_reach_everything():
 @pytest.mark.parametrize("sparse_path", [True, False])
 def test_batchtopk_training_step_equals_a_dense_reference_on_either_path(sparse_path):
     # k=2 overrides the config's 3, as the k-annealing schedule does
-    sparse = perturbed(make("batchtopk", k=3, dict_size=64, aux_coeff=0.0)).train()
+    sparse = perturbed(make("batchtopk", k=3, dict_size=64, aux_coeff=0.0, norm_penalty=0.0)).train()
     sparse.sparse_path = sparse_path
-    dense = make("batchtopk", k=3, dict_size=64, aux_coeff=0.0).train()
+    dense = make("batchtopk", k=3, dict_size=64, aux_coeff=0.0, norm_penalty=0.0).train()
     dense.load_state_dict(sparse.state_dict())
     x = torch.randn(16, 2, 6)
     out = sparse.losses(x, k=2)
@@ -184,7 +199,7 @@ def test_designated_shared_latents_cost_less_or_bypass_the_top_k():
     f = relu.encode(x)
     out = relu.losses(x)
     torch.testing.assert_close(out.loss - out.l2_loss, (f * relu.W_dec.norm(dim=-1).sum(-1) * weight).sum(-1).mean())
-    batchtopk = make("batchtopk", k=3, **PARTITION).train()
+    batchtopk = make("batchtopk", k=3, norm_penalty=0.0, **PARTITION).train()
     pre = batchtopk.pre_activations(x)
     kept = torch.zeros(16, 40, dtype=torch.bool)
     ordinary = torch.zeros(16 * 34, dtype=torch.bool)
@@ -240,7 +255,7 @@ def test_partition_with_three_models():
 
 
 def test_batchtopk_norm_penalty_adds_the_relu_term_on_the_selected_latents():
-    plain = make("batchtopk", k=3, dict_size=64, aux_coeff=0.0).train()
+    plain = make("batchtopk", k=3, dict_size=64, aux_coeff=0.0, norm_penalty=0.0).train()
     penalised = make("batchtopk", k=3, dict_size=64, aux_coeff=0.0, norm_penalty=0.1).train()
     penalised.load_state_dict(plain.state_dict())
     x = torch.randn(16, 2, 6)
