@@ -270,10 +270,11 @@ class CrossCoderConfig(ConfigBase):
     wherever their ReLU is, and only they pay an L1 (ratio · l1_coeff)."""
     shared_penalty_ratio: float = 0.15
     """λ_shared / λ of the designated shared latents (the update suggests 0.1-0.2)."""
-    norm_penalty: float = 0.0
+    norm_penalty: float = 0.5
     """``batchtopk``: the weight, relative to ``l1_coeff``, of the relu-style penalty Σ_i f_i Σ_m ‖W_dec[i, m]‖
-    on its selected latents, which pulls the decoder half a latent does not use towards zero (its top-k
-    sparsity is unchanged); 0: plain BatchTopK (measured on the ground truth: bench/RESULTS.md)."""
+    on its selected latents, which pulls the decoder half a latent does not use towards zero, so exclusive
+    features are labelled exclusive (its top-k sparsity is unchanged); 0: plain BatchTopK (measured on the
+    ground truth: bench/RESULTS.md)."""
     n_dedicated: int = 0
     """Dedicated latents per model (Dedicated Feature Crosscoders, Jiralerspong & Bricken 2026): after the
     designated shared ones, model m owns the next n_dedicated latents; their encoder and decoder weights
@@ -337,9 +338,12 @@ class TrainConfig(ConfigBase):
     """Fraction of the steps over which λ rises linearly from 0 to l1_coeff."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
-    k_anneal_from: int | None = None
-    """batchtopk: start with this k and lower it linearly to the crosscoder's k over k_anneal_frac; None: off."""
-    k_anneal_frac: float = 0.1
+    k_anneal_factor: float = 8.0
+    """batchtopk: training starts with k_anneal_factor × the crosscoder's k active latents per token (at most
+    dict_size) and lowers it linearly to k over k_anneal_frac of the steps; 1: off. With norm_penalty, what
+    lets BatchTopK find rare and exclusive features in one pass (measured on the ground truth:
+    bench/RESULTS.md)."""
+    k_anneal_frac: float = 0.7
     """Fraction of the steps over which k is annealed."""
     resample_every: int | None = None
     """Every this many steps during the first half of the run, re-initialise the dead latents (silent for
@@ -396,7 +400,7 @@ class TrainConfig(ConfigBase):
                 f"lr_warmup_frac + lr_decay_frac ({self.lr_warmup_frac} + {self.lr_decay_frac}) must be <= 1"
             )
         check_range("max_grad_norm", self.max_grad_norm, above=0)
-        check_range("k_anneal_from", self.k_anneal_from, at_least=1, optional=True)
+        check_range("k_anneal_factor", self.k_anneal_factor, at_least=1)
         check_range("resample_every", self.resample_every, above=0, optional=True)
         check_range("seed", self.seed, at_least=0)
         if self.train_tokens < self.tokens_per_step:

@@ -197,8 +197,12 @@ def score(
     return Recovery(recovered, classified, rate, latent_feature)
 
 
-PLAIN = dict(lr=1e-3, lr_decay_frac=0.0, l1_warmup_frac=0.0, init="random")
-"""The recipe a new user starts from: A1-style random init, a constant learning rate, no λ warm-up."""
+PLAIN = dict(lr=1e-3, lr_decay_frac=0.0, l1_warmup_frac=0.0, init="random", k_anneal_factor=1.0)
+"""The recipe a new user starts from: A1-style random init, a constant learning rate, no λ warm-up, no k
+annealing."""
+
+CLASSIC = dict(variant="batchtopk", k=8, norm_penalty=0.0)
+"""BatchTopK as published: no decoder-norm penalty (and, in the presets, no k annealing)."""
 
 PRESETS = {  # name: (TrainConfig fields, CrossCoderConfig fields), over GROUND_TRUTH_BASE and the library defaults
     "relu_plain": (PLAIN, dict(variant="relu")),
@@ -207,14 +211,13 @@ PRESETS = {  # name: (TrainConfig fields, CrossCoderConfig fields), over GROUND_
     "relu_random_init": (dict(init="random"), dict(variant="relu")),
     "relu_designated_shared": ({}, dict(variant="relu", n_shared_latents=100)),
     "relu_dedicated": ({}, dict(variant="relu", n_dedicated=200)),
-    "batchtopk_plain": (PLAIN, dict(variant="batchtopk", k=8)),
+    "batchtopk_plain": (PLAIN, CLASSIC),
+    "batchtopk_classic": (dict(k_anneal_factor=1.0), CLASSIC),
     "batchtopk": ({}, dict(variant="batchtopk", k=8)),
-    "batchtopk_annealed": (dict(k_anneal_from=64), dict(variant="batchtopk", k=8)),
-    "batchtopk_annealed_resampling": (dict(k_anneal_from=64, resample_every=250), dict(variant="batchtopk", k=8)),
-    "batchtopk_annealed_random_init": (dict(k_anneal_from=64, init="random"), dict(variant="batchtopk", k=8)),
+    "batchtopk_resampling": (dict(resample_every=250), dict(variant="batchtopk", k=8)),
+    "batchtopk_random_init": (dict(init="random"), dict(variant="batchtopk", k=8)),
     "batchtopk_designated_shared": ({}, dict(variant="batchtopk", k=8, n_shared_latents=100)),
     "batchtopk_dedicated": ({}, dict(variant="batchtopk", k=8, n_dedicated=200)),
-    "batchtopk_dedicated_annealed": (dict(k_anneal_from=64), dict(variant="batchtopk", k=8, n_dedicated=200)),
 }
 """Training recipes compared on the ground truth (bench/bench_ground_truth.py, 05_ground_truth)."""
 

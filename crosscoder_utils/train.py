@@ -62,12 +62,12 @@ def l1_coeff_at(step: int, total_steps: int, cfg: TrainConfig, l1_coeff: float) 
     return l1_coeff * min(1.0, (step + 1) / warmup) if warmup > 0 else l1_coeff
 
 
-def k_at(step: int, total_steps: int, cfg: TrainConfig, k: int) -> int:
-    """k falls linearly from k_anneal_from to k over the first k_anneal_frac of the steps (when set)."""
-    span = cfg.k_anneal_frac * total_steps
-    if cfg.k_anneal_from is None or step >= span:
-        return k
-    return round(cfg.k_anneal_from + (k - cfg.k_anneal_from) * step / span)
+def k_at(step: int, total_steps: int, cfg: TrainConfig, cc_cfg: CrossCoderConfig) -> int:
+    """k falls linearly from k_anneal_factor · k (at most dict_size) to k over the first k_anneal_frac of the
+    steps."""
+    k, span = cc_cfg.k, cfg.k_anneal_frac * total_steps
+    start = min(round(cfg.k_anneal_factor * k), cc_cfg.dict_size)
+    return k if step >= span else round(start + (k - start) * step / span)
 
 
 def store_identity(store: ActivationStore) -> dict:
@@ -95,13 +95,15 @@ def use_sparse_path(model: CrossCoder, cfg: TrainConfig, rows: int, device: str)
     """Whether BatchTopK training takes the sparse path: as ``cfg.sparse_path`` says, or with ``auto`` on a CPU
     the sparse path (faster there at every shape measured, and a choice by timing would make CPU runs
     depend on it), on a GPU whichever of the sparse and the dense step (forward and backward, bf16 autocast)
-    a one-off micro-benchmark on a batch of ``rows`` random rows measures faster; cached per shape and
-    device, and every rank takes rank 0's choice."""
+    a one-off micro-benchmark on a batch of ``rows`` random rows measures faster, at the run's mean k (the
+    sparse step's cost grows with k, the dense one's does not; k annealing raises k early on); cached per
+    shape and device, and every rank takes rank 0's choice."""
     on_cuda = device.startswith("cuda")
     if model.cfg.variant != "batchtopk" or cfg.sparse_path != "auto" or not on_cuda:
         return cfg.sparse_path != "off"
     c = model.cfg
-    key = (torch.cuda.get_device_name(device), rows, c.n_models, c.d_model, c.dict_size, c.k)
+    k = round(sum(k_at(step, cfg.total_steps, cfg, c) for step in range(cfg.total_steps)) / cfg.total_steps)
+    key = (torch.cuda.get_device_name(device), rows, c.n_models, c.d_model, c.dict_size, k)
     if key not in SPARSE_CHOICES:
         trial = copy.deepcopy(model)
         x = torch.randn(rows, c.n_models, c.d_model, generator=torch.Generator().manual_seed(0)).to(device)
@@ -113,7 +115,7 @@ def use_sparse_path(model: CrossCoder, cfg: TrainConfig, rows: int, device: str)
                     torch.cuda.synchronize()
                     start = time.perf_counter()
                 with torch.autocast("cuda", torch.bfloat16):
-                    trial.losses(x).loss.backward()
+                    trial.losses(x, k=k).loss.backward()
             torch.cuda.synchronize()
             seconds[sparse] = time.perf_counter() - start
         choice = torch.tensor(int(seconds[True] <= seconds[False]) * (distributed.rank() == 0), device=device)
@@ -236,8 +238,6 @@ def prepare_run(
         raise ValueError(
             f"the training rows ({train_rows} tokens) are fewer than one step ({cfg.tokens_per_step} tokens)"
         )
-    if cc_cfg.variant == "batchtopk" and (cfg.k_anneal_from or 0) > cc_cfg.dict_size:
-        raise ValueError(f"k_anneal_from ({cfg.k_anneal_from}) must be at most dict_size ({cc_cfg.dict_size})")
     if cfg.init == "data" and train_rows < cc_cfg.dict_size:
         raise ValueError(
             f"init='data' starts each of the {cc_cfg.dict_size} latents from a distinct token, but the training "
@@ -386,7 +386,7 @@ def train_crosscoder(
         x = x.to(device, non_blocking=True) * scale
         l1_coeff = l1_coeff_at(step, total_steps, cfg, cc_cfg.l1_coeff)
         with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):  # float32 master weights
-            out = objective(x, l1_coeff, k_at(step, total_steps, cfg, cc_cfg.k))
+            out = objective(x, l1_coeff, k_at(step, total_steps, cfg, cc_cfg))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()

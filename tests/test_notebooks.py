@@ -91,6 +91,7 @@ def train_parameters(out):
         n_shared_latents=8,
         n_dedicated=8,
         resample_every=20,
+        norm_penalty=0.0,  # BatchTopK as published: k·B ordinary latents a batch (a penalty may keep fewer)
     )
 
 

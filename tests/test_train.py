@@ -179,9 +179,11 @@ def test_data_init_starts_from_paired_activations(ground_truth, tmp_path):
 def test_k_annealing_schedule():
     from crosscoder_utils.train import k_at
 
-    cfg = TrainConfig(k_anneal_from=40, k_anneal_frac=0.5, train_tokens=100 * 4096)
-    assert [k_at(step, 100, cfg, 8) for step in (0, 25, 49, 50, 99)] == [40, 24, 9, 8, 8]
-    assert k_at(0, 100, TrainConfig(), 8) == 8
+    cc_cfg = CrossCoderConfig(variant="batchtopk", k=8, dict_size=64)
+    cfg = TrainConfig(k_anneal_factor=5, k_anneal_frac=0.5, train_tokens=100 * 4096)
+    assert [k_at(step, 100, cfg, cc_cfg) for step in (0, 25, 49, 50, 99)] == [40, 24, 9, 8, 8]
+    assert k_at(0, 100, TrainConfig(k_anneal_factor=1), cc_cfg) == 8
+    assert k_at(0, 100, TrainConfig(k_anneal_factor=10), cc_cfg) == 64  # at most dict_size
 
 
 def test_resampling_moves_only_dead_latents_towards_the_residual():
@@ -252,7 +254,7 @@ DISTRIBUTED = [
     ),
     (
         "batchtopk",
-        dict(lr=2e-3, k_anneal_from=16, resample_every=4),
+        dict(lr=2e-3, k_anneal_factor=4, resample_every=4),
         dict(dict_size=96, variant="batchtopk", k=4, dead_tokens=1024, n_shared_latents=8, n_dedicated=8),
     ),
 ]

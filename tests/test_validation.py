@@ -59,7 +59,7 @@ BAD_VALUES = [
     (TrainConfig, "l1_warmup_frac", -0.05, "l1_warmup_frac must be in [0, 1], got -0.05"),
     (TrainConfig, "k_anneal_frac", 2.0, "k_anneal_frac must be in [0, 1], got 2.0"),
     (TrainConfig, "max_grad_norm", -1.0, "max_grad_norm must be > 0, got -1.0"),
-    (TrainConfig, "k_anneal_from", 0, "k_anneal_from must be >= 1 or None, got 0"),
+    (TrainConfig, "k_anneal_factor", 0.5, "k_anneal_factor must be >= 1, got 0.5"),
     (TrainConfig, "resample_every", 0, "resample_every must be > 0 or None, got 0"),
     (TrainConfig, "seed", -3, "seed must be >= 0, got -3"),
     (SyntheticConfig, "n_models", 1, "n_models must be >= 2, got 1"),
@@ -94,7 +94,7 @@ def test_defaults_presets_and_none_for_automatic_values_are_valid():
     for name in PRESETS:
         preset(name)
     auto = CrossCoderConfig(d_model=None, n_models=None, aux_coeff=None, k_aux=None)
-    assert TrainConfig(lr=None, k_anneal_from=None, resample_every=None).resolved_lr() > 0
+    assert TrainConfig(lr=None, resample_every=None).resolved_lr() > 0
     filled = CrossCoderConfig(d_model=8, n_models=2, variant="batchtopk", k=4, dict_size=64)
     assert CrossCoderConfig.from_dict(filled.to_dict()) == filled and auto.aux_coeff == 0.0
 
