@@ -166,7 +166,7 @@ class CrossCoder(nn.Module):
         """BatchTopK's training selection on pre [batch, dict_size]: each row's top-m candidate columns
         [batch, m] by score f_i·Σ_m ‖W_dec[i, m]‖, and which of them are kept (bool [batch, m]): the positive
         scores at or above the k·B-th largest of the global batch (all ranks together, B rows in all). Updates
-        the threshold EMA with that score. Designated shared latents are never candidates (weight 0).
+        the threshold EMA with the smallest kept score. Designated shared latents are never candidates (weight 0).
 
         The k·B-th score comes from the candidates (all ranks' gathered), much cheaper than a top-k over
         B·dict_size; exact unless some row had all m candidates positive and at or above it (also when the
@@ -180,14 +180,19 @@ class CrossCoder(nn.Module):
         while True:
             tops = [(chunk * weights).topk(m, dim=1) for chunk in pre.split(len(pre) if pre.is_cuda else 256)]
             candidates, columns = torch.cat([t.values for t in tops]), torch.cat([t.indices for t in tops])
-            kth = distributed.all_gather_cat(candidates.flatten()).topk(k_total).values[-1]
+            top = distributed.all_gather_cat(candidates.flatten()).topk(k_total).values
+            kth = top[-1]
             last = candidates[:, -1]  # a row whose last candidate is positive and kept may hold more
             undecided = ((last >= kth) & (last > 0)).any() & (m < n_latents)
             if not distributed.all_reduce(undecided.int(), "max"):
                 break
             m = min(n_latents, 2 * m)
+        # the EMA follows the smallest kept score: k·B-th, or the smallest positive one when fewer are positive
+        # (inference then keeps what training kept); a batch with no positive score leaves it unchanged
+        smallest = torch.where(top > 0, top, torch.inf).min()
         decay = self.cfg.threshold_decay
-        self.threshold.copy_(torch.where(self.threshold < 0, kth, decay * self.threshold + (1 - decay) * kth))
+        ema = torch.where(self.threshold < 0, smallest, decay * self.threshold + (1 - decay) * smallest)
+        self.threshold.copy_(torch.where(smallest.isinf(), self.threshold, ema))
         return columns, candidates >= kth.clamp(min=POSITIVE)
 
     @torch.no_grad()

@@ -76,9 +76,12 @@ def test_batchtopk_keeps_every_positive_score_when_the_batch_has_fewer_than_k_pe
         cc.b_enc.zero_()
     x = torch.zeros(16, 2, 6)
     x[0] = torch.randn(2, 6, generator=torch.Generator().manual_seed(0)) * 10
-    positive = (cc.pre_activations(x) > 0).sum()
+    pre = cc.pre_activations(x)
+    positive = (pre > 0).sum()
     assert 2 * 3 < positive < 3 * 16
     assert cc.losses(x).l0 * 16 == positive
+    scores = pre * cc.selection_weights()
+    assert cc.threshold == scores[scores > 0].min()  # the smallest kept score, not the k·B-th (0)
 
 
 def test_batchtopk_threshold_agrees_with_training_selection():
