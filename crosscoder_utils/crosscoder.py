@@ -44,7 +44,7 @@ class Losses:
 
     loss: torch.Tensor
     """What is minimised: l2_loss + λ·(L1 penalty) + aux_coeff·aux_loss. The L1 penalty is l1_loss for
-    relu and norm_penalty · l1_loss for batchtopk (0 by default), with designated shared latents' terms scaled
+    relu and norm_penalty · l1_loss for batchtopk, with designated shared latents' terms scaled
     by shared_penalty_ratio."""
     l2_loss: torch.Tensor
     """Squared error summed over models and d_model, mean over the batch."""
@@ -121,8 +121,8 @@ class CrossCoder(nn.Module):
         )
         self.register_buffer("tied", tied, persistent=False)
         self.register_buffer("owner", owner, persistent=False)
-        # each latent's weight in the L1 term: relu 1, batchtopk norm_penalty (its sparsity is the top-k;
-        # 0 by default); designated shared latents shared_penalty_ratio in both
+        # each latent's weight in the L1 term: relu 1, batchtopk norm_penalty (its sparsity is the top-k; the
+        # term labels exclusive latents); designated shared latents shared_penalty_ratio in both
         ordinary = 1.0 if cfg.variant == "relu" else cfg.norm_penalty
         self.register_buffer("penalty", torch.where(tied, cfg.shared_penalty_ratio, ordinary), persistent=False)
         self.penalised = bool(self.penalty.any())  # else the loss skips the term and its backward through the norms
@@ -166,7 +166,7 @@ class CrossCoder(nn.Module):
         """BatchTopK's training selection on pre [batch, dict_size]: each row's top-m candidate columns
         [batch, m] by score f_i·Σ_m ‖W_dec[i, m]‖, and which of them are kept (bool [batch, m]): the positive
         scores at or above the k·B-th largest of the global batch (all ranks together, B rows in all). Updates
-        the threshold EMA with the smallest kept score. Designated shared latents are never candidates (weight 0).
+        the threshold EMA with the smallest kept score. Designated shared latents score 0, so it never keeps them.
 
         The k·B-th score comes from the candidates (all ranks' gathered), much cheaper than a top-k over
         B·dict_size; exact unless some row had all m candidates positive and at or above it (also when the
