@@ -112,7 +112,8 @@ def training_curves(metrics: list[dict], path=None):
 
 
 def _stacked_relative_norms(groups, labels, colors, exclusive_share: float, ylabel: str, title: str):
-    """A log-scale stacked histogram of relative decoder norms ``groups`` with the exclusive bands' edges."""
+    """A log-scale stacked histogram of relative decoder norms ``groups`` with the edges where decoder norms
+    alone would label a latent exclusive (the kinds use Latent Scaling where a latent fires)."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.hist(groups, bins=np.linspace(0, 1, 51), stacked=True, label=labels, color=colors)
     for edge in (1 - exclusive_share, exclusive_share):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from einops import einsum
 
-from .analysis import kind_name, latent_kinds
+from .analysis import Encoded, kind_name, latent_kinds
 from .config import ConfigBase, CrossCoderConfig, TrainConfig, check_range
 from .crosscoder import CrossCoder
 
@@ -173,15 +173,18 @@ def score(
     norm_factors: torch.Tensor,
     cos_threshold: float = 0.9,
     exclusive_share: float = 0.9,
+    encoded: Encoded | None = None,
 ) -> Recovery:
     """Recovery and classification of the true features by a crosscoder trained in normalised units.
 
-    Cosines compare decoder vectors with all models concatenated, both in normalised units."""
+    Cosines compare decoder vectors with all models concatenated, both in normalised units. Latents are
+    labelled as 04 labels them (``latent_kinds``): by Latent Scaling on ``encoded`` (the crosscoder's latents
+    on the store), by decoder norm without it."""
     learnt = (cc.W_dec * cc.norm_factors[None, :, None]).flatten(1)
     true = (truth.decoders * norm_factors[None, :, None]).flatten(1)
     cosine = _unit(true) @ _unit(learnt).T
     best_cos, best_latent = cosine.max(dim=1)
-    labels = latent_kinds(cc, exclusive_share)
+    labels = latent_kinds(cc, exclusive_share, encoded)
     recovered, classified = {}, {}
     for kind in truth.kinds.unique().tolist():
         of_kind = truth.kinds == kind
