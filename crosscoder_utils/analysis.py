@@ -50,19 +50,22 @@ def model_shares(cc: CrossCoder, encoded: Encoded | None = None) -> torch.Tensor
     latent fires, as BatchTopK's halves for features exclusive to the other model do (nothing pulls them to
     zero); Latent Scaling asks whether the model's activations hold the latent's own direction.
 
-    Latent Scaling decides only where it reproduces the latent in its own model: β^ε there within a factor
-    of 2 of 1 (it is 1 plus the error's correlation with the latent). A weak latent whose own error
-    outweighs it gets β of any size and sign, which made 5 % of relu's exclusive labels false on the medium
-    ground truth (bench/RESULTS.md); the decoder norms decide for it, as for latents that never fire."""
-    shares = relative_decoder_norms(cc)
+    Latent Scaling decides only where it applies: where one model holds at least 3/4 of the decoder norm (a
+    latent with substantial decoders in two models, shared or changed, writes a different vector in each,
+    and β along one of them says nothing about the other), and where it reproduces the latent in its own
+    model: β^ε there at least 0.5 and every model's at most 2 (in the owner it is 1 plus the error's
+    correlation with the latent). A weak latent whose own error outweighs it gets β of any size and sign,
+    which made 5 % of relu's exclusive labels false on the medium ground truth (bench/RESULTS.md). Elsewhere,
+    and for latents that never fire, the decoder norms decide."""
+    shares = relative_decoder_norms(cc).cpu()
     if encoded is None:
         return shares
-    latents, owner = torch.arange(cc.cfg.dict_size), shares.argmax(-1)
+    share, owner = shares.max(-1)
+    latents = torch.arange(cc.cfg.dict_size)
     beta = _betas(cc, encoded, latents, owner)["error"]  # [n_models, dict_size]
-    own = beta[owner, latents]
-    reliable = (encoded.f_squared > 0) & (own >= 0.5) & (own <= 2)
+    applies = (encoded.f_squared > 0) & (share >= 0.75) & (beta[owner, latents] >= 0.5) & (beta <= 2).all(0)
     beta = beta.T.clamp(min=0)
-    return torch.where(reliable[:, None], beta / beta.sum(-1, keepdim=True).clamp(min=1e-12), shares)
+    return torch.where(applies[:, None], beta / beta.sum(-1, keepdim=True).clamp(min=1e-12), shares)
 
 
 def latent_kinds(cc: CrossCoder, exclusive_share: float = 0.9, encoded: Encoded | None = None) -> torch.Tensor:
@@ -289,8 +292,8 @@ class LatentScaling(NamedTuple):
 @torch.no_grad()
 def _betas(cc: CrossCoder, encoded: Encoded, latents: torch.Tensor, owners: torch.Tensor) -> dict:
     """Target name -> [n_models, J] β of ``latents`` along each one's decoder vector in model ``owners[j]``."""
-    decoders = cc.W_dec.detach()[latents].double().cpu()  # [J, n_models, d]
-    direction = decoders[torch.arange(len(latents)), owners]
+    decoders = cc.W_dec.detach().cpu()[latents].double()  # [J, n_models, d]
+    direction = decoders[torch.arange(len(latents)), owners.cpu()]
     own = einsum(direction, decoders, "j d, j m d -> m j")  # ⟨d, W_dec[j, m]⟩
     on_x = einsum(encoded.f_x[latents], direction, "j m d, j d -> m j")  # Σ_t f_j ⟨d, x_m⟩
     on_hat = einsum(encoded.f_x_hat[latents], direction, "j m d, j d -> m j")

@@ -161,8 +161,9 @@ def difference_map(table: DifferenceTable, labels: dict[int, str] | None = None,
 
 
 def relative_norms(table: DifferenceTable, cc: CrossCoder, exclusive_share: float = 0.9, path=None):
-    """Histogram of the live latents' relative decoder norms, stacked by kind, with the exclusive bands;
-    designated shared latents and each model's dedicated latents (when the crosscoder has them) as their own groups."""
+    """Histogram of the live latents' relative decoder norms, stacked by kind, with the edges where decoder
+    norms alone would label a latent exclusive; designated shared latents and each model's dedicated latents
+    (when the crosscoder has them) as their own groups."""
     live = torch.zeros(len(table.kind), dtype=torch.bool)
     live[table.order] = True
     free = live & ~cc.tied & (cc.owner == -1)

@@ -159,7 +159,8 @@ class Recovery(NamedTuple):
     """kind name (shared, base-only, finetuned-only) -> fraction of its true features with a latent of max
     cosine >= threshold."""
     classified: dict
-    """kind name -> fraction also labelled with the right kind by relative decoder norm."""
+    """kind name -> fraction also labelled with the right kind (``latent_kinds``: by Latent Scaling when
+    ``score`` is given the encoded latents, else by decoder norm)."""
     false_exclusive_rate: float
     """Of the latents labelled exclusive (and matching a true feature), the fraction whose feature is shared."""
     latent_feature: torch.Tensor

@@ -32,35 +32,44 @@ def test_relative_norms_and_kinds():
 
 
 def test_latent_scaling_labels_a_latent_whose_other_decoder_half_fits_something_else(tmp_path):
-    """Latent 0 is the fine-tune's alone (e0), but its base decoder half holds 0.3·e3, a direction the base
-    carries where latent 0 fires: 77 % of the decoder norm, shared by norm. Latent 1 is shared at half the
-    gain in the base, latent 2 shared, latent 3 never fires, and latent 4 (e4 in both decoders) is one Latent
-    Scaling cannot measure: the base holds 5x what it writes and the fine-tune the opposite, so β^ε is 5 in
-    its own model and -1 in the other. The decoder norms decide those two."""
-    d = torch.eye(5)
-    W_dec = torch.zeros(5, 2, 5)
+    """Latents 0 and 5 are one model's alone, but their other decoder half holds 0.3x a direction that model
+    carries where they fire: 77 % of the decoder norm, shared by norm. Latent 6 leans 5:1 to the fine-tune,
+    and the base holds the opposite of it (β^ε -0.5, counted as 0). Latent 1 is shared at half the gain in
+    the base, 2 shared, 3 never fires, 7 writes orthogonal vectors in the two models (changed), and 4 is one
+    Latent Scaling cannot measure: the base holds 5x what it writes (β^ε 5 in its own model)."""
+    d = torch.eye(10)
+    W_dec = torch.zeros(8, 2, 10)
     W_dec[0, 1], W_dec[0, 0] = d[0], 0.3 * d[3]
     W_dec[1, 0], W_dec[1, 1] = 0.5 * d[1], d[1]
     W_dec[2, :] = d[2]
     W_dec[3, 0] = d[3]
-    W_dec[4, :] = d[4]
+    W_dec[4, 0], W_dec[4, 1] = d[4], 0.2 * d[4]
+    W_dec[5, 0], W_dec[5, 1] = d[5], 0.3 * d[6]
+    W_dec[6, 1], W_dec[6, 0] = d[7], 0.2 * d[7]
+    W_dec[7, 0], W_dec[7, 1] = d[8], d[9]
     cc = crosscoder_with_decoders(W_dec)
     with torch.no_grad():  # an encoder that reads the true activations: f = a
         cc.W_enc.zero_()
-        cc.W_enc[1, 0, 0] = cc.W_enc[1, 1, 1] = cc.W_enc[1, 2, 2] = 1
-        cc.W_enc[0, 4, 4] = 0.2
+        for latent, model, direction in ((0, 1, 0), (1, 1, 1), (2, 1, 2), (5, 0, 5), (6, 1, 7), (7, 0, 8)):
+            cc.W_enc[model, direction, latent] = 1
+        cc.W_enc[0, 4, 4] = 0.2  # the base holds 5x latent 4's base vector (below)
         cc.b_enc[3] = -1
     g = torch.Generator().manual_seed(3)
-    a = torch.rand(4000, 5, generator=g) * (torch.rand(4000, 5, generator=g) < 0.3)
+    a = torch.rand(4000, 8, generator=g) * (torch.rand(4000, 8, generator=g) < 0.3)
     a[:, 3] = 0
-    x = torch.einsum("tf,fmd->tmd", a[:, :4], W_dec[:4])
-    x[:, 0] += 5 * a[:, 4:] * d[4]
-    x[:, 1] -= a[:, 4:] * d[4]
+    x = torch.einsum("tf,fmd->tmd", a, W_dec)
+    x[:, 0] += 4 * a[:, 4:5] * d[4]
+    x[:, 1] -= 1.2 * a[:, 4:5] * d[4]
+    x[:, 0] -= 0.7 * a[:, 6:7] * d[7]  # and -0.5x latent 6's
     encoded = A.encode(cc, ActivationStore.from_arrays(tmp_path / "s", x, val_fraction=0.5), torch.ones(2), "val")
-    expected = torch.tensor([[0.0, 1.0], [1 / 3, 2 / 3], [0.5, 0.5], [1.0, 0.0], [0.5, 0.5]])
+    expected = torch.tensor(
+        [[0.0, 1.0], [1 / 3, 2 / 3], [0.5, 0.5], [1.0, 0.0], [1 / 1.2, 0.2 / 1.2], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]
+    )
     torch.testing.assert_close(A.model_shares(cc, encoded), expected, atol=1e-5, rtol=0)
-    assert A.latent_kinds(cc).tolist() == [-1, -1, -1, 0, -1]
-    assert A.latent_kinds(cc, encoded=encoded).tolist() == [1, -1, -1, 0, -1]
+    assert A.latent_kinds(cc).tolist() == [-1, -1, -1, 0, -1, -1, -1, -1]
+    assert A.latent_kinds(cc, encoded=encoded).tolist() == [1, -1, -1, 0, -1, 0, 1, -1]
+    kinds = A.difference_table(cc, encoded).kind
+    assert kinds == ["finetuned-only", "shared", "shared", "dead", "shared", "base-only", "finetuned-only", "changed"]
 
 
 def test_latent_scaling_and_statistics_on_planted_structure(tmp_path):
