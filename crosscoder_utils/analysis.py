@@ -61,9 +61,9 @@ def model_shares(cc: CrossCoder, encoded: Encoded | None = None) -> torch.Tensor
     if encoded is None:
         return shares
     share, owner = shares.max(-1)
-    latents = torch.arange(cc.cfg.dict_size)
-    beta = _betas(cc, encoded, latents, owner)["error"]  # [n_models, dict_size]
-    applies = (encoded.f_squared > 0) & (share >= 0.75) & (beta[owner, latents] >= 0.5) & (beta <= 2).all(0)
+    beta = _betas(cc, encoded, owner)["error"]  # [n_models, dict_size]
+    own = beta.gather(0, owner[None]).squeeze(0)
+    applies = (encoded.f_squared > 0) & (share >= 0.75) & (own >= 0.5) & (beta <= 2).all(0)
     beta = beta.T.clamp(min=0)
     return torch.where(applies[:, None], beta / beta.sum(-1, keepdim=True).clamp(min=1e-12), shares)
 
@@ -290,22 +290,25 @@ class LatentScaling(NamedTuple):
 
 
 @torch.no_grad()
-def _betas(cc: CrossCoder, encoded: Encoded, latents: torch.Tensor, owners: torch.Tensor) -> dict:
-    """Target name -> [n_models, J] β of ``latents`` along each one's decoder vector in model ``owners[j]``."""
-    decoders = cc.W_dec.detach().cpu()[latents].double()  # [J, n_models, d]
-    direction = decoders[torch.arange(len(latents)), owners.cpu()]
+def _betas(cc: CrossCoder, encoded: Encoded, owners: torch.Tensor, latents: torch.Tensor | None = None) -> dict:
+    """Target name -> [n_models, J] β of ``latents`` (None: every latent, reading the sums without a copy)
+    along each one's decoder vector in model ``owners[j]``."""
+    pick = (lambda t: t) if latents is None else (lambda t: t[latents])
+    decoders = pick(cc.W_dec.detach().cpu()).double()  # [J, n_models, d]
+    direction = decoders[torch.arange(len(owners)), owners.cpu()]
     own = einsum(direction, decoders, "j d, j m d -> m j")  # ⟨d, W_dec[j, m]⟩
-    on_x = einsum(encoded.f_x[latents], direction, "j m d, j d -> m j")  # Σ_t f_j ⟨d, x_m⟩
-    on_hat = einsum(encoded.f_x_hat[latents], direction, "j m d, j d -> m j")
-    contribution = encoded.f_squared[latents] * own  # Σ_t f_j ⟨d, f_j W_dec[j, m]⟩
+    on_x = einsum(pick(encoded.f_x), direction, "j m d, j d -> m j")  # Σ_t f_j ⟨d, x_m⟩
+    on_hat = einsum(pick(encoded.f_x_hat), direction, "j m d, j d -> m j")
+    f_squared = pick(encoded.f_squared)
+    contribution = f_squared * own  # Σ_t f_j ⟨d, f_j W_dec[j, m]⟩
     sums = {"activation": on_x, "reconstruction": on_hat - contribution, "error": on_x - on_hat + contribution}
-    denominator = direction.pow(2).sum(-1) * encoded.f_squared[latents]
+    denominator = direction.pow(2).sum(-1) * f_squared
     return {name: (value / denominator).float() for name, value in sums.items()}
 
 
 def latent_scaling(cc: CrossCoder, encoded: Encoded, latents, owner: int, other: int) -> LatentScaling:
     latents = torch.as_tensor(latents, dtype=torch.long)
-    beta = _betas(cc, encoded, latents, torch.full_like(latents, owner))
+    beta = _betas(cc, encoded, torch.full_like(latents, owner), latents)
     ratio = lambda name: beta[name][other] / beta[name][owner]
     return LatentScaling(latents, beta, ratio("error"), ratio("reconstruction"))
 
