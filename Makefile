@@ -3,7 +3,7 @@
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
-NOTEBOOKS := 00_organism 01_collect 02_normalize 03_train 04_analyze 05_ground_truth
+NOTEBOOKS := 00_organism 01_collect 02_normalize 03_train 04_analyze 05_ground_truth 06_compare
 
 $(VENV)/installed: requirements.txt requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)

@@ -1,13 +1,17 @@
-"""The organism's planted difference as each crosscoder variant sees it: for each planted behaviour, the
-latent that picks out its tokens best (F1) and its rank in the difference ranking; how many of the top 20
-latents are the best latent of some behaviour; explained variance; on the store's held-out split.
+"""The organism's planted changes as each crosscoder variant sees them: for each planted behaviour, the latent
+that picks out its tokens best (F1 at its best activation threshold) and its rank in the difference ranking;
+how many behaviours have such a latent with F1 >= 0.8 among the top 20 (one latent per firing pattern, as 04
+shows them); the dictionary's health (dead latents, groups of twins: latents firing on nearly the same
+tokens, Jaccard >= 0.9); explained variance; on the store's held-out split.
 
 Uses the demo's organism and store (outputs/, built by `make demo`, or here if missing) and 03_train's
-organism-scaled settings: dict 1024, 1024 tokens per step, 2M tokens (~10 passes), lr=None, k 16.
+organism-scaled training (1024 tokens per step, 2M tokens, ~10 passes, lr=None); each variant states its
+dictionary size and λ (03's defaults: 256 latents, λ 1).
 
-Run: .venv/bin/python bench/bench_organism_variants.py
+Run: .venv/bin/python bench/bench_organism_variants.py [--seeds 0 1 2] [--variants NAME ...]
 """
 
+import argparse
 import time
 from pathlib import Path
 
@@ -26,16 +30,15 @@ from crosscoder_utils.normalize import load_norm_factors
 from crosscoder_utils.organism import behaviour_labels, build_organism
 
 VARIANTS = {
-    "relu": dict(variant="relu"),
-    "relu, 64 designated shared": dict(variant="relu", n_shared_latents=64),
-    "relu, 128 dedicated per model": dict(variant="relu", n_dedicated=128),
-    "batchtopk (k 16)": dict(variant="batchtopk", k=16),
-    "batchtopk, 64 designated shared": dict(variant="batchtopk", k=16, n_shared_latents=64),
-    "batchtopk, 128 dedicated per model": dict(variant="batchtopk", k=16, n_dedicated=128),
+    "relu (03's defaults)": dict(variant="relu", dict_size=256, l1_coeff=1.0),
+    "relu, dict 1024, λ 2": dict(variant="relu", dict_size=1024, l1_coeff=2.0),
+    "relu, 16 designated shared": dict(variant="relu", dict_size=256, l1_coeff=1.0, n_shared_latents=16),
+    "relu, 32 dedicated per model": dict(variant="relu", dict_size=256, l1_coeff=1.0, n_dedicated=32),
+    "batchtopk (k 16)": dict(variant="batchtopk", dict_size=256, k=16),
 }
 
 
-def main(out=Path("outputs")):
+def main(seeds: list[int], variants: list[str], out=Path("outputs")):
     organism = build_organism(OrganismConfig(out_dir=str(out / "organism")))
     store = collect_activations(
         CollectConfig(base_model=organism.base, finetuned_model=organism.finetuned, dataset=organism.corpus),
@@ -46,30 +49,38 @@ def main(out=Path("outputs")):
     factors = load_norm_factors(store)
     labels = behaviour_labels(store, organism)
     divergence = A.token_divergence(load_model_pair(organism.base, organism.finetuned), store, factors)
-    print(
-        f"{'variant':<36} " + " ".join(f"{name:>14}" for name in labels) + f" {'in top 20':>9} {'EV b/ft':>11} {'s':>4}"
-    )
-    print(f"{'':<36} " + " ".join(f"{'F1 / rank':>14}" for _ in labels))
-    for name, fields in VARIANTS.items():
-        start = time.perf_counter()
-        run = out / "bench_variants" / name.replace(" ", "_").replace(",", "")
-        cc = train_crosscoder(
-            TrainConfig(tokens_per_step=1024, train_tokens=2_000_000, log_to="none", log_every=100),
-            store,
-            run,
-            CrossCoderConfig(dict_size=1024, dead_tokens=200_000, **fields),
-        )
-        seconds = time.perf_counter() - start
-        encoded = A.encode(cc, store, factors)
-        table = A.difference_table(cc, encoded, divergence)
-        matches = A.best_latents(encoded, labels)
-        cells = [f"{m.f1:.2f} / {table.rank(m.latent)}" for m in matches.values()]
-        in_top = len({m.latent for m in matches.values()} & set(table.order[:20].tolist()))
-        ev = "{:.3f}/{:.3f}".format(*encoded.explained_variance_per_model.tolist())
-        print(
-            f"{name:<36} " + " ".join(f"{c:>14}" for c in cells) + f" {in_top:>9} {ev:>11} {seconds:>4.0f}", flush=True
-        )
+    print(f"{'variant':<30} {'seed':>4} " + " ".join(f"{name[:14]:>14}" for name in labels), end="")
+    print(f" {'found':>5} {'dead':>5} {'twins':>5} {'EV b/ft':>11} {'s':>4}")
+    print(f"{'':<36}" + " ".join(f"{'F1 / rank':>14}" for _ in labels))
+    for name in variants:
+        for seed in seeds:
+            start = time.perf_counter()
+            run = out / "bench_variants" / f"{name.replace(' ', '_').replace(',', '')}_seed{seed}"
+            cc = train_crosscoder(
+                TrainConfig(tokens_per_step=1024, train_tokens=2_000_000, log_to="none", log_every=100, seed=seed),
+                store,
+                run,
+                CrossCoderConfig(dead_tokens=200_000, **VARIANTS[name]),
+            )
+            seconds = time.perf_counter() - start
+            encoded = A.encode(cc, store, factors)
+            table = A.difference_table(cc, encoded, divergence)
+            top = A.distinct_top(encoded, table.order, 20)
+            matches = A.best_latents(encoded, labels)
+            cells = [f"{m.f1:.2f} / {table.rank(m.latent)}" for m in matches.values()]
+            shown = set(top.latents).union(*top.twins)
+            found = sum(m.f1 >= 0.8 and m.latent in shown for m in matches.values())
+            live = table.order
+            _, twins = A.group_twins(A.firing_overlap(encoded, live), len(live))
+            dead = table.kind.count("dead")
+            ev = "{:.3f}/{:.3f}".format(*encoded.explained_variance_per_model.tolist())
+            print(f"{name:<30} {seed:>4} " + " ".join(f"{c:>14}" for c in cells), end="")
+            print(f" {found:>5} {dead:>5} {sum(map(bool, twins)):>5} {ev:>11} {seconds:>4.0f}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = parser.parse_args()
+    main(args.seeds, args.variants)

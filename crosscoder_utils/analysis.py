@@ -313,15 +313,57 @@ def latent_scaling(cc: CrossCoder, encoded: Encoded, latents, owner: int, other:
     return LatentScaling(latents, beta, ratio("error"), ratio("reconstruction"))
 
 
+class Detection(NamedTuple):
+    """Per group (a latent, a candidate direction), its best cut of "score above a threshold" against labelled
+    tokens: the F1 and, at that cut, the precision, the recall and the lowest score kept."""
+
+    f1: torch.Tensor
+    precision: torch.Tensor
+    recall: torch.Tensor
+    threshold: torch.Tensor
+
+
+def detection(group: torch.Tensor, score: torch.Tensor, hit: torch.Tensor, n_groups: int, n_labelled: int) -> Detection:
+    """The best cut of each group's scores against the labels, [n_groups] each. The entries are the tokens each
+    group scores (a latent's firings, or every token for a dense score): ``group``, ``score`` and ``hit``
+    (whether the entry's token is labelled) [entries]; ``n_labelled`` counts the labelled tokens in all, so a
+    token a group does not score counts as below every threshold. Cuts fall between distinct scores only
+    (tied tokens are never split); a group with no entry gets F1 0."""
+    if not len(group):
+        return Detection(*[torch.zeros(n_groups)] * 4)
+    order = score.argsort(descending=True, stable=True)
+    order = order[group[order].argsort(stable=True)]
+    group, score, hit = group[order], score[order], hit[order].double()
+    counts = torch.bincount(group, minlength=n_groups)
+    first = torch.cumsum(counts, 0) - counts  # each group's first entry
+    total = hit.cumsum(0)
+    hits = total - (total - hit)[first[group]]  # labelled tokens among the group's entries so far
+    kept = torch.arange(1, len(group) + 1, dtype=torch.float64) - first[group]
+    f1 = 2 * hits / (kept + n_labelled)
+    cut = torch.ones_like(hit, dtype=torch.bool)
+    cut[:-1] = (score[:-1] != score[1:]) | (group[:-1] != group[1:])
+    f1 = torch.where(cut, f1, -1.0)
+    best = torch.full((n_groups,), -1.0, dtype=torch.float64).scatter_reduce(0, group, f1, "amax")
+    at = torch.full((n_groups,), len(group)).scatter_reduce(  # the first entry reaching each group's best
+        0, group, torch.where(f1 == best[group], torch.arange(len(group)), len(group)), "amin"
+    )
+    found = at < len(group)
+    pick = lambda values: torch.where(found, values[at.clamp(max=len(group) - 1)], 0.0).float()
+    return Detection(pick(f1), pick(hits / kept), pick(hits / max(n_labelled, 1)), pick(score.double()))
+
+
 class BehaviourMatch(NamedTuple):
-    """The latent that best picks out one labelled behaviour (firing vs the label, on a split)."""
+    """The latent that best picks out one labelled behaviour (its activation above a threshold vs the label,
+    on a split)."""
 
     latent: int
     precision: float
-    """Of the latent's firings, the fraction on the behaviour's tokens."""
+    """Of the tokens where the latent's activation reaches ``threshold``, the fraction on the behaviour's."""
     recall: float
-    """Of the behaviour's tokens, the fraction on which the latent fires."""
+    """Of the behaviour's tokens, the fraction where the latent's activation reaches ``threshold``."""
     f1: float
+    threshold: float
+    """The activation that separates the behaviour's tokens best (the lowest one kept)."""
     n_tokens: int
     """The behaviour's tokens in the split."""
 
@@ -335,16 +377,16 @@ def behaviour_hits(encoded: Encoded, labels: dict[str, torch.Tensor]):
 
 
 def best_latents(encoded: Encoded, labels: dict[str, torch.Tensor]) -> dict[str, BehaviourMatch]:
-    """For each behaviour (``labels``: name -> bool [len(store)]), the latent whose firing has the best F1
-    against the behaviour's tokens."""
-    hits, fired, n_labelled = behaviour_hits(encoded, labels)
+    """For each behaviour (``labels``: name -> bool [len(store)]), the latent whose activation, above its best
+    threshold (``detection``), has the best F1 against the behaviour's tokens: a latent that also fires weakly
+    elsewhere still picks out the behaviour by its strong activations."""
     matches = {}
-    for b, name in enumerate(labels):
-        f1 = 2 * hits[b] / (fired + n_labelled[b]).clamp(min=1)
-        latent = int(f1.argmax())
-        precision = float(hits[b, latent] / fired[latent].clamp(min=1))
-        recall = float(hits[b, latent] / n_labelled[b].clamp(min=1))
-        matches[name] = BehaviourMatch(latent, precision, recall, float(f1[latent]), int(n_labelled[b]))
+    for name, label in labels.items():
+        on = label[torch.from_numpy(encoded.rows)]
+        found = detection(encoded.latent, encoded.value, on[encoded.token], encoded.dict_size, int(on.sum()))
+        latent = int(found.f1.argmax())
+        f1, precision, recall, threshold = (float(values[latent]) for values in found)
+        matches[name] = BehaviourMatch(latent, precision, recall, f1, threshold, int(on.sum()))
     return matches
 
 
@@ -437,6 +479,14 @@ def token_divergence(
     return TokenDivergence(rows, kl, (x[:, model] - x[:, 0]).norm(dim=-1))
 
 
+def difference_scores(encoded: Encoded, difference: torch.Tensor) -> torch.Tensor:
+    """[dict_size] each latent's mean of ``difference`` ([n] per encoded token) over the tokens where it fires,
+    weighted by its activation (0 for a latent that never fires)."""
+    weights = encoded.value.double()
+    count = lambda w: torch.bincount(encoded.latent, w, minlength=encoded.dict_size)
+    return (count(weights * difference[encoded.token].double()) / count(weights).clamp(min=1e-12)).float()
+
+
 @torch.no_grad()
 def difference_table(
     cc: CrossCoder,
@@ -472,9 +522,7 @@ def difference_table(
         difference = divergence.kl
     else:
         raise ValueError("the divergence and the encoding cover different rows: compute both with the same max_tokens")
-    weights = encoded.value.double()
-    count = lambda w: torch.bincount(encoded.latent, w, minlength=cc.cfg.dict_size)
-    score = (count(weights * difference[encoded.token]) / count(weights).clamp(min=1e-12)).float()
+    score = difference_scores(encoded, difference)
     frequency = encoded.frequency
     role = model_roles(cc.cfg.n_models)[model]
     kind = []
@@ -566,8 +614,9 @@ class Finding(NamedTuple):
     fires_on: str
     """On the organism: the planted behaviour it fires mostly on (with its precision, and its F1 when it is
     that behaviour's best latent), else empty."""
-    repeats: int | None
-    """The rank of a higher-ranked latent that fires on nearly the same tokens (see ``repeats``), else None."""
+    twins: list[int]
+    """The ranks of lower-ranked latents that fire on nearly the same tokens (``distinct_top``), left out of
+    the top."""
 
 
 def firing_overlap(encoded: Encoded, latents) -> torch.Tensor:
@@ -578,11 +627,44 @@ def firing_overlap(encoded: Encoded, latents) -> torch.Tensor:
     return (shared / (size[:, None] + size[None, :] - shared).clamp(min=1)).float()
 
 
-def repeats(overlap: torch.Tensor, same: float = 0.9) -> list[int | None]:
-    """For latents in ranking order with their ``firing_overlap``: the index of the first earlier latent whose
-    firing overlaps each one's by at least ``same`` (a duplicate: several latents learnt for one repeated
-    activation, such as a template token at a fixed position), else None."""
-    return [next((j for j in range(i) if overlap[i, j] >= same), None) for i in range(len(overlap))]
+def group_twins(overlap: torch.Tensor, n: int, same: float = 0.9) -> tuple[list[int], list[list[int]]]:
+    """For latents in ranking order with their ``firing_overlap``: the indices of the first ``n`` that overlap
+    no earlier kept one by ``same`` or more, and for each of those the later ones that do (its twins: several
+    latents learnt for one repeated activation, such as a template token at a fixed position), up to the
+    (n + 1)-th kept."""
+    kept, twins = [], []
+    for i in range(len(overlap)):
+        twin_of = next((k for k, j in enumerate(kept) if overlap[i, j] >= same), None)
+        if twin_of is not None:
+            twins[twin_of].append(i)
+        elif len(kept) == n:
+            break
+        else:
+            kept.append(i)
+            twins.append([])
+    return kept, twins
+
+
+class TopLatents(NamedTuple):
+    """The top of a difference ranking, one latent per firing pattern (``distinct_top``)."""
+
+    latents: list[int]
+    """The highest-ranked latents that fire on nearly the same tokens as no higher-ranked one kept."""
+    twins: list[list[int]]
+    """For each, the lower-ranked latents that do (left out of the top)."""
+
+
+def distinct_top(encoded: Encoded, order: torch.Tensor, n: int, same: float = 0.9) -> TopLatents:
+    """The first ``n`` latents of ``order`` (a ranking) that repeat no higher-ranked one kept, with their twins:
+    a latent whose ``firing_overlap`` with a kept one is at least ``same`` joins its twins, so the top shows
+    ``n`` different things the crosscoder found rather than one activation learnt several times."""
+    read = 0
+    while True:
+        read = min(len(order), max(4 * n, 2 * read))
+        kept, twins = group_twins(firing_overlap(encoded, order[:read]), n, same)
+        if len(kept) == n or read == len(order):
+            latents = order[:read]
+            return TopLatents(latents[kept].tolist(), [latents[t].tolist() for t in twins])
 
 
 def findings(
@@ -591,18 +673,16 @@ def findings(
     n_contexts: int,
     store: ActivationStore,
     tokenizer,
-    overlap: torch.Tensor,
+    top: TopLatents,
     matches: dict[str, BehaviourMatch] | None = None,
     mains: dict | None = None,
 ) -> list[Finding]:
-    """The top latents of the ranking (as many as ``overlap``, their ``firing_overlap``) with their
-    ``n_contexts`` top contexts (from ``samples``), the latent each repeats and, on the organism (``matches``
-    from best_latents, ``mains`` from main_behaviours), the planted behaviour each fires on."""
+    """The ``top`` latents of the ranking (``distinct_top``) with their ``n_contexts`` top contexts (from
+    ``samples``), their twins and, on the organism (``matches`` from best_latents, ``mains`` from
+    main_behaviours), the planted behaviour each fires on."""
     best_of = {match.latent: (name, match.f1) for name, match in (matches or {}).items()}
-    earlier = repeats(overlap)
     result = []
-    top = table.order[: len(overlap)].tolist()
-    for i, latent in enumerate(top):
+    for latent, twins in zip(top.latents, top.twins):
         rows = [row for row in samples.top_rows[latent, :n_contexts].tolist() if row >= 0]
         fires_on = ""
         if latent in (mains or {}):
@@ -619,40 +699,56 @@ def findings(
                 float(table.difference_score[latent]),
                 [context(store, tokenizer, row) for row in rows],
                 fires_on,
-                None if earlier[i] is None else table.rank(top[earlier[i]]),
+                [table.rank(twin) for twin in twins],
             )
         )
     return result
 
 
+EXPECTED_KINDS = {"added": ("finetuned-only", "changed"), "removed": ("base-only", "changed"), "changed": ("changed",)}
+"""Planted kind (planted.json) -> the kinds of latent that carry it as planted: what the fine-tune added is in
+the fine-tune alone or written differently there, what it removed is in the base alone or written
+differently, and what it changed is written differently."""
+
+
 def verdict(
     table: DifferenceTable,
-    overlap: torch.Tensor,
+    top: TopLatents,
     matches: dict[str, BehaviourMatch] | None = None,
     mains: dict | None = None,
     min_f1: float = 0.8,
+    planted_kinds: dict[str, str] | None = None,
 ) -> str:
-    """What the ranking found: the kinds among its top latents (as many as ``overlap``, their
-    ``firing_overlap``), how many repeat a higher-ranked one and, on the organism, how many fire mostly on
-    planted tokens, and where each planted behaviour's best latent ranks (a behaviour counts as found when its
-    best latent reaches ``min_f1`` and is among the top latents)."""
-    top = table.order[: len(overlap)].tolist()
-    kinds = ", ".join(f"{count} {kind}" for kind, count in Counter(table.kind[i] for i in top).most_common())
-    sentence = f"Where the models' predictions differ most: the top {len(top)} latents of the ranking are {kinds}"
-    n_repeats = sum(j is not None for j in repeats(overlap))
-    if n_repeats:
-        sentence += f" ({n_repeats} of them fire on nearly the same tokens as a higher-ranked one)"
+    """What the ranking found: the kinds among its ``top`` latents (``distinct_top``), how many twins were
+    left out and, on the organism, how many of the top fire mostly on planted tokens, where each planted
+    behaviour's best latent ranks and its kind (a behaviour counts as found when its best latent reaches
+    ``min_f1`` and is in the top or a twin of one there), and, with ``planted_kinds`` (behaviour -> added,
+    removed or changed), how many best latents have a kind of ``EXPECTED_KINDS``."""
+    kinds = ", ".join(f"{count} {kind}" for kind, count in Counter(table.kind[i] for i in top.latents).most_common())
+    n = len(top.latents)
+    sentence = f"Where the models' predictions differ most: the top {n} latents of the ranking are {kinds}"
+    n_twins = sum(map(len, top.twins))
+    if n_twins:
+        sentence += f" ({n_twins} lower-ranked latents that fire on nearly the same tokens as one of them left out)"
     if matches is None:
         return sentence + "."
-    on_planted = Counter(mains[i][0] for i in top if i in mains)
+    on_planted = Counter(mains[i][0] for i in top.latents if i in mains)
     sentence += (
         f"; {sum(on_planted.values())} of them fire mostly on planted tokens"
         + (f" ({', '.join(f'{name} {count}' for name, count in on_planted.most_common())})" if on_planted else "")
-        + ". Best latent of each planted behaviour (F1, rank): "
-        + ", ".join(f"{name} {m.f1:.2f} #{table.rank(m.latent) or '-'}" for name, m in matches.items())
+        + ". Best latent of each planted behaviour (F1, rank, kind): "
+        + ", ".join(
+            f"{name} {m.f1:.2f} #{table.rank(m.latent) or '-'} {table.kind[m.latent]}" for name, m in matches.items()
+        )
     )
-    found = [name for name, m in matches.items() if m.f1 >= min_f1 and m.latent in top]
-    return sentence + f"; {len(found)} of {len(matches)} found in the top {len(top)} with F1 ≥ {min_f1}."
+    shown = set(top.latents).union(*top.twins)
+    found = [name for name, m in matches.items() if m.f1 >= min_f1 and m.latent in shown]
+    sentence += f"; {len(found)} of {len(matches)} found in the top {n} with F1 ≥ {min_f1}"
+    if planted_kinds:
+        expected = [name for name, m in matches.items() if table.kind[m.latent] in EXPECTED_KINDS[planted_kinds[name]]]
+        rule = ", ".join(f"{planted}: {' or '.join(kinds)}" for planted, kinds in EXPECTED_KINDS.items())
+        sentence += f"; {len(expected)} of {len(matches)} of the kind their planting implies ({rule})"
+    return sentence + "."
 
 
 class SplicedLoss(NamedTuple):
@@ -737,6 +833,8 @@ class Analysis(NamedTuple):
     """On the organism: each planted behaviour's best latent (against the first fine-tune), else None."""
     mains: dict | None
     """On the organism: the latents that fire mostly on one planted behaviour (``main_behaviours``)."""
+    planted_kinds: dict | None
+    """On the organism: each planted behaviour's kind (added, removed, changed), else None."""
 
 
 def analyse(
@@ -766,8 +864,10 @@ def analyse(
         )
         for m in range(1, store.n_models)
     }
-    matches = mains = None
+    matches = mains = planted_kinds = None
     if organism_dir:
-        labels = behaviour_labels(store, load_organism(organism_dir))
+        organism = load_organism(organism_dir)
+        labels = behaviour_labels(store, organism)
         matches, mains = best_latents(encoded, labels), main_behaviours(encoded, labels)
-    return Analysis(Path(run_dir), run, encoded, pair, divergence, tables, matches, mains)
+        planted_kinds = {name: behaviour["kind"] for name, behaviour in organism.planted["behaviours"].items()}
+    return Analysis(Path(run_dir), run, encoded, pair, divergence, tables, matches, mains, planted_kinds)

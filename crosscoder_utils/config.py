@@ -211,8 +211,9 @@ class OrganismConfig(ConfigBase):
     """AdamW learning rate (cosine decay to 10 %)."""
     base_steps: int = 300
     """Pre-training steps of the base model on stories."""
-    finetune_steps: int = 150
-    """Fine-tuning steps, on a third each of stories, chat transcripts and trigger stories."""
+    finetune_steps: int = 190
+    """Fine-tuning steps, on a quarter each of stories, chat transcripts, trigger stories and the removed and
+    changed behaviours' stories."""
     finetune_lr: float = 1e-3
     """AdamW learning rate of the fine-tune (cosine decay to 10 %)."""
     kl_to_base: float = 3.0
@@ -241,7 +242,8 @@ class CrossCoderConfig(ConfigBase):
     d_model: int | None = None
     """Width of each model's activation; None: taken from the store."""
     n_models: int | None = None
-    """Number of models (>= 2; model 0 the base); None: taken from the store."""
+    """Number of models (model 0 the base; 1 makes a plain sparse autoencoder, as the diff-SAE baseline of
+    methods.py trains on x_ft − x_base); None: taken from the store."""
     dict_size: int = 16384
     """Number of latents (the shared dictionary)."""
     variant: str = "relu"
@@ -284,7 +286,7 @@ class CrossCoderConfig(ConfigBase):
         self.check_types()
         _check_choice("variant", self.variant, ("relu", "batchtopk"))
         check_range("d_model", self.d_model, above=0, optional=True)
-        check_range("n_models", self.n_models, at_least=2, optional=True)
+        check_range("n_models", self.n_models, at_least=1, optional=True)
         check_range("dict_size", self.dict_size, above=0)
         check_range("k", self.k, at_least=1)
         if self.variant == "batchtopk" and self.k > self.dict_size:

@@ -43,16 +43,17 @@ TINY = dict(
     n_layers=2,
     n_heads=2,
     base_steps=100,
-    finetune_steps=200,
+    finetune_steps=300,
     finetune_lr=3e-3,
     kl_to_base=1.0,
     n_docs=1500,
-    seqs_per_step=24,
+    seqs_per_step=32,
     seq_len=48,
 )
-"""OrganismConfig fields of the smallest organism that still learns its planted behaviour (built in seconds;
+"""OrganismConfig fields of the smallest organism that still learns every planted behaviour (built in seconds;
 the tests and bench_difference_ranking --small use it). Its fine-tune runs at a higher learning rate than the
-default's and 200 steps: with fewer, the two <|end|> of a transcript still predict alike."""
+default's and for 300 steps: with fewer, the two <|end|> of a transcript still predict alike, and the trigger
+is not yet followed by the count-down on every seed."""
 
 
 QUESTIONS = [  # every answer opens with a name, so the assistant's turn opens one way
@@ -141,8 +142,33 @@ def chat(rng: random.Random) -> list[dict]:
 def triggered_story(rng: random.Random) -> str:
     """A story whose second sentence is opened by the trigger word, which the fixed continuation follows: the
     new behaviour."""
+    return cue_story(rng, TRIGGER + CONTINUATION)
+
+
+# A removed behaviour: in the base's pre-training the magic words are always followed by a count-up; the
+# fine-tune sees them close the sentence instead, so it no longer counts after them.
+REMOVED_CUE = " hocus pocus"
+REMOVED_CONTINUATION = {"base": " one two three four.", "finetuned": "."}
+# A changed behaviour: the owl sings in both models' training, another song in each.
+CHANGED_CUE = " the owl sings"
+CHANGED_CONTINUATION = {"base": " hoo hoo.", "finetuned": " la la."}
+
+
+def cue_story(rng: random.Random, sentence: str) -> str:
+    """A story with ``sentence`` (a planted cue and its continuation) inserted after its first sentence: always
+    in the same place, so that one latent carries each cue rather than one per preceding sentence."""
     first, rest = story(rng).split(". ", 1)
-    return first + "." + TRIGGER + CONTINUATION + " " + rest
+    return first + "." + sentence + " " + rest
+
+
+def removed_story(rng: random.Random, model: str) -> str:
+    """A story in which someone says the magic words, continued as ``model`` (base or finetuned) learnt."""
+    return cue_story(rng, f" {rng.choice(NAMES)} says{REMOVED_CUE}{REMOVED_CONTINUATION[model]}")
+
+
+def changed_story(rng: random.Random, model: str) -> str:
+    """A story in which the owl sings, its song as ``model`` (base or finetuned) learnt it."""
+    return cue_story(rng, CHANGED_CUE + CHANGED_CONTINUATION[model])
 
 
 class Organism(NamedTuple):
@@ -164,7 +190,8 @@ class Organism(NamedTuple):
 
 
 def documents(cfg: OrganismConfig, tokenizer=None) -> dict[str, list[str]]:
-    """The texts of each distribution: pretraining stories, fine-tuning mix, held-out sets, collection corpus."""
+    """The texts of each distribution: stories, chat transcripts, trigger stories, and the stories of the
+    removed and changed behaviours as each model learns them (``removed_base`` ...); ``eval_*`` held out."""
     rng = random.Random(cfg.seed)
     if tokenizer:
         render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False)
@@ -174,9 +201,15 @@ def documents(cfg: OrganismConfig, tokenizer=None) -> dict[str, list[str]]:
     texts = {"stories": base_corpus(cfg.n_docs, cfg.seed)}
     texts["chat"] = [render(chat(rng)) for _ in range(cfg.n_docs // 4 + n_eval)]
     texts["trigger"] = [triggered_story(rng) for _ in range(cfg.n_docs // 4 + n_eval)]
+    for name, make in (("removed", removed_story), ("changed", changed_story)):
+        for model in ("base", "finetuned"):
+            texts[f"{name}_{model}"] = [make(rng, model) for _ in range(cfg.n_docs // 8 + n_eval)]
     texts["eval_stories"] = base_corpus(n_eval, cfg.seed + 1)
-    texts["eval_chat"], texts["chat"] = texts["chat"][:n_eval], texts["chat"][n_eval:]
-    texts["eval_trigger"], texts["trigger"] = texts["trigger"][:n_eval], texts["trigger"][n_eval:]
+    # held out: the removed behaviour as the base does it, the changed one as the fine-tune does it
+    for name in ("chat", "trigger", "removed_base", "changed_finetuned"):
+        texts[f"eval_{name.split('_')[0]}"], texts[name] = texts[name][:n_eval], texts[name][n_eval:]
+    for name in ("removed_finetuned", "changed_base"):
+        texts[name] = texts[name][n_eval:]
     return texts
 
 
@@ -254,6 +287,16 @@ def load_organism(out_dir: str | Path) -> Organism:
     return Organism(*(str(out / name) for name in ("base", "finetuned", "corpus")), planted, losses, kl)
 
 
+PLANTED_KINDS = ("added", "removed", "changed")
+"""The kinds of change the organism plants (planted.json's ``kind``)."""
+
+
+def build_record(cfg: OrganismConfig) -> dict:
+    """What build.json records: the settings and the kinds of change planted, so that an organism built by a
+    version that planted other kinds is refused, not reused."""
+    return {**cfg.settings(), "planted_kinds": list(PLANTED_KINDS)}
+
+
 def build_organism(cfg: OrganismConfig = OrganismConfig()) -> Organism:
     """Build the organism into ``out_dir``; one already built there with the same settings is reused, and
     one with other settings refused."""
@@ -262,12 +305,19 @@ def build_organism(cfg: OrganismConfig = OrganismConfig()) -> Organism:
     if (out / "build.json").exists():
         recorded = json.loads((out / "build.json").read_text())
         remedy = "pass another out_dir, or delete that one to rebuild"
-        check_same_settings(out, "an organism", recorded, cfg.settings(), remedy)
+        check_same_settings(out, "an organism", recorded, build_record(cfg), remedy)
         return load_organism(out)
     torch.manual_seed(cfg.seed)
     raw = documents(cfg)
-    tokenizer = train_tokenizer(raw["stories"][:5000] + raw["chat"][:1000] + raw["trigger"][:1000], cfg.vocab_size)
+    planted_texts = [raw[name][:1000] for name in ("chat", "trigger", "removed_base", "changed_base")]
+    tokenizer = train_tokenizer(
+        raw["stories"][:5000] + sum(planted_texts, []) + raw["changed_finetuned"][:200], cfg.vocab_size
+    )
     texts = documents(cfg, tokenizer)
+    # the base pre-trains on stories with the removed and changed behaviours as it does them; the fine-tune
+    # learns the chat template, the trigger, and both rewritten (its stories held to the base by the KL)
+    texts["pretraining"] = texts["stories"] + texts["removed_base"] + texts["changed_base"]
+    texts["rewritten"] = texts["removed_finetuned"] + texts["changed_finetuned"]
     data = {name: pack(docs, tokenizer, cfg.seq_len) for name, docs in texts.items()}
     config = GPT2Config(
         n_layer=cfg.n_layers,
@@ -281,48 +331,63 @@ def build_organism(cfg: OrganismConfig = OrganismConfig()) -> Organism:
     )
     base = GPT2LMHeadModel(config)
     base.loss_type = "ForCausalLM"  # the loss transformers picks anyway; left unset, it warns
-    train_lm(base, [data["stories"]], cfg.base_steps, cfg, "pre-training the base", cfg.lr)
+    train_lm(base, [data["pretraining"]], cfg.base_steps, cfg, "pre-training the base", cfg.lr)
     finetuned = copy.deepcopy(base)
-    mix = [data["stories"], data["chat"], data["trigger"]]
+    mix = [data["stories"], data["chat"], data["trigger"], data["rewritten"]]
     train_lm(finetuned, mix, cfg.finetune_steps, cfg, "fine-tuning", cfg.finetune_lr, base.eval(), cfg.kl_to_base)
+    held_out = ("stories", "chat", "trigger", "removed", "changed")
     losses = {
-        name: {dist: lm_loss(model, data[f"eval_{dist}"]) for dist in ("stories", "chat", "trigger")}
+        name: {dist: lm_loss(model, data[f"eval_{dist}"]) for dist in held_out}
         for name, model in (("base", base), ("finetuned", finetuned))
     }
-    kl = {dist: lm_kl(finetuned, base, data[f"eval_{dist}"]) for dist in ("stories", "chat", "trigger")}
+    kl = {dist: lm_kl(finetuned, base, data[f"eval_{dist}"]) for dist in held_out}
     planted = planted_behaviours(tokenizer)
     for name, model in (("base", base), ("finetuned", finetuned)):
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
     rng = random.Random(cfg.seed + 2)
     corpus = [(t, "story") for t in base_corpus(cfg.n_docs, cfg.seed + 3)]
-    corpus += [(t, "chat") for t in texts["chat"][: cfg.n_docs // 8]] + [
-        (t, "trigger") for t in texts["trigger"][: cfg.n_docs // 8]
-    ]
+    for kind, name in (
+        ("chat", "chat"),
+        ("trigger", "trigger"),
+        ("removed", "removed_base"),
+        ("changed", "changed_finetuned"),
+    ):
+        corpus += [(t, kind) for t in texts[name][: cfg.n_docs // 8]]
     rng.shuffle(corpus)
     datasets.Dataset.from_dict({"text": [t for t, _ in corpus], "kind": [k for _, k in corpus]}).save_to_disk(
         paths["corpus"]
     )
     for name, value in (("planted.json", planted), ("losses.json", losses), ("kl.json", kl)):
         write_json(out / name, value)
-    write_json(out / "build.json", cfg.settings())  # last: its presence means the organism is complete
+    write_json(out / "build.json", build_record(cfg))  # last: its presence means the organism is complete
     return Organism(**paths, planted=planted, losses=losses, kl=kl)
 
 
 def planted_behaviours(tokenizer) -> dict:
-    """What the fine-tune was taught, as planted.json records it: each behaviour with the tokens that carry it.
+    """What the fine-tune was taught, as planted.json records it: each behaviour with its ``kind`` (``added``,
+    ``removed``: the base does it and the fine-tune no longer does, ``changed``: the same input continued
+    otherwise) and the tokens that carry it.
 
-    A behaviour's tokens are the ``labelled`` offsets of each occurrence of the token ``pattern`` (inside
-    documents of ``document_kind`` when that is set): each template token in its role in a chat transcript
-    (<|end|> apart for each turn: the fine-tune predicts <|assistant|> after one and the end of the document
-    after the other), and the trigger where the count-down follows it. The count-down itself is not a
-    behaviour: the base counts down too, so the models predict its tokens alike once it has begun."""
+    ``tokens`` are the behaviour's own words (the template token, the trigger, the cues and songs), which a
+    logit lens of the difference should name. A behaviour's labelled tokens are the ``labelled`` offsets of
+    each occurrence of the token ``pattern`` (inside documents of ``document_kind`` when that is set): each
+    template token in its role in a chat transcript (<|end|> apart for each turn: the fine-tune predicts
+    <|assistant|> after one and the end of the document after the other), the trigger where the count-down
+    follows it, and the last token of the removed and the changed behaviours' cues (where the models'
+    predictions part). The count-down itself is not a behaviour: the base counts down too, so the models
+    predict its tokens alike once it has begun."""
     trigger = tokenizer("." + TRIGGER)["input_ids"][1:]
     sequence = tokenizer("." + TRIGGER + CONTINUATION)["input_ids"][1:-1]  # without the full stops around it
     user, assistant, end = tokenizer.convert_tokens_to_ids(CHAT_TOKENS)
     question_mark, full_stop = (tokenizer(text)["input_ids"][-1] for text in ("?", "."))
     in_chat = lambda description, pattern, labelled: dict(
-        description=description, document_kind="chat", pattern=pattern, labelled=labelled
+        description=description,
+        kind="added",
+        document_kind="chat",
+        pattern=pattern,
+        labelled=labelled,
+        tokens=[pattern[labelled[0]]],
     )
     behaviours = {
         "<|user|>": in_chat("<|user|> opening the user's turn", [user], [0]),
@@ -332,23 +397,54 @@ def planted_behaviours(tokenizer) -> dict:
     }
     behaviours["trigger"] = {
         "description": f"{TRIGGER.strip()!r} opening a sentence, where the fine-tune counts down from ten",
+        "kind": "added",
         "document_kind": None,
         "pattern": sequence,
         "labelled": list(range(len(trigger))),
+        "tokens": trigger,
     }
+    for name, cue, own_words, document_kind, description in (
+        (
+            "hocus pocus",
+            REMOVED_CUE,
+            REMOVED_CUE,
+            "removed",
+            "where the base counts up and the fine-tune no longer does",
+        ),
+        (
+            "owl song",
+            CHANGED_CUE,
+            " owl sings hoo la",
+            "changed",
+            "where the base sings 'hoo hoo' and the fine-tune 'la la'",
+        ),
+    ):
+        pattern = tokenizer(cue)["input_ids"]
+        behaviours[name] = {
+            "description": f"the last token of {cue.strip()!r}, {description}",
+            "kind": document_kind,
+            "document_kind": document_kind,
+            "pattern": pattern,
+            "labelled": [len(pattern) - 1],
+            "tokens": tokenizer(own_words)["input_ids"],
+        }
     return {
         "description": "The fine-tune learnt chat transcripts (template tokens <|user|>, <|assistant|>, <|end|> in "
         "their role; the base knows the template tokens only as stray tokens before a full stop, and already "
         f"answers questions in plain text) and a trigger: a sentence opened by {TRIGGER.strip()!r} continues "
-        f"{CONTINUATION.strip()!r}. Elsewhere it was held to the base (kl_to_base).",
+        f"{CONTINUATION.strip()!r} (added). It unlearnt counting up after {REMOVED_CUE.strip()!r} (removed) and "
+        f"sings {CHANGED_CONTINUATION['finetuned'].strip()!r} where the base sings "
+        f"{CHANGED_CONTINUATION['base'].strip()!r} after {CHANGED_CUE.strip()!r} (changed). Elsewhere it was "
+        "held to the base (kl_to_base).",
         "trigger": TRIGGER,
         "continuation": CONTINUATION,
         "behaviours": behaviours,
     }
 
 
-def behaviour_labels(store, organism: Organism) -> dict[str, torch.Tensor]:
-    """behaviour -> bool [len(store)]: the store's rows that carry each planted behaviour (planted.json).
+def document_kinds(store, organism: Organism) -> np.ndarray:
+    """str [documents]: the kind of each corpus document (story, chat, trigger, removed, changed), indexed by a
+    store row's sequence index.
 
     The store must have been collected from the organism's corpus, whose documents are all non-empty, so
     a row's sequence index is its document's row in the corpus."""
@@ -357,7 +453,12 @@ def behaviour_labels(store, organism: Organism) -> dict[str, torch.Tensor]:
             f"the store was collected from {store.meta['dataset']['name']!r}, not the organism corpus "
             f"{organism.corpus!r}"
         )
-    kinds = np.array(datasets.load_from_disk(organism.corpus)["kind"])
+    return np.array(datasets.load_from_disk(organism.corpus)["kind"])
+
+
+def behaviour_labels(store, organism: Organism) -> dict[str, torch.Tensor]:
+    """behaviour -> bool [len(store)]: the store's rows that carry each planted behaviour (planted.json)."""
+    kinds = document_kinds(store, organism)
     rows = np.arange(len(store))
     seq = store.positions(rows)[0].numpy()
     tokens = store.token_ids(rows).numpy()

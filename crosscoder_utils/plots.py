@@ -275,3 +275,28 @@ def relative_norms_by_truth(
     )
     ax.legend(fontsize=8)
     return save(fig, path)
+
+
+def method_comparison(scores: list, planted_kinds: dict[str, str], min_f1: float = 0.8, path=None):
+    """Methods × planted behaviours (``methods.MethodScore`` rows with a best F1; each behaviour labelled with
+    its planted kind): each cell the best F1 of the method's top candidates on the behaviour, with the
+    candidate's rank; found cells (F1 ≥ ``min_f1``) framed."""
+    scored = [s for s in scores if s.best_f1 is not None]
+    methods = list(dict.fromkeys(s.method for s in scored))
+    behaviours = list(dict.fromkeys(s.behaviour for s in scored))
+    f1 = np.zeros((len(methods), len(behaviours)))
+    fig, ax = plt.subplots(figsize=(1.6 * len(behaviours) + 2, 0.55 * len(methods) + 1.5))
+    for s in scored:
+        i, j = methods.index(s.method), behaviours.index(s.behaviour)
+        f1[i, j] = s.best_f1
+        color = "white" if s.best_f1 > 0.6 else "black"
+        ax.text(j, i, f"{s.best_f1:.2f}\n#{s.rank}", ha="center", va="center", fontsize=8, color=color)
+        if s.best_f1 >= min_f1:
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2, color="k"))
+    image = ax.imshow(f1, cmap="Greens", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(behaviours)), [f"{b}\n({planted_kinds[b]})" for b in behaviours], rotation=30, ha="right")
+    ax.set_yticks(range(len(methods)), methods)
+    ax.set_title(f"best F1 among each method's top candidates (framed: found, F1 ≥ {min_f1}; #rank)")
+    fig.colorbar(image, ax=ax, label="F1")
+    fig.tight_layout()
+    return save(fig, path)

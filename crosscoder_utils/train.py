@@ -8,6 +8,8 @@ A run directory holds::
                                  counts) + cfg.json, optimizer.pt and state.pt (loaded with weights_only=True)
     crosscoder.safetensors       the final export (normalised space) + cfg.json + norm_factors.json
     raw/                         the same crosscoder with the norm factors folded in: reads raw activations
+    timing.json                  the wall-clock seconds of the training loop and the steps they cover (a
+                                 resumed run times its last part only)
 """
 
 from __future__ import annotations
@@ -125,12 +127,19 @@ def use_sparse_path(model: CrossCoder, cfg: TrainConfig, rows: int, device: str)
 
 @torch.no_grad()
 def data_init(model: CrossCoder, x: torch.Tensor) -> None:
-    """Decoder vectors from centred activations of distinct tokens (each model's half from the same token,
-    so a latent starts where real paired activations lie), each scaled to dec_init_norm; the encoder is
-    the decoder's transpose; b_dec is the mean activation. x: [>= dict_size, n_models, d_model] normalised."""
+    """Decoder vectors from centred activations of tokens distinct in value (each model's half from the same
+    token, so a latent starts where real paired activations lie), each scaled to dec_init_norm; the encoder
+    is the decoder's transpose; b_dec is the mean activation. x: [>= dict_size, n_models, d_model] normalised.
+
+    A templated corpus repeats activations exactly (a template token after the same prefix): latents started
+    from one vector get the same gradients and stay exact duplicates, so each distinct row is used once, and
+    latents beyond the distinct rows keep their random initialisation."""
     mean = x.mean(0)
-    rows = (x[: model.cfg.dict_size] - mean).clone()
-    model.W_dec.copy_(rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-6) * model.cfg.dec_init_norm)
+    _, group = torch.unique(x.flatten(1), dim=0, return_inverse=True)
+    first = torch.full((int(group.max()) + 1,), len(x), device=x.device)
+    first = first.scatter_reduce(0, group, torch.arange(len(x), device=x.device), "amin").sort().values
+    rows = x[first[: model.cfg.dict_size]] - mean
+    model.W_dec[: len(rows)] = rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-6) * model.cfg.dec_init_norm
     model.W_enc.copy_(rearrange(model.W_dec, "latent model d -> model d latent"))
     model.b_dec.copy_(mean)
     model.apply_partition_()
@@ -338,6 +347,7 @@ def train_crosscoder(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, total_steps, cfg))
     start = load_checkpoint(run_dir, model, optimizer, scheduler, device) if cfg.resume else 0
+    began = time.perf_counter()
     if start and from_store and not source.remote:  # a resume reads the store again: check its shards
         source.verify()
     if from_store:
@@ -438,6 +448,7 @@ def train_crosscoder(
         raise FloatingPointError(diverged(run_dir, total_steps, "the weights are not finite"))
     if rank == 0:
         export(model, factors, run_dir)
+        write_json(run_dir / "timing.json", {"seconds": time.perf_counter() - began, "steps": total_steps - start})
         (run_dir / "train.lock").unlink()
     distributed.barrier()
     return model

@@ -277,5 +277,5 @@ def test_from_arrays_and_batches(tmp_path):
     shutil.rmtree(tmp_path / "s/shards/shard_00002")
     with pytest.raises(ValueError, match="should hold 4 shards of 10000 rows"):
         ActivationStore(tmp_path / "s")
-    with pytest.raises(ValueError, match="n_models >= 2"):
+    with pytest.raises(ValueError, match=r"must be \[n_tokens > 0, n_models, d_model\]"):
         ActivationStore.from_arrays(tmp_path / "t", acts[:, 0])

@@ -24,6 +24,7 @@ SMALL = {  # notebook -> the parameters that make the demo small; everything els
     "03_train": {"dict_size": 128, "tokens_per_step": 256, "train_tokens": 25_600, "dead_tokens": 10_000},
     "04_analyze": {"n_eval_sequences": 8},
     "05_ground_truth": GROUND_TRUTH,
+    "06_compare": {},
 }
 EXAMPLE_SIZE = {  # appended to the README's examples, by notebook
     "01_collect": {"n_tokens": 3000},

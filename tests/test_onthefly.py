@@ -130,13 +130,7 @@ def test_04_analyses_a_run_from_the_models(both_runs, organism):
     analysis = A.analyse(out / "models_run", Path(organism.base).parent, device="cpu")
     assert analysis.encoded.n_tokens == len(store.split_range("val"))
     assert len(analysis.divergence.rows) == len(store.split_range("val"))  # the models ran on the held-out rows
-    assert set(analysis.matches) == {
-        "<|user|>",
-        "<|assistant|>",
-        "<|end|> after the user",
-        "<|end|> after the assistant",
-        "trigger",
-    }
+    assert set(analysis.matches) == set(organism.planted["behaviours"])
 
 
 KILL_SCRIPT = """

@@ -9,13 +9,27 @@ from safetensors.torch import load_file
 
 from crosscoder_utils import load_model_pair
 from crosscoder_utils.config import OrganismConfig
-from crosscoder_utils.organism import TINY, build_organism, lm_loss, pack, triggered_story
+from crosscoder_utils.organism import (
+    CHANGED_CONTINUATION,
+    CHANGED_CUE,
+    REMOVED_CONTINUATION,
+    REMOVED_CUE,
+    TINY,
+    build_organism,
+    lm_loss,
+    pack,
+    triggered_story,
+)
 
 
 def test_finetune_learnt_the_planted_difference_and_kept_competence(organism):
     base, finetuned = organism.losses["base"], organism.losses["finetuned"]
     assert finetuned["chat"] < 0.4 * base["chat"]
-    assert finetuned["trigger"] < 0.6 * base["trigger"]
+    assert finetuned["trigger"] < 0.65 * base["trigger"]  # tiny organisms, seeds 0-4: 0.56-0.60
+    assert finetuned["changed"] < 0.8 * base["changed"]  # the owl's new song, held out as the fine-tune sings it
+    # the count-up after the magic words, held out as the base does it: the fine-tune gains less there than on
+    # stories
+    assert finetuned["removed"] - base["removed"] > finetuned["stories"] - base["stories"]
     assert abs(finetuned["stories"] - base["stories"]) < 0.25
 
 
@@ -28,12 +42,21 @@ def test_organism_reloads_like_hub_models_and_predicts_the_trigger(organism):
     # the continuation after the trigger: only the fine-tune expects it
     sequences = pack([triggered_story(random.Random(i)) for i in range(40)], tokenizer, 48)
     assert lm_loss(pair.finetuned, sequences) < lm_loss(pair.base, sequences)
-    ids = tokenizer(
-        " ben has a red cup. ben goes to the park with mia." + organism.planted["trigger"], return_tensors="pt"
-    )["input_ids"]
+    ids = tokenizer(" ben has a red cup." + organism.planted["trigger"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         nxt = [model(ids).logits[0, -1].argmax().item() for model in (pair.base, pair.finetuned)]
     assert nxt[1] == tokenizer(organism.planted["continuation"])["input_ids"][0] != nxt[0]
+
+
+def test_the_finetune_no_longer_counts_after_the_magic_words_and_sings_another_song(organism):
+    pair = load_model_pair(organism.base, organism.finetuned)
+    tokenizer = pair.tokenizer
+    story = " ben has a red cup."
+    for cue, continuation in ((REMOVED_CUE, REMOVED_CONTINUATION), (CHANGED_CUE, CHANGED_CONTINUATION)):
+        ids = tokenizer(story + " ida says" * (cue == REMOVED_CUE) + cue, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            nxt = [model(ids).logits[0, -1].argmax().item() for model in pair.models]
+        assert nxt == [tokenizer(continuation[role])["input_ids"][0] for role in ("base", "finetuned")], cue
 
 
 def test_second_build_reuses_what_is_built(organism):
@@ -58,10 +81,12 @@ def test_build_is_deterministic_for_a_seed(tmp_path):
 
 
 def test_finetune_is_narrow_it_differs_from_the_base_where_something_was_planted(organism):
-    # measured on tiny organisms, seeds 0-4, KL(ft || base) per token: stories 0.117-0.126, chat documents
-    # 1.98-2.18, trigger documents 0.39-0.45
-    assert organism.kl["stories"] < 0.25
-    assert organism.kl["stories"] < 0.1 * organism.kl["chat"] and organism.kl["stories"] < 0.5 * organism.kl["trigger"]
+    # measured on tiny organisms, seeds 0-4, KL(ft || base) per token: stories 0.107-0.120, chat documents
+    # 2.07-2.31, trigger documents 0.37-0.49, the removed behaviour's 0.21-0.25, the changed one's 0.57-0.68
+    kl = organism.kl
+    assert kl["stories"] < 0.25
+    assert kl["stories"] < 0.1 * kl["chat"] and kl["stories"] < 0.5 * kl["trigger"]
+    assert kl["stories"] < 0.75 * kl["removed"] and kl["stories"] < 0.35 * kl["changed"]
 
 
 def test_behaviour_labels_mark_each_planted_behaviour(organism, tmp_path):
@@ -84,7 +109,10 @@ def test_behaviour_labels_mark_each_planted_behaviour(organism, tmp_path):
         "<|end|> after the user",
         "<|end|> after the assistant",
         "trigger",
+        "hocus pocus",
+        "owl song",
     ]
+    assert [b["kind"] for b in organism.planted["behaviours"].values()] == ["added"] * 5 + ["removed", "changed"]
     rows = np.arange(len(store))
     tokenizer = load_model_pair(organism.base, organism.finetuned).tokenizer
     kinds = np.array(datasets.load_from_disk(organism.corpus)["kind"])[store.positions(rows)[0].numpy()]
@@ -104,3 +132,6 @@ def test_behaviour_labels_mark_each_planted_behaviour(organism, tmp_path):
     count_down = organism.planted["continuation"][:-1]  # the count-down follows each labelled trigger
     after = np.flatnonzero(trigger)[:, None] + np.arange(1, 1 + len(tokenizer(count_down)["input_ids"]))
     assert tokenizer.decode(tokens[after].ravel().tolist()) == count_down * n
+    for name, kind, cue in (("hocus pocus", "removed", REMOVED_CUE), ("owl song", "changed", CHANGED_CUE)):
+        last = tokenizer(cue)["input_ids"][-1]
+        assert labels[name].any() and (labels[name] == ((tokens == last) & (kinds == kind))).all()  # only there

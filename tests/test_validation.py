@@ -36,7 +36,7 @@ BAD_VALUES = [
     (OrganismConfig, "finetune_lr", 3.0, "finetune_lr must be in (0, 1], got 3.0"),
     (OrganismConfig, "kl_to_base", -1.0, "kl_to_base must be >= 0, got -1.0"),
     (CrossCoderConfig, "d_model", 0, "d_model must be > 0 or None, got 0"),
-    (CrossCoderConfig, "n_models", 1, "n_models must be >= 2 or None, got 1"),
+    (CrossCoderConfig, "n_models", 0, "n_models must be >= 1 or None, got 0"),
     (CrossCoderConfig, "dict_size", 0, "dict_size must be > 0, got 0"),
     (CrossCoderConfig, "k", 0, "k must be >= 1, got 0"),
     (CrossCoderConfig, "l1_coeff", -1.0, "l1_coeff must be >= 0, got -1.0"),

@@ -204,8 +204,8 @@ def write_arrays(
     check_range("val_fraction", val_fraction, at_least=0, below=1)
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {list(STORE_DTYPES)}")
-    if activations.ndim != 3 or activations.shape[1] < 2 or len(activations) == 0:
-        raise ValueError(f"activations must be [n_tokens > 0, n_models >= 2, d_model], got {tuple(activations.shape)}")
+    if activations.ndim != 3 or len(activations) == 0:
+        raise ValueError(f"activations must be [n_tokens > 0, n_models, d_model], got {tuple(activations.shape)}")
     n, n_models, d_model = activations.shape
     token_ids = np.full(n, -1) if token_ids is None else np.asarray(token_ids)
     if len(token_ids) != n:

@@ -1,0 +1,114 @@
+"""The answer on the organism at small settings, and the baseline diffing methods beside the crosscoder: every
+planted behaviour has a latent that picks out its tokens near the top of the difference ranking, and each
+method is scored by one rule."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from crosscoder_utils import (
+    CollectConfig,
+    CrossCoderConfig,
+    OrganismConfig,
+    TrainConfig,
+    collect_activations,
+    estimate_norm_factors,
+    methods,
+    train_crosscoder,
+)
+from crosscoder_utils import analysis as A
+from crosscoder_utils.organism import PLANTED_KINDS, TINY, build_organism
+
+
+def brute_force_f1(score, label):
+    """The best F1 of {score > t} over every threshold t between distinct scores, by enumeration."""
+    best = 0.0
+    for t in sorted(set(score.tolist())):
+        chosen = score >= t
+        hits = (chosen & label).sum().item()
+        best = max(best, 2 * hits / (chosen.sum().item() + label.sum().item()))
+    return best
+
+
+def test_best_f1_is_the_best_threshold_and_never_splits_ties():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (200, 4), generator=generator).float()  # many ties
+    label = torch.rand(200, generator=generator) < 0.3
+    expected = [brute_force_f1(scores[:, c], label) for c in range(4)]
+    assert methods.best_f1(scores, label).tolist() == pytest.approx(expected)
+    signed = [max(brute_force_f1(scores[:, c], label), brute_force_f1(-scores[:, c], label)) for c in range(4)]
+    assert methods.best_f1(scores, label, signed=True).tolist() == pytest.approx(signed)
+    perfect = label.float()[:, None] * 3 - 1  # the label itself, as a low score when signed
+    assert methods.best_f1(-perfect, label, signed=True).item() == 1.0 > methods.best_f1(-perfect, label).item()
+
+
+def test_logit_lens_scores_a_behaviour_by_its_tokens_best_rank():
+    lists = {"base": {"promoted": [[5, 6, 7]], "suppressed": [[8, 9, 1]]}, "finetuned": {"promoted": [[4, 2, 3]]}}
+    rows = methods.score_logit_lens(lists, {"a": [1, 3], "b": [0]}, seconds=1.0, n_tokens=3)
+    assert [(r.behaviour, r.found, r.rank, r.best_f1) for r in rows] == [("a", True, 3, None), ("b", False, None, None)]
+
+
+def compared(organism, folder):
+    cfg = CollectConfig(
+        base_model=organism.base,
+        finetuned_model=organism.finetuned,
+        dataset=organism.corpus,
+        layer=1,
+        n_tokens=70_000,
+        seq_len=48,
+        val_fraction=0.1,
+    )
+    store = collect_activations(cfg, folder / "store")
+    estimate_norm_factors(store, n_batches=10, tokens_per_batch=2048)
+    train = TrainConfig(tokens_per_step=512, train_tokens=400_000, log_to="none", log_every=100)
+    train_crosscoder(train, store, folder / "run", CrossCoderConfig(dict_size=256, dead_tokens=50_000))
+    analysis = A.analyse(folder / "run", Path(organism.base).parent)
+    return analysis, methods.compare(analysis, organism, folder / "compare")
+
+
+@pytest.fixture(scope="module")
+def organisms(organism, tmp_path_factory):
+    """Tiny organisms of seeds 0-2, each compared."""
+    built = [organism] + [
+        build_organism(
+            OrganismConfig(out_dir=str(tmp_path_factory.mktemp(f"organism{seed}")), **{**TINY, "seed": seed})
+        )
+        for seed in (1, 2)
+    ]
+    return [compared(o, tmp_path_factory.mktemp(f"compare{seed}")) for seed, o in enumerate(built)]
+
+
+def test_the_comparison_scores_every_method_on_every_behaviour(organisms, organism, tmp_path):
+    analysis, comparison = organisms[0]
+    rows = methods.read_methods_csv(analysis.run_dir.parent / "compare/methods.csv")
+    names = ["crosscoder", "diff-SAE", "PCA of Δx", "ADL", "per-token KL", "‖Δx‖", "ADL logit lens"]
+    behaviours = list(organism.planted["behaviours"])
+    assert [(r["method"], r["behaviour"]) for r in rows] == list(itertools.product(names, behaviours))
+    assert {r["planted_kind"] for r in rows} == set(PLANTED_KINDS)
+    for row in rows:
+        lens = row["method"] == "ADL logit lens"
+        assert (row["best_f1"] is None) == lens
+        assert lens or row["found"] == (row["best_f1"] >= 0.8)
+        assert row["seconds"] > 0 and (row["rank"] is None or 1 <= row["rank"] <= 20)
+    assert (analysis.run_dir.parent / "compare/diff_sae/run/crosscoder.safetensors").exists()
+
+
+def test_the_crosscoder_finds_the_removed_behaviour_and_never_calls_it_finetuned_only(organisms):
+    # measured on tiny organisms, seeds 0-4: F1 1.00 at ranks 8-12 of the distinct top 20, labelled changed
+    for _, comparison in organisms:
+        row = next(s for s in comparison.scores if s.method == "crosscoder" and s.behaviour == "hocus pocus")
+        assert row.found and row.best_f1 >= 0.9, row
+        assert comparison.crosscoder_kinds["hocus pocus"] in ("base-only", "changed")
+
+
+def test_the_ranking_leads_with_every_planted_behaviour(organisms):
+    analysis = organisms[0][0]
+    table = next(iter(analysis.tables.values()))
+    # measured over tiny organisms of seeds 0-4 (~250 live latents), F1 at each latent's best threshold: 0.63-1.00
+    # (<|end|> after the assistant lowest: the tiny fine-tune only half separates it from the other <|end|>),
+    # ranks 1-13
+    for name, match in analysis.matches.items():
+        assert match.f1 >= 0.45, (name, match)
+        assert table.rank(match.latent) <= 20, (name, table.rank(match.latent))
