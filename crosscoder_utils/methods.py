@@ -16,7 +16,8 @@ tokens (best F1 over thresholds of its score), so every method is judged by one 
 * ``per-token KL`` and ``‖Δx‖``: the token map itself, KL(ft ‖ base) of the next-token distributions and the
   norm of the activation difference, one candidate each.
 
-Everything is in normalised units (the crosscoder's); numbers only, figures in plots.py.
+Everything is in normalised units (the crosscoder's) but ADL, which reads raw differences as published;
+numbers only, figures in plots.py.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ class Method(NamedTuple):
     """One diffing method's candidates on the held-out rows."""
 
     name: str
-    candidates: list[str]
-    """Names of the candidates (``latent 12``, ``PC 1``, ``position 3`` ...), the method's ranking order."""
+    candidates: list[int]
+    """The candidates in the method's ranking order: latent ids, component numbers, sequence positions."""
     scores: torch.Tensor
     """[n_val, n_candidates] each candidate's per-token score on the held-out rows (``Analysis.encoded.rows``)."""
     signed: bool
@@ -55,8 +56,13 @@ class Method(NamedTuple):
 
 
 def training_seconds(run_dir: str | Path) -> float:
-    """The wall-clock seconds a run's training loop took (its timing.json)."""
-    return read_json(Path(run_dir) / "timing.json")["seconds"]
+    """The wall-clock seconds a run's training loop took (its timing.json; a resumed run's last part only)."""
+    path = Path(run_dir) / "timing.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing (a run trained before it was written): train again with overwrite=True"
+        )
+    return read_json(path)["seconds"]
 
 
 def crosscoder_method(analysis: Analysis, n_top: int = 20) -> Method:
@@ -65,8 +71,7 @@ def crosscoder_method(analysis: Analysis, n_top: int = 20) -> Method:
     order = next(iter(analysis.tables.values())).order
     latents = distinct_top(analysis.encoded, order, n_top).latents
     scores = analysis.encoded.activations(latents)
-    names = [f"latent {i}" for i in latents]
-    return Method("crosscoder", names, scores, False, training_seconds(analysis.run_dir))
+    return Method("crosscoder", latents, scores, False, training_seconds(analysis.run_dir))
 
 
 def token_map_methods(analysis: Analysis) -> list[Method]:
@@ -78,8 +83,8 @@ def token_map_methods(analysis: Analysis) -> list[Method]:
     )
     seconds = time.perf_counter() - start
     return [
-        Method("per-token KL", ["KL"], divergence.kl[:, None], False, seconds),
-        Method("‖Δx‖", ["‖Δx‖"], divergence.activation_difference[:, None], False, seconds),
+        Method("per-token KL", [0], divergence.kl[:, None], False, seconds),
+        Method("‖Δx‖", [0], divergence.activation_difference[:, None], False, seconds),
     ]
 
 
@@ -106,8 +111,7 @@ def pca_method(analysis: Analysis, n_components: int = 20, max_rows: int = 200_0
     components = eigenvectors[:, eigenvalues.argsort(descending=True)[:n_components]]  # [d_model, n]
     held_out = _differences(store, factors, analysis.encoded.rows).double()
     scores = ((held_out - mean) @ components).float()
-    names = [f"PC {i + 1}" for i in range(components.shape[1])]
-    return Method("PCA of Δx", names, scores, True, time.perf_counter() - start)
+    return Method("PCA of Δx", list(range(1, components.shape[1] + 1)), scores, True, time.perf_counter() - start)
 
 
 class DifferenceLens(NamedTuple):
@@ -141,14 +145,13 @@ def difference_lens(
 
 def adl_method(analysis: Analysis, lens: DifferenceLens, seconds: float) -> Method:
     """ADL's directions (one per position of ``lens``), scored by each held-out token's projection of its raw
-    Δx on them."""
+    Δx on them: a mean difference has a sign, so high projections count, as for a latent."""
     start = time.perf_counter()
     store = analysis.run.store
     held_out = _differences(store, torch.ones(store.n_models), analysis.encoded.rows)
     directions = torch.nn.functional.normalize(lens.mean_difference, dim=-1)
     scores = held_out @ directions.T
-    names = [f"position {p}" for p in lens.positions]
-    return Method("ADL", names, scores, True, seconds + time.perf_counter() - start)
+    return Method("ADL", lens.positions, scores, False, seconds + time.perf_counter() - start)
 
 
 def logit_lens(pair, lens: DifferenceLens, n_tokens: int = 20) -> dict[str, dict[str, list[list[int]]]]:
@@ -166,7 +169,8 @@ def logit_lens(pair, lens: DifferenceLens, n_tokens: int = 20) -> dict[str, dict
 
 def diff_sae_method(analysis: Analysis, out_dir: str | Path, n_top: int = 20) -> Method:
     """A BatchTopK SAE on Δx (normalised units) of the run's store, trained as published (no decoder-norm
-    penalty, k not annealed) with the crosscoder's TrainConfig, dictionary size, k and dead-latent window into
+    penalty, k not annealed) with the crosscoder's TrainConfig, dictionary size, dead-latent window and L0
+    (a batchtopk crosscoder's k; a relu one's mean active latents on the held-out tokens, rounded) into
     ``out_dir`` (reused when trained there before), its live latents ranked by the activation-weighted mean
     KL(ft ‖ base) where they fire, as 04 ranks the crosscoder's. Its seconds count its training (timing.json),
     writing its store and encoding the held-out rows."""
@@ -186,6 +190,7 @@ def diff_sae_method(analysis: Analysis, out_dir: str | Path, n_top: int = 20) ->
     cc_cfg = dataclasses.replace(
         run.crosscoder.cfg,
         **dict(variant="batchtopk", norm_penalty=0.0, n_models=None, d_model=None, aux_coeff=None, k_aux=None),
+        k=run.crosscoder.cfg.k if run.crosscoder.cfg.variant == "batchtopk" else max(1, round(analysis.encoded.l0)),
         **dict(n_shared_latents=0, n_dedicated=0),
     )
     train_cfg = dataclasses.replace(run.cfg, log_to="none", k_anneal_factor=1.0)  # BatchTopK as published
@@ -199,7 +204,7 @@ def diff_sae_method(analysis: Analysis, out_dir: str | Path, n_top: int = 20) ->
     top = distinct_top(encoded, live[score[live].argsort(descending=True)], n_top).latents
     scores = encoded.activations(top)
     seconds = time.perf_counter() - start - (training - trained) + training_seconds(out_dir / "run")
-    return Method("diff-SAE", [f"latent {i}" for i in top], scores, False, seconds)
+    return Method("diff-SAE", top, scores, False, seconds)
 
 
 def best_f1(scores: torch.Tensor, label: torch.Tensor, signed: bool = False) -> torch.Tensor:
@@ -220,7 +225,8 @@ class MethodScore(NamedTuple):
     found: bool
     """A candidate among the top ``n_top`` separates the behaviour's tokens with F1 ≥ ``min_f1``."""
     best_f1: float | None
-    """The best F1 of its top candidates (None for the logit lens, which has no per-token score)."""
+    """The best F1 of its top candidates (None for the logit lens, which has no per-token score, and where the
+    behaviour has no held-out token)."""
     rank: int | None
     """1-based rank of that candidate in the method's order (for the logit lens: of the best-placed token)."""
     seconds: float
@@ -233,7 +239,11 @@ def score_methods(
     result = []
     for method in methods:
         for name, label in labels.items():
-            f1 = best_f1(method.scores[:, :n_top], label[torch.from_numpy(rows)], method.signed)
+            on = label[torch.from_numpy(rows)]
+            if not on.any():  # the behaviour has no held-out token: nothing to score
+                result.append(MethodScore(method.name, name, False, None, None, method.seconds))
+                continue
+            f1 = best_f1(method.scores[:, :n_top], on, method.signed)
             best = int(f1.argmax())
             result.append(
                 MethodScore(method.name, name, bool(f1[best] >= min_f1), float(f1[best]), best + 1, method.seconds)
@@ -300,6 +310,12 @@ def compare(
     if analysis.pair is None:
         raise ValueError("the comparison needs a store collected from the models (per-token KL, logit lens)")
     store = analysis.run.store
+    if not len(store.split_range("train")):
+        raise ValueError(
+            f"{store.path} holds only held-out rows (a run trained straight from the models): PCA, ADL and the "
+            "diff-SAE need training rows; collect a store with 01 and train on it with 03"
+        )
+    training_seconds(analysis.run_dir)  # a run trained before timing.json existed is refused before any compute
     start = time.perf_counter()
     kinds = document_kinds(store, organism)
     lens = difference_lens(store, n_positions, np.flatnonzero(kinds == "story"))
@@ -319,7 +335,7 @@ def compare(
     table = next(iter(analysis.tables.values()))
     latents = methods[0].candidates
     crosscoder_kinds = {
-        s.behaviour: table.kind[int(latents[s.rank - 1].split()[1])] for s in scores if s.method == "crosscoder"
+        s.behaviour: table.kind[latents[s.rank - 1]] for s in scores if s.method == "crosscoder" and s.rank
     }
     planted_kinds = {name: b["kind"] for name, b in behaviours.items()}
     write_methods_csv(scores, planted_kinds, Path(out_dir) / "methods.csv")
@@ -359,6 +375,9 @@ def outcomes(scores: list[MethodScore], tie: float = 0.05) -> dict[str, str]:
     sentences = {}
     for behaviour in dict.fromkeys(s.behaviour for s in scores):
         rows = [s for s in scores if s.behaviour == behaviour and s.best_f1 is not None]
+        if not rows:
+            sentences[behaviour] = "no held-out token of it: not scored"
+            continue
         own = next(s for s in rows if s.method == "crosscoder")
         best = max((s for s in rows if s.method != "crosscoder"), key=lambda s: s.best_f1)
         gap = own.best_f1 - best.best_f1

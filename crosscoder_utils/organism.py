@@ -283,6 +283,8 @@ def load_organism(out_dir: str | Path) -> Organism:
     out = Path(out_dir)
     if not (out / "build.json").exists():
         raise FileNotFoundError(f"{out} holds no built organism (no build.json): run 00_organism")
+    if json.loads((out / "build.json").read_text()).get("planted_kinds") != list(PLANTED_KINDS):
+        raise ValueError(f"{out} holds an organism that plants other kinds of change: delete it and run 00_organism")
     planted, losses, kl = (json.loads((out / f).read_text()) for f in ("planted.json", "losses.json", "kl.json"))
     return Organism(*(str(out / name) for name in ("base", "finetuned", "corpus")), planted, losses, kl)
 

@@ -249,7 +249,7 @@ def prepare_run(
         )
     if cfg.init == "data" and train_rows < cc_cfg.dict_size:
         raise ValueError(
-            f"init='data' starts each of the {cc_cfg.dict_size} latents from a distinct token, but the training "
+            f"init='data' starts each of the {cc_cfg.dict_size} latents from a sampled token, but the training "
             f"rows are {train_rows}; collect more tokens, lower dict_size, or use init='random'"
         )
     identity = {

@@ -125,7 +125,7 @@ def test_a_refused_run_writes_nothing_and_the_corrected_call_runs(store, tmp_pat
     run_dir = tmp_path / "run"
     with pytest.raises(ValueError, match=r"training rows \(3800 tokens\) are fewer than one step \(4096 tokens\)"):
         train_crosscoder(TrainConfig(**{**CFG, "tokens_per_step": 4096}), store, run_dir, CC)
-    with pytest.raises(ValueError, match="init='data' starts each of the 8192 latents from a distinct token"):
+    with pytest.raises(ValueError, match="init='data' starts each of the 8192 latents from a sampled token"):
         train_crosscoder(TrainConfig(**CFG), store, run_dir, CrossCoderConfig(dict_size=8192))
     assert not run_dir.exists()
     train_crosscoder(TrainConfig(**CFG), store, run_dir, CC)  # no resume=True needed
