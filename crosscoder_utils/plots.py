@@ -283,8 +283,8 @@ def method_comparison(scores: list, planted_kinds: dict[str, str], min_f1: float
     candidate's rank; found cells (F1 ≥ ``min_f1``) framed."""
     scored = [s for s in scores if s.best_f1 is not None]
     methods = list(dict.fromkeys(s.method for s in scored))
-    behaviours = list(dict.fromkeys(s.behaviour for s in scored))
-    f1 = np.zeros((len(methods), len(behaviours)))
+    behaviours = list(planted_kinds)
+    f1 = np.zeros((max(len(methods), 1), len(behaviours)))  # a behaviour without held-out tokens stays empty
     fig, ax = plt.subplots(figsize=(1.6 * len(behaviours) + 2, 0.55 * len(methods) + 1.5))
     for s in scored:
         i, j = methods.index(s.method), behaviours.index(s.behaviour)
