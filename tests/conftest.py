@@ -79,3 +79,24 @@ def organism(tmp_path_factory):
     from crosscoder_utils.organism import build_organism
 
     return build_organism(OrganismConfig(out_dir=str(tmp_path_factory.mktemp("organism")), **TINY))
+
+
+def train_on_organism(organism, folder, n_tokens, val_fraction, norm_batches, train, crosscoder):
+    """A store collected from the organism's corpus at layer 1, normalised (``norm_batches``: (n_batches,
+    tokens_per_batch)), and a crosscoder trained on it with ``train`` (TrainConfig) and ``crosscoder``
+    (CrossCoderConfig) into ``folder / "run"``, returned."""
+    from crosscoder_utils import CollectConfig, collect_activations, estimate_norm_factors, train_crosscoder
+
+    cfg = CollectConfig(
+        base_model=organism.base,
+        finetuned_model=organism.finetuned,
+        dataset=organism.corpus,
+        layer=1,
+        n_tokens=n_tokens,
+        seq_len=48,
+        val_fraction=val_fraction,
+    )
+    store = collect_activations(cfg, folder / "store")
+    estimate_norm_factors(store, *norm_batches)
+    train_crosscoder(train, store, folder / "run", crosscoder)
+    return folder / "run"

@@ -8,16 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import train_on_organism
 from playwright.sync_api import sync_playwright
 
-from crosscoder_utils import (
-    CollectConfig,
-    CrossCoderConfig,
-    TrainConfig,
-    collect_activations,
-    estimate_norm_factors,
-    train_crosscoder,
-)
+from crosscoder_utils import CrossCoderConfig, TrainConfig
 from crosscoder_utils.analysis import analyse
 from crosscoder_utils.dashboard import build_dashboard, contexts_html
 from crosscoder_utils.train import load_run
@@ -27,21 +21,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def dashboard(organism, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dashboard")
-    cfg = CollectConfig(
-        base_model=organism.base,
-        finetuned_model=organism.finetuned,
-        dataset=organism.corpus,
-        layer=1,
-        n_tokens=8000,
-        seq_len=48,
-        val_fraction=0.25,
-    )
-    store = collect_activations(cfg, out / "store")
-    estimate_norm_factors(store, n_batches=4, tokens_per_batch=1024)
     train = TrainConfig(tokens_per_step=256, train_tokens=40_000, log_to="none", log_every=50)
-    train_crosscoder(train, store, out / "run", CrossCoderConfig(dict_size=64))
-    return out / "run", build_dashboard(analyse(out / "run", organism_dir=Path(organism.base).parent))
+    folder = tmp_path_factory.mktemp("dashboard")
+    run = train_on_organism(organism, folder, 8000, 0.25, (4, 1024), train, CrossCoderConfig(dict_size=64))
+    return run, build_dashboard(analyse(run, organism_dir=Path(organism.base).parent))
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_on_organism
 
-from crosscoder_utils import (
-    CollectConfig,
-    CrossCoderConfig,
-    OrganismConfig,
-    TrainConfig,
-    collect_activations,
-    estimate_norm_factors,
-    methods,
-    train_crosscoder,
-)
+from crosscoder_utils import CrossCoderConfig, OrganismConfig, TrainConfig, methods
 from crosscoder_utils import analysis as A
 from crosscoder_utils.organism import PLANTED_KINDS, TINY, build_organism
 
@@ -51,20 +43,10 @@ def test_logit_lens_scores_a_behaviour_by_its_tokens_best_rank():
 
 
 def compared(organism, folder):
-    cfg = CollectConfig(
-        base_model=organism.base,
-        finetuned_model=organism.finetuned,
-        dataset=organism.corpus,
-        layer=1,
-        n_tokens=70_000,
-        seq_len=48,
-        val_fraction=0.1,
-    )
-    store = collect_activations(cfg, folder / "store")
-    estimate_norm_factors(store, n_batches=10, tokens_per_batch=2048)
     train = TrainConfig(tokens_per_step=512, train_tokens=400_000, log_to="none", log_every=100)
-    train_crosscoder(train, store, folder / "run", CrossCoderConfig(dict_size=256, dead_tokens=50_000))
-    analysis = A.analyse(folder / "run", Path(organism.base).parent)
+    crosscoder = CrossCoderConfig(dict_size=256, dead_tokens=50_000)
+    run = train_on_organism(organism, folder, 70_000, 0.1, (10, 2048), train, crosscoder)
+    analysis = A.analyse(run, Path(organism.base).parent)
     return analysis, methods.compare(analysis, organism, folder / "compare")
 
 
