@@ -487,6 +487,12 @@ def difference_scores(encoded: Encoded, difference: torch.Tensor) -> torch.Tenso
     return (count(weights * difference[encoded.token].double()) / count(weights).clamp(min=1e-12)).float()
 
 
+def ranking(encoded: Encoded, score: torch.Tensor) -> torch.Tensor:
+    """int64 [n_live]: the latents that fire on the encoded tokens, highest ``score`` ([dict_size]) first."""
+    live = (encoded.frequency > 0).nonzero().squeeze(1)
+    return live[score[live].argsort(descending=True)]
+
+
 @torch.no_grad()
 def difference_table(
     cc: CrossCoder,
@@ -537,9 +543,7 @@ def difference_table(
             kind.append("changed")
         else:
             kind.append("shared")
-    live = (frequency > 0).nonzero().squeeze(1)
-    order = live[score[live].argsort(descending=True)]
-    return DifferenceTable(model, kind, frequency, relative, cosine, score, order)
+    return DifferenceTable(model, kind, frequency, relative, cosine, score, ranking(encoded, score))
 
 
 @torch.no_grad()

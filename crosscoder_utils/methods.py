@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .analysis import Analysis, detection, difference_scores, distinct_top, encode, token_divergence
+from .analysis import Analysis, detection, difference_scores, distinct_top, encode, ranking, token_divergence
 from .files import read_json
 from .models import direct_logit_effect
 from .normalize import estimate_norm_factors
@@ -187,11 +187,18 @@ def diff_sae_method(analysis: Analysis, out_dir: str | Path, n_top: int = 20) ->
     )
     factors = estimate_norm_factors(diff_store, n_batches=20)
     trained = time.perf_counter()
+    own = run.crosscoder.cfg
     cc_cfg = dataclasses.replace(
-        run.crosscoder.cfg,
-        **dict(variant="batchtopk", norm_penalty=0.0, n_models=None, d_model=None, aux_coeff=None, k_aux=None),
-        k=run.crosscoder.cfg.k if run.crosscoder.cfg.variant == "batchtopk" else max(1, round(analysis.encoded.l0)),
-        **dict(n_shared_latents=0, n_dedicated=0),
+        own,
+        variant="batchtopk",
+        k=own.k if own.variant == "batchtopk" else max(1, round(analysis.encoded.l0)),
+        norm_penalty=0.0,
+        n_models=None,
+        d_model=None,
+        aux_coeff=None,
+        k_aux=None,
+        n_shared_latents=0,
+        n_dedicated=0,
     )
     train_cfg = dataclasses.replace(run.cfg, log_to="none", k_anneal_factor=1.0)  # BatchTopK as published
     sae = train_crosscoder(train_cfg, diff_store, out_dir / "run", cc_cfg)
@@ -199,9 +206,7 @@ def diff_sae_method(analysis: Analysis, out_dir: str | Path, n_top: int = 20) ->
     encoded = encode(sae, diff_store, factors, "val", max_tokens=len(analysis.encoded.rows))
     divergence = analysis.divergence
     difference = divergence.kl if divergence is not None else analysis.encoded.squared_difference[:, 1]
-    score = difference_scores(encoded, difference)
-    live = (encoded.frequency > 0).nonzero().squeeze(1)
-    top = distinct_top(encoded, live[score[live].argsort(descending=True)], n_top).latents
+    top = distinct_top(encoded, ranking(encoded, difference_scores(encoded, difference)), n_top).latents
     scores = encoded.activations(top)
     seconds = time.perf_counter() - start - (training - trained) + training_seconds(out_dir / "run")
     return Method("diff-SAE", top, scores, False, seconds)
