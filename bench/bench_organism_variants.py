@@ -1,8 +1,8 @@
 """The organism's planted changes as each crosscoder variant sees them: for each planted behaviour, the latent
 that picks out its tokens best (F1 at its best activation threshold) and its rank in the difference ranking;
 how many behaviours have such a latent with F1 >= 0.8 among the top 20 (one latent per firing pattern, as 04
-shows them); the dictionary's health (dead latents, groups of twins: latents firing on nearly the same
-tokens, Jaccard >= 0.9); explained variance; on the store's held-out split.
+shows them); the dictionary's health (dead latents, duplicate groups: crosscoder_utils.health); explained variance; on
+the store's held-out split.
 
 Uses the demo's organism and store (outputs/, built by `make demo`, or here if missing) and 03_train's
 organism-scaled training (1024 tokens per step, 2M tokens, ~10 passes, lr=None); each variant states its
@@ -26,6 +26,7 @@ from crosscoder_utils import (
     train_crosscoder,
 )
 from crosscoder_utils import analysis as A
+from crosscoder_utils.health import dictionary_health
 from crosscoder_utils.normalize import load_norm_factors
 from crosscoder_utils.organism import behaviour_labels, build_organism
 
@@ -50,7 +51,7 @@ def main(seeds: list[int], variants: list[str], out=Path("outputs")):
     labels = behaviour_labels(store, organism)
     divergence = A.token_divergence(load_model_pair(organism.base, organism.finetuned), store, factors)
     print(f"{'variant':<30} {'seed':>4} " + " ".join(f"{name[:14]:>14}" for name in labels), end="")
-    print(f" {'found':>5} {'dead':>5} {'twins':>5} {'EV b/ft':>11} {'s':>4}")
+    print(f" {'found':>5} {'dead':>5} {'dup groups':>10} {'EV b/ft':>11} {'s':>4}")
     print(f"{'':<36}" + " ".join(f"{'F1 / rank':>14}" for _ in labels))
     for name in variants:
         for seed in seeds:
@@ -65,17 +66,16 @@ def main(seeds: list[int], variants: list[str], out=Path("outputs")):
             seconds = time.perf_counter() - start
             encoded = A.encode(cc, store, factors)
             table = A.difference_table(cc, encoded, divergence)
-            top = A.distinct_top(encoded, table.order, 20)
+            health = dictionary_health(cc, encoded)
+            top = A.distinct_top(table.order, 20, health.groups)
             matches = A.best_latents(encoded, labels)
             cells = [f"{m.f1:.2f} / {table.rank(m.latent)}" for m in matches.values()]
             shown = set(top.latents).union(*top.twins)
             found = sum(m.f1 >= 0.8 and m.latent in shown for m in matches.values())
-            live = table.order
-            _, twins = A.group_twins(A.firing_overlap(encoded, live), len(live))
-            dead = table.kind.count("dead")
+            dead = len(health.dead)
             ev = "{:.3f}/{:.3f}".format(*encoded.explained_variance_per_model.tolist())
             print(f"{name:<30} {seed:>4} " + " ".join(f"{c:>14}" for c in cells), end="")
-            print(f" {found:>5} {dead:>5} {sum(map(bool, twins)):>5} {ev:>11} {seconds:>4.0f}", flush=True)
+            print(f" {found:>5} {dead:>5} {len(health.groups):>10} {ev:>11} {seconds:>4.0f}", flush=True)
 
 
 if __name__ == "__main__":

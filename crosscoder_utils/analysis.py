@@ -9,7 +9,6 @@ held-out ``val`` split unless said otherwise.
 
 from __future__ import annotations
 
-import copy
 import csv
 import itertools
 from collections import Counter
@@ -24,7 +23,10 @@ from einops import einsum
 from .collect import TracedPair, check_inputs, keep_mask, load_texts, tokenize
 from .config import CollectConfig, model_roles
 from .crosscoder import CrossCoder
-from .models import ModelPair, load_model_pair, resolve_device
+from .encoding import Encoded, encode
+from .explanations import Explanations, PhraseGroup, explain, phrase_groups
+from .health import Health, dictionary_health
+from .models import ModelPair, load_model_pair
 from .notebook import progress
 from .organism import behaviour_labels, load_organism
 from .store import ActivationStore
@@ -101,116 +103,6 @@ def random_pair_cosines(
     i = torch.randint(cc.cfg.dict_size, (n,), generator=g)
     j = (i + torch.randint(1, cc.cfg.dict_size, (n,), generator=g)) % cc.cfg.dict_size
     return F.cosine_similarity(cc.W_dec[i, first], cc.W_dec[j, second], dim=-1)
-
-
-class Encoded(NamedTuple):
-    """The crosscoder's latents on a split, from one pass (``encode``): every firing, kept sparse, and the sums
-    that the statistics need besides the firings, so that every statistic of a report reads the split once."""
-
-    rows: np.ndarray
-    """int64 [n] the store rows read, ascending."""
-    token: torch.Tensor
-    """int64 [nnz] each firing's index into ``rows``, ascending."""
-    latent: torch.Tensor
-    """int64 [nnz] each firing's latent."""
-    value: torch.Tensor
-    """[nnz] each firing's activation."""
-    dict_size: int
-    explained_variance_per_model: torch.Tensor
-    """[n_models] on the rows read."""
-    squared_difference: torch.Tensor
-    """[n, n_models] ‖x_m − x_base‖² per token."""
-    f_squared: torch.Tensor
-    """float64 [dict_size] Σ_t f_j(t)²."""
-    f_x: torch.Tensor
-    """float64 [dict_size, n_models, d_model] Σ_t f_j(t) x_m(t): with ``f_x_hat``, Latent Scaling of any latent."""
-    f_x_hat: torch.Tensor
-    """float64 [dict_size, n_models, d_model] Σ_t f_j(t) x̂_m(t)."""
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.rows)
-
-    @property
-    def frequency(self) -> torch.Tensor:
-        """[dict_size] fraction of the tokens on which each latent fires."""
-        return torch.bincount(self.latent, minlength=self.dict_size).float() / self.n_tokens
-
-    @property
-    def l0(self) -> float:
-        """Mean active latents per token."""
-        return len(self.latent) / self.n_tokens
-
-    def activations(self, latents, positions=None) -> torch.Tensor:
-        """[len(positions), L] the activations of ``latents`` at ``positions`` (indices into ``rows``,
-        ascending; all of them by default), dense."""
-        latents = torch.as_tensor(latents, dtype=torch.long)
-        positions = torch.arange(self.n_tokens) if positions is None else torch.as_tensor(positions, dtype=torch.long)
-        column = torch.full((self.dict_size,), -1)
-        column[latents] = torch.arange(len(latents))
-        lo = int(torch.searchsorted(self.token, positions[0]))
-        hi = int(torch.searchsorted(self.token, positions[-1], right=True))
-        token, latent, value = self.token[lo:hi], self.latent[lo:hi], self.value[lo:hi]
-        index = torch.searchsorted(positions, token).clamp(max=len(positions) - 1)
-        keep = (positions[index] == token) & (column[latent] >= 0)
-        out = torch.zeros(len(positions), len(latents))
-        out[index[keep], column[latent[keep]]] = value[keep]
-        return out
-
-
-@torch.no_grad()
-def encode(
-    cc: CrossCoder,
-    store: ActivationStore,
-    factors: torch.Tensor,
-    split: str = "val",
-    tokens_per_batch: int = 4096,
-    max_tokens: int | None = None,
-    device: str = "cpu",
-) -> Encoded:
-    """One pass of ``cc`` (in eval mode, a copy on ``device``; bf16 autocast on CUDA) over a split's first
-    ``max_tokens`` tokens (all by default), in store order, normalised by ``factors``."""
-    span = store.split_range(split)
-    stop = span.stop if max_tokens is None else min(span.stop, span.start + max_tokens)
-    if stop <= span.start:
-        raise ValueError(f"the store's {split!r} split is empty; collect a store with val_fraction > 0")
-    device = torch.device(resolve_device(device))
-    model = copy.deepcopy(cc).to(device).eval()
-    factors = factors.to(device)[None, :, None]
-    shape = (cc.cfg.dict_size, cc.cfg.n_models * cc.cfg.d_model)
-    f_x, f_x_hat = (torch.zeros(shape, dtype=torch.float64, device=device) for _ in range(2))
-    f_squared = torch.zeros(cc.cfg.dict_size, dtype=torch.float64, device=device)
-    moments = torch.zeros(4, cc.cfg.n_models, cc.cfg.d_model, dtype=torch.float64, device=device)
-    tokens, latents, values, squared = [], [], [], []
-    for start in progress(range(span.start, stop, tokens_per_batch), desc=f"encoding {split}"):
-        x = store.read(np.arange(start, min(start + tokens_per_batch, stop))).to(device) * factors
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            f = model.encode(x)
-            x_hat = model.decode(f)
-        f, x_hat = f.float(), x_hat.float()
-        token, latent = (f > 0).nonzero(as_tuple=True)
-        tokens.append((token + start - span.start).cpu())
-        latents.append(latent.cpu())
-        values.append(f[token, latent].cpu())
-        f_x += (f.T @ x.flatten(1)).double()
-        f_x_hat += (f.T @ x_hat.flatten(1)).double()
-        f_squared += f.pow(2).sum(0).double()
-        error = (x - x_hat).double()
-        moments += torch.stack([error.sum(0), error.pow(2).sum(0), x.double().sum(0), x.double().pow(2).sum(0)])
-        squared.append((x - x[:, :1]).pow(2).sum(-1).cpu())
-    mean = (moments / (stop - span.start)).cpu()
-    variance = (mean[[1, 3]] - mean[[0, 2]] ** 2).sum(-1)  # of the error and of x, per model
-    return Encoded(
-        np.arange(span.start, stop),
-        torch.cat(tokens),
-        torch.cat(latents),
-        torch.cat(values),
-        cc.cfg.dict_size,
-        (1 - variance[0] / variance[1]).float(),
-        torch.cat(squared),
-        f_squared.cpu(),
-        *(sums.view(cc.cfg.dict_size, cc.cfg.n_models, cc.cfg.d_model).cpu() for sums in (f_x, f_x_hat)),
-    )
 
 
 def context(store: ActivationStore, tokenizer, row: int, width: int = 8) -> str:
@@ -586,9 +478,12 @@ def genuine(scaling: LatentScaling, nu_threshold: float) -> torch.Tensor:
     return (scaling.nu_error.abs() < nu_threshold) & (scaling.nu_reconstruction.abs() < nu_threshold)
 
 
-def write_latents_csv(table: DifferenceTable, scalings: dict[str, LatentScaling], path: str | Path) -> None:
+def write_latents_csv(
+    table: DifferenceTable, scalings: dict[str, LatentScaling], explanations: Explanations, path: str | Path
+) -> None:
     """The live latents by difference_score, then the dead ones: latent, kind, frequency, relative_norm,
-    decoder_cosine, difference_score, nu_error, nu_reconstruction (ν empty where not exclusive)."""
+    decoder_cosine, difference_score, nu_error, nu_reconstruction (ν empty where not exclusive), explanation,
+    explanation_f1 (its detection F1; empty for a dead latent)."""
     nu = {}
     for scaling in scalings.values():
         for latent, error, reconstruction in zip(
@@ -599,10 +494,13 @@ def write_latents_csv(table: DifferenceTable, scalings: dict[str, LatentScaling]
     columns = ["latent", "kind", "frequency", "relative_norm", "decoder_cosine", "difference_score"]
     with open(path, "w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(columns + ["nu_error", "nu_reconstruction"])
+        writer.writerow(columns + ["nu_error", "nu_reconstruction", "explanation", "explanation_f1"])
         for i in table.order.tolist() + dead:
             values = (table.frequency[i], table.relative_norm[i], table.decoder_cosine[i], table.difference_score[i])
-            writer.writerow([i, table.kind[i], *(f"{float(v):.6g}" for v in values), *nu.get(i, ("", ""))])
+            f1 = "" if table.kind[i] == "dead" else f"{float(explanations.f1[i]):.3f}"
+            writer.writerow(
+                [i, table.kind[i], *(f"{float(v):.6g}" for v in values), *nu.get(i, ("", "")), explanations.text[i], f1]
+            )
 
 
 class Finding(NamedTuple):
@@ -619,34 +517,9 @@ class Finding(NamedTuple):
     """On the organism: the planted behaviour it fires mostly on (with its precision, and its F1 when it is
     that behaviour's best latent), else empty."""
     twins: list[int]
-    """The ranks of lower-ranked latents that fire on nearly the same tokens (``distinct_top``), left out of
-    the top."""
-
-
-def firing_overlap(encoded: Encoded, latents) -> torch.Tensor:
-    """[L, L] Jaccard overlap of the sets of tokens on which each of ``latents`` fires."""
-    fired = (encoded.activations(latents) > 0).double()
-    shared = fired.T @ fired
-    size = shared.diagonal()
-    return (shared / (size[:, None] + size[None, :] - shared).clamp(min=1)).float()
-
-
-def group_twins(overlap: torch.Tensor, n: int, same: float = 0.9) -> tuple[list[int], list[list[int]]]:
-    """For latents in ranking order with their ``firing_overlap``: the indices of the first ``n`` that overlap
-    no earlier kept one by ``same`` or more, and for each of those the later ones that do (its twins: several
-    latents learnt for one repeated activation, such as a template token at a fixed position), up to the
-    (n + 1)-th kept."""
-    kept, twins = [], []
-    for i in range(len(overlap)):
-        twin_of = next((k for k, j in enumerate(kept) if overlap[i, j] >= same), None)
-        if twin_of is not None:
-            twins[twin_of].append(i)
-        elif len(kept) == n:
-            break
-        else:
-            kept.append(i)
-            twins.append([])
-    return kept, twins
+    """The ranks of lower-ranked latents that duplicate it (``distinct_top``), left out of the top."""
+    explanation: str
+    """Its rule of where it fires, with its detection F1 (``explanations.explain``)."""
 
 
 class TopLatents(NamedTuple):
@@ -658,17 +531,22 @@ class TopLatents(NamedTuple):
     """For each, the lower-ranked latents that do (left out of the top)."""
 
 
-def distinct_top(encoded: Encoded, order: torch.Tensor, n: int, same: float = 0.9) -> TopLatents:
-    """The first ``n`` latents of ``order`` (a ranking) that repeat no higher-ranked one kept, with their twins:
-    a latent whose ``firing_overlap`` with a kept one is at least ``same`` joins its twins, so the top shows
-    ``n`` different things the crosscoder found rather than one activation learnt several times."""
-    read = 0
-    while True:
-        read = min(len(order), max(4 * n, 2 * read))
-        kept, twins = group_twins(firing_overlap(encoded, order[:read]), n, same)
-        if len(kept) == n or read == len(order):
-            latents = order[:read]
-            return TopLatents(latents[kept].tolist(), [latents[t].tolist() for t in twins])
+def distinct_top(order: torch.Tensor, n: int, groups: list[list[int]]) -> TopLatents:
+    """The first ``n`` latents of ``order`` (a ranking) from different duplicate ``groups``
+    (``Health.groups``: latents that fire on nearly the same tokens or write nearly the same vector), each with
+    the rest of its group that the ranking holds (its twins, by rank), so the top shows ``n`` different things
+    the crosscoder found rather than one learnt several times."""
+    rank = {latent: position for position, latent in enumerate(order.tolist())}
+    group_of = {latent: group for group in groups for latent in group}
+    top = TopLatents([], [])
+    for latent in order.tolist():
+        if len(top.latents) == n:
+            break
+        group = group_of.get(latent, [latent])
+        if min(group, key=lambda other: rank.get(other, len(rank))) == latent:
+            top.latents.append(latent)
+            top.twins.append(sorted((other for other in group if other != latent and other in rank), key=rank.get))
+    return top
 
 
 def findings(
@@ -678,6 +556,7 @@ def findings(
     store: ActivationStore,
     tokenizer,
     top: TopLatents,
+    explanations: Explanations,
     matches: dict[str, BehaviourMatch] | None = None,
     mains: dict | None = None,
 ) -> list[Finding]:
@@ -704,6 +583,7 @@ def findings(
                 [context(store, tokenizer, row) for row in rows],
                 fires_on,
                 [table.rank(twin) for twin in twins],
+                f"{explanations.text[latent]} (F1 {float(explanations.f1[latent]):.2f})",
             )
         )
     return result
@@ -715,25 +595,80 @@ the fine-tune alone or written differently there, what it removed is in the base
 differently, and what it changed is written differently."""
 
 
+class Answer(NamedTuple):
+    """What changed, read off one difference table (``answer``)."""
+
+    top: TopLatents
+    """The top of the ranking, one latent per duplicate group."""
+    groups: list[PhraseGroup]
+    """The top's latents grouped by the phrase or context they fire in, by rank."""
+    base_groups: list[PhraseGroup]
+    """The same for the top of the ranking among the latents the base writes more (relative norm < 0.5):
+    what the fine-tune no longer does."""
+
+
+def answer(analysis: Analysis, table: DifferenceTable, n_top: int) -> Answer:
+    """The top ``n_top`` latents of ``table``'s ranking and the phrases they fire in, for the fine-tune and
+    for the base side."""
+    top = distinct_top(table.order, n_top, analysis.health.groups)
+    base_order = table.order[table.relative_norm[table.order] < 0.5]
+    base_top = distinct_top(base_order, n_top, analysis.health.groups)
+    tokenizer = analysis.pair.tokenizer if analysis.pair else None
+    encoded, store, explanations = analysis.encoded, analysis.run.store, analysis.explanations
+    return Answer(
+        top,
+        phrase_groups(encoded, store, top.latents, explanations, tokenizer),
+        phrase_groups(encoded, store, base_top.latents, explanations, tokenizer),
+    )
+
+
+def describe_groups(table: DifferenceTable, groups: list[PhraseGroup], n: int) -> str:
+    """«phrase» (latents a, b: k of the top n, KL up to x nats); then ..."""
+    return "; then ".join(
+        f"{group.phrase} (latent{'s' * (len(group.latents) > 1)} {', '.join(map(str, group.latents))}:"
+        f" {len(group.latents)} of the top {n}, KL up to"
+        f" {max(float(table.difference_score[i]) for i in group.latents):.1f} nats)"
+        for group in groups
+    )
+
+
 def verdict(
     table: DifferenceTable,
-    top: TopLatents,
+    answered: Answer,
     matches: dict[str, BehaviourMatch] | None = None,
     mains: dict | None = None,
     min_f1: float = 0.8,
     planted_kinds: dict[str, str] | None = None,
 ) -> str:
-    """What the ranking found: the kinds among its ``top`` latents (``distinct_top``), how many twins were
-    left out and, on the organism, how many of the top fire mostly on planted tokens, where each planted
-    behaviour's best latent ranks and its kind (a behaviour counts as found when its best latent reaches
-    ``min_f1`` and is in the top or a twin of one there), and, with ``planted_kinds`` (behaviour -> added,
-    removed or changed), how many best latents have a kind of ``EXPECTED_KINDS``."""
-    kinds = ", ".join(f"{count} {kind}" for kind, count in Counter(table.kind[i] for i in top.latents).most_common())
+    """What the ranking found: the phrases its top latents fire in (``answer``), for the fine-tune and the base
+    side; whether the top latents are shared (one representation both models hold, acted on differently);
+    the kinds among them, how many twins were left out and, on the organism, how many of the top fire mostly
+    on planted tokens, where each planted behaviour's best latent ranks and its kind (a behaviour counts as
+    found when its best latent reaches ``min_f1`` and is in the top or a twin of one there), and, with
+    ``planted_kinds`` (behaviour -> added, removed or changed), how many best latents have a kind of
+    ``EXPECTED_KINDS``."""
+    top = answered.top
     n = len(top.latents)
-    sentence = f"Where the models' predictions differ most: the top {n} latents of the ranking are {kinds}"
+    sentence = f"The fine-tune's predictions differ most inside {describe_groups(table, answered.groups, n)}."
+    if answered.base_groups:
+        n_base = sum(len(group.latents) for group in answered.base_groups)
+        sentence += (
+            " On the base side (latents the base writes more), inside"
+            f" {describe_groups(table, answered.base_groups, n_base)}."
+        )
+    shared = [i for i in top.latents if table.kind[i] == "shared"]
+    if 2 * len(shared) >= n:
+        cosines = table.decoder_cosine[shared]
+        sentence += (
+            f" {len(shared)} of the top {n} are shared: both models hold these representations (decoder cosine"
+            f" {float(cosines.min()):.2f}-{float(cosines.max()):.2f}, median {float(cosines.median()):.2f}), and the"
+            " fine-tune acts on them differently."
+        )
+    kinds = ", ".join(f"{count} {kind}" for kind, count in Counter(table.kind[i] for i in top.latents).most_common())
+    sentence += f" The top {n} latents of the ranking are {kinds}"
     n_twins = sum(map(len, top.twins))
     if n_twins:
-        sentence += f" ({n_twins} lower-ranked latents that fire on nearly the same tokens as one of them left out)"
+        sentence += f" ({n_twins} lower-ranked latents that duplicate one of them left out)"
     if matches is None:
         return sentence + "."
     on_planted = Counter(mains[i][0] for i in top.latents if i in mains)
@@ -839,6 +774,10 @@ class Analysis(NamedTuple):
     """On the organism: the latents that fire mostly on one planted behaviour (``main_behaviours``)."""
     planted_kinds: dict | None
     """On the organism: each planted behaviour's kind (added, removed, changed), else None."""
+    health: Health
+    """The dictionary's dead latents and duplicate groups on the held-out tokens read."""
+    explanations: Explanations
+    """Each latent's rule of where it fires, with its detection F1 (``explanations.explain``)."""
 
 
 def analyse(
@@ -874,4 +813,8 @@ def analyse(
         labels = behaviour_labels(store, organism)
         matches, mains = best_latents(encoded, labels), main_behaviours(encoded, labels)
         planted_kinds = {name: behaviour["kind"] for name, behaviour in organism.planted["behaviours"].items()}
-    return Analysis(Path(run_dir), run, encoded, pair, divergence, tables, matches, mains, planted_kinds)
+    health = dictionary_health(run.crosscoder, encoded)
+    explanations = explain(encoded, store, pair.tokenizer if pair else None)
+    return Analysis(
+        Path(run_dir), run, encoded, pair, divergence, tables, matches, mains, planted_kinds, health, explanations
+    )

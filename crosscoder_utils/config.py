@@ -363,7 +363,9 @@ class TrainConfig(ConfigBase):
     device: str = "auto"
     """Device of the crosscoder: ``auto`` picks cuda when available (under torchrun, the local rank's GPU)."""
     log_every: int = 100
-    """Steps between logged metrics."""
+    """Steps between logged metrics (and between checks that no step's loss was non-finite)."""
+    health_tokens: int = 1_000_000
+    """Held-out tokens on which the finished run's dictionary health is measured (health.json)."""
     save_every: int = 1000
     """Steps between checkpoints."""
     resume: bool = False
@@ -393,7 +395,7 @@ class TrainConfig(ConfigBase):
         check_range("lr_steps_product", self.lr_steps_product, above=0)
         for name in ("beta1", "beta2"):
             check_range(name, getattr(self, name), at_least=0, below=1)
-        for name in ("tokens_per_step", "train_tokens", "log_every", "save_every"):
+        for name in ("tokens_per_step", "train_tokens", "log_every", "save_every", "health_tokens"):
             check_range(name, getattr(self, name), above=0)
         for name in ("lr_warmup_frac", "lr_decay_frac", "l1_warmup_frac", "k_anneal_frac"):
             check_range(name, getattr(self, name), at_least=0, at_most=1)

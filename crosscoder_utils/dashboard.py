@@ -2,7 +2,8 @@
 
 ``build_dashboard(analyse(run_dir))`` writes ``<run_dir>/dashboard/``::
 
-    index.html           every live latent in one table, sortable by each column, filterable by kind
+    index.html           every live latent in one table, sortable by each column, filterable by kind and
+                         searchable by explanation
     latent.html#<id>     one latent: contexts shaded by its activation, activation histogram, the tokens
                          each model's decoder vector promotes and suppresses, its statistics, links to the
                          previous and next latent of the difference ranking
@@ -145,6 +146,8 @@ def build_dashboard(
             "decoder_cosine": round(float(table.decoder_cosine[latent]), 4),
             "nu_error": round(nu[latent][0], 4) if latent in nu else None,
             "nu_reconstruction": round(nu[latent][1], 4) if latent in nu else None,
+            "explanation": analysis.explanations.text[latent],
+            "explanation_f1": round(float(analysis.explanations.f1[latent]), 3),
             "fires_on": mains[latent][0] if latent in mains else "",
             "context": [[token_of[r], activations[latent, r], r == top[0][0]] for r in top[0][1]] if top else [],
         }
@@ -191,6 +194,7 @@ def build_dashboard(
             "roles": roles,
             "n_live": len(live),
             "n_dead": table.kind.count("dead"),
+            "health": analysis.health.summary(),
             "shards": sorted(shards),
         },
     )

@@ -31,8 +31,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .analysis import Analysis, detection, difference_scores, distinct_top, encode, ranking, token_divergence
+from .analysis import Analysis, detection, difference_scores, distinct_top, ranking, token_divergence
+from .encoding import encode
 from .files import read_json
+from .health import dictionary_health
 from .models import direct_logit_effect
 from .normalize import estimate_norm_factors
 from .organism import behaviour_labels, document_kinds
@@ -66,10 +68,10 @@ def training_seconds(run_dir: str | Path) -> float:
 
 
 def crosscoder_method(analysis: Analysis, n_top: int = 20) -> Method:
-    """The top ``n_top`` latents of the first fine-tune's difference ranking, one per firing pattern as 04
+    """The top ``n_top`` latents of the first fine-tune's difference ranking, one per duplicate group as 04
     shows them (``distinct_top``), scored by their activations; its seconds are its training's (03)."""
     order = next(iter(analysis.tables.values())).order
-    latents = distinct_top(analysis.encoded, order, n_top).latents
+    latents = distinct_top(order, n_top, analysis.health.groups).latents
     scores = analysis.encoded.activations(latents)
     return Method("crosscoder", latents, scores, False, training_seconds(analysis.run_dir))
 
@@ -206,7 +208,8 @@ def diff_sae_method(analysis: Analysis, out_dir: str | Path, n_top: int = 20) ->
     encoded = encode(sae, diff_store, factors, "val", max_tokens=len(analysis.encoded.rows))
     divergence = analysis.divergence
     difference = divergence.kl if divergence is not None else analysis.encoded.squared_difference[:, 1]
-    top = distinct_top(encoded, ranking(encoded, difference_scores(encoded, difference)), n_top).latents
+    order = ranking(encoded, difference_scores(encoded, difference))
+    top = distinct_top(order, n_top, dictionary_health(sae, encoded).groups).latents
     scores = encoded.activations(top)
     seconds = time.perf_counter() - start - (training - trained) + training_seconds(out_dir / "run")
     return Method("diff-SAE", top, scores, False, seconds)

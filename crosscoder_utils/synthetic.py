@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from einops import einsum
 
-from .analysis import Encoded, kind_name, latent_kinds
+from .analysis import kind_name, latent_kinds
 from .config import ConfigBase, CrossCoderConfig, TrainConfig, check_range
 from .crosscoder import CrossCoder
+from .encoding import Encoded
 
 
 @dataclass

@@ -10,6 +10,7 @@ A run directory holds::
     raw/                         the same crosscoder with the norm factors folded in: reads raw activations
     timing.json                  the wall-clock seconds of the training loop and the steps they cover (a
                                  resumed run times its last part only)
+    health.json                  the dictionary's health on held-out tokens (crosscoder_utils.health)
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from einops import rearrange
 from safetensors.torch import load_file
@@ -40,7 +43,9 @@ from torch.nn.parallel import DistributedDataParallel
 from . import distributed
 from .config import CollectConfig, CrossCoderConfig, TrainConfig, model_roles
 from .crosscoder import MODEL_LETTERS, CrossCoder, finite
+from .encoding import encode
 from .files import check_same_settings, portable, read_json, resolve, take_lock, write_json
+from .health import connected_groups, dictionary_health, same_decoder_pairs
 from .models import resolve_device
 from .normalize import load_norm_factors
 from .notebook import progress
@@ -89,6 +94,43 @@ def training_batches(
         yield from source.batches(cfg.tokens_per_step, seed=cfg.seed + epoch, start_batch=first, process=process)
 
 
+def step_rows(store: ActivationStore, cfg: TrainConfig, step: int, process: tuple[int, int]) -> np.ndarray:
+    """The store rows of step ``step``'s batch (0-based), as ``training_batches`` reads them."""
+    per_pass = store.n_batches(cfg.tokens_per_step)
+    epoch = step // per_pass
+    return next(
+        store.batch_rows(cfg.tokens_per_step, cfg.seed + epoch, start_batch=step - epoch * per_pass, process=process)
+    )
+
+
+def nonfinite_row(store: ActivationStore, rows: np.ndarray) -> int | None:
+    """The first of the store's ``rows`` holding a value that is not finite, else None."""
+    bad = ~torch.isfinite(store.read(rows)).flatten(1).all(1)
+    return int(rows[bad.nonzero()[0, 0]]) if bad.any() else None
+
+
+def not_finite_in_store(store: ActivationStore, row: int, what: str) -> FloatingPointError:
+    return FloatingPointError(
+        f"{what} holds a value that is not finite, at {store.locate(row)}; nothing was exported. The store"
+        " changed after it was collected: ActivationStore(path, verify=True) names the shards that no longer"
+        " match their checksums; collect the store again"
+    )
+
+
+def refuse_nonfinite(first_bad: torch.Tensor, source, cfg: TrainConfig, run_dir: Path) -> None:
+    """Stop the run if a step's loss was not finite (``first_bad``: the first such step, 0-based, or -1), naming
+    the store row that made it so, or the divergence."""
+    step = int(first_bad)
+    if step < 0:
+        return
+    process = (distributed.rank(), distributed.world_size())
+    from_store = isinstance(source, ActivationStore)
+    row = nonfinite_row(source, step_rows(source, cfg, step, process)) if from_store else None
+    if row is None:
+        raise FloatingPointError(diverged(run_dir, step + 1, "the loss is not finite"))
+    raise not_finite_in_store(source, row, f"the training batch of step {step + 1}")
+
+
 SPARSE_CHOICES: dict[tuple, bool] = {}
 """use_sparse_path's measured choices, per shape and device."""
 
@@ -126,19 +168,41 @@ def use_sparse_path(model: CrossCoder, cfg: TrainConfig, rows: int, device: str)
 
 
 @torch.no_grad()
-def data_init(model: CrossCoder, x: torch.Tensor) -> None:
-    """Decoder vectors from centred activations of tokens distinct in value (each model's half from the same
-    token, so a latent starts where real paired activations lie), each scaled to dec_init_norm; the encoder
-    is the decoder's transpose; b_dec is the mean activation. x: [>= dict_size, n_models, d_model] normalised.
+def distinct_directions(x: torch.Tensor, n: int, same: float = 0.9) -> torch.Tensor:
+    """int64 [<= n]: indices of rows of ``x`` [rows, dim] whose direction has a cosine below ``same`` with every
+    row kept before it, taken greedily in order."""
+    unit = F.normalize(x, dim=-1)
+    kept = torch.empty(0, dtype=torch.long, device=x.device)
+    for start in range(0, len(x), 1024):
+        chunk = torch.arange(start, min(start + 1024, len(x)), device=x.device)
+        if len(kept):
+            chunk = chunk[(unit[chunk] @ unit[kept].T).max(1).values < same]
+        cosine = unit[chunk] @ unit[chunk].T
+        keep = []
+        for i in range(len(chunk)):
+            if not keep or cosine[i, keep].max() < same:
+                keep.append(i)
+        kept = torch.cat([kept, chunk[keep]])
+        if len(kept) >= n:
+            break
+    return kept[:n]
 
-    A templated corpus repeats activations exactly (a template token after the same prefix): latents started
-    from one vector get the same gradients and stay exact duplicates, so each distinct row is used once, and
-    latents beyond the distinct rows keep their random initialisation."""
+
+@torch.no_grad()
+def data_init(model: CrossCoder, x: torch.Tensor) -> None:
+    """Decoder vectors from centred activations of tokens in different directions (each model's half from the
+    same token, so a latent starts where real paired activations lie), each scaled to dec_init_norm; the
+    encoder is the decoder's transpose; b_dec is the mean activation. x: [>= dict_size, n_models, d_model]
+    normalised.
+
+    A templated corpus repeats nearly the same activation many times (a template token after the same
+    prefix): latents started from such rows get nearly the same gradients and stay duplicates (the L1 of
+    parallel decoders is that of their sum, so nothing merges them). So the rows taken are ``distinct_directions``
+    (cosine below 0.9 to each other, all models' halves together), and latents beyond them keep their random
+    initialisation (on the organism's store, 99 of 4,352 sampled rows; bench/RESULTS.md)."""
     mean = x.mean(0)
-    _, group = torch.unique(x.flatten(1), dim=0, return_inverse=True)
-    first = torch.full((int(group.max()) + 1,), len(x), device=x.device)
-    first = first.scatter_reduce(0, group, torch.arange(len(x), device=x.device), "amin").sort().values
-    rows = x[first[: model.cfg.dict_size]] - mean
+    centred = x - mean
+    rows = centred[distinct_directions(centred.flatten(1), model.cfg.dict_size)]
     model.W_dec[: len(rows)] = rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-6) * model.cfg.dec_init_norm
     model.W_enc.copy_(rearrange(model.W_dec, "latent model d -> model d latent"))
     model.b_dec.copy_(mean)
@@ -146,21 +210,36 @@ def data_init(model: CrossCoder, x: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def resample_dead_latents(model: CrossCoder, optimizer: torch.optim.Adam, x: torch.Tensor) -> int:
-    """Re-initialise dead latents towards badly reconstructed tokens; returns how many were resampled.
+def resample_latents(model: CrossCoder, optimizer: torch.optim.Adam, x: torch.Tensor) -> int:
+    """Re-initialise dead and duplicate latents towards badly reconstructed tokens; returns how many.
 
-    After Anthropic's resampling (Towards Monosemanticity, 2023), with one change: a dead latent's decoder
+    Dead: silent for the crosscoder's ``dead_tokens``. Duplicate: in a group of live latents with nearly the
+    same decoder (``health.same_decoder_pairs``); the group keeps the latent that writes the most on the batch
+    (Σ f · decoder norm). The decoder-norm-weighted L1 costs latents with parallel decoders what one latent
+    with their summed activation costs, so nothing in training merges them. Latents that merely fire on the
+    same tokens of a batch are not resampled: the organism's behaviour latents do (two latents on every
+    `<|end|>`, of different sizes after the user and after the assistant; bench/RESULTS.md).
+
+    After Anthropic's resampling (Towards Monosemanticity, 2023), with one change: a resampled latent's decoder
     takes the direction of a token's *residual* x − x̂ rather than of x itself (what is unexplained, as the
     auxiliary loss also targets), tokens drawn with probability ∝ squared error. All models' parts keep the
     residual's proportions (so a residual living in one model starts an exclusive latent), scaled to the
     norm a random latent starts with; the encoder is the decoder direction at 0.2 × the mean encoder norm of
     the live latents; b_enc and the latents' Adam moments are zeroed. x: [batch, n_models, d_model]."""
-    dead = model.dead_latents().nonzero().squeeze(1)
+    was_training = model.training
+    model.eval()
+    f = model.encode(x)
+    residual = x - model.decode(f)
+    model.train(was_training)
+    dead = model.dead_latents()
+    written = f.sum(0) * model.decoder_norms().sum(-1)
+    for group in connected_groups(same_decoder_pairs(model.W_dec), ~dead):
+        group = torch.tensor(group, device=x.device)
+        dead[group[group != group[written[group].argmax()]]] = True
+    alive = ~dead
+    dead = dead.nonzero().squeeze(1)
     if len(dead) == 0 or len(dead) == model.cfg.dict_size:
         return 0
-    was_training = model.training
-    residual = x - model.eval()(x)
-    model.train(was_training)
     error = residual.pow(2).sum((1, 2))
     rows = torch.multinomial(error / error.sum(), len(dead), replacement=len(dead) > len(x))
     direction = residual[rows].flatten(1)
@@ -169,7 +248,7 @@ def resample_dead_latents(model: CrossCoder, optimizer: torch.optim.Adam, x: tor
     model.W_dec[dead] = rearrange(
         direction * model.cfg.dec_init_norm * n_models**0.5, "latent (model d) -> latent model d", model=n_models
     )
-    alive_norm = model.W_enc.flatten(0, 1)[:, model.tokens_since_fired < model.cfg.dead_tokens].norm(dim=0).mean()
+    alive_norm = model.W_enc.flatten(0, 1)[:, alive].norm(dim=0).mean()
     model.W_enc[:, :, dead] = rearrange(
         direction * 0.2 * alive_norm, "latent (model d) -> model d latent", model=n_models
     )
@@ -340,7 +419,12 @@ def train_crosscoder(
     torch.manual_seed(cfg.seed)
     model = CrossCoder(cc_cfg).to(device).train()
     if cfg.init == "data":
-        data_init(model, (source.sample(cc_cfg.dict_size + 4096, seed=cfg.seed) * factors[None, :, None]).to(device))
+        n_rows = cc_cfg.dict_size + 4096
+        sample = source.sample(n_rows, seed=cfg.seed)
+        if from_store and not torch.isfinite(sample).all():
+            rows = source.sample_rows(n_rows, seed=cfg.seed)
+            raise not_finite_in_store(source, nonfinite_row(source, rows), "the sample of the data init")
+        data_init(model, (sample * factors[None, :, None]).to(device))
     model.sparse_path = use_sparse_path(model, cfg, cfg.tokens_per_step // world, device)
     optimizer = torch.optim.Adam(  # fused: one kernel over all parameters (bench/bench_train.py)
         model.parameters(), lr=cfg.resolved_lr(), betas=(cfg.beta1, cfg.beta2), fused=True
@@ -385,6 +469,7 @@ def train_crosscoder(
                 settings=wandb.Settings(silent=True),  # its banner and summary would fill the report
             )
     scale = factors[None, :, None].to(device)
+    first_bad = torch.tensor(-1, device=device)  # the first step whose loss is not finite, kept without a host sync
     bar = progress(
         range(start, total_steps),
         initial=start,
@@ -397,14 +482,16 @@ def train_crosscoder(
         l1_coeff = l1_coeff_at(step, total_steps, cfg, cc_cfg.l1_coeff)
         with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):  # float32 master weights
             out = objective(x, l1_coeff, k_at(step, total_steps, cfg, cc_cfg))
+        first_bad = torch.where(torch.isfinite(out.loss.detach()) | (first_bad >= 0), first_bad, step)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if cfg.resample_every and (step + 1) % cfg.resample_every == 0 and step + 1 <= total_steps // 2:
-            resample_dead_latents(model, optimizer, distributed.all_gather_cat(x))
+            resample_latents(model, optimizer, distributed.all_gather_cat(x))
         if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
+            refuse_nonfinite(first_bad, source, cfg, run_dir)
             values = out.metrics()  # averaged over the ranks
             values = dict(
                 zip(
@@ -421,8 +508,6 @@ def train_crosscoder(
             }
             if cc_cfg.variant == "batchtopk":
                 metrics["threshold"] = model.threshold.item()
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(diverged(run_dir, step + 1, f"the loss is {metrics['loss']}"))
             if rank == 0:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(metrics) + "\n")
@@ -432,26 +517,47 @@ def train_crosscoder(
                 loss=f"{metrics['loss']:.3g}", L0=f"{metrics['l0']:.1f}", EV=f"{metrics['explained_variance']:.3f}"
             )
         if (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+            refuse_nonfinite(first_bad, source, cfg, run_dir)
             if not finite(model.state_dict()):
                 raise FloatingPointError(diverged(run_dir, step + 1, "the weights are not finite"))
             if rank == 0:
                 save_checkpoint(run_dir, model, optimizer, scheduler, step + 1)
             distributed.barrier()
-    if run:
-        run.finish()
-        print(
-            f"wandb ({cfg.log_to}) run {wandb_id} in {run.dir}"
-            + " (`wandb sync` uploads it)" * (cfg.log_to == "offline")
-        )
+    seconds = time.perf_counter() - began
     model.eval()
+    refuse_nonfinite(first_bad, source, cfg, run_dir)
     if not finite(model.state_dict()):
         raise FloatingPointError(diverged(run_dir, total_steps, "the weights are not finite"))
     if rank == 0:
         export(model, factors, run_dir)
-        write_json(run_dir / "timing.json", {"seconds": time.perf_counter() - began, "steps": total_steps - start})
+        write_json(run_dir / "timing.json", {"seconds": seconds, "steps": total_steps - start})
+        report_health(model, store, factors, cfg, run_dir, run)
+        if run:
+            run.finish()
+            print(
+                f"wandb ({cfg.log_to}) run {wandb_id} in {run.dir}"
+                + " (`wandb sync` uploads it)" * (cfg.log_to == "offline")
+            )
         (run_dir / "train.lock").unlink()
     distributed.barrier()
     return model
+
+
+def report_health(
+    model: CrossCoder, store: ActivationStore, factors: torch.Tensor, cfg: TrainConfig, run_dir: Path, run
+) -> None:
+    """Measure the dictionary's health on the store's first ``cfg.health_tokens`` held-out tokens: write
+    health.json, put it in the wandb run's summary, and print it (with the fix past a threshold)."""
+    if not len(store.split_range("val")):
+        print("dictionary health not measured: the store has no held-out rows (collect with val_fraction > 0)")
+        return
+    health = dictionary_health(
+        model, encode(model, store, factors, "val", max_tokens=cfg.health_tokens, device=cfg.device)
+    )
+    health.save(run_dir / "health.json")
+    if run:
+        run.summary.update({f"health/{name}": value for name, value in health.summary().items()})
+    print(health.report(model.cfg.variant))
 
 
 def logged_step(line: str) -> float:

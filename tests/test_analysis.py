@@ -6,6 +6,8 @@ import torch
 
 from crosscoder_utils import ActivationStore, CrossCoder, CrossCoderConfig
 from crosscoder_utils import analysis as A
+from crosscoder_utils.explanations import explain
+from crosscoder_utils.health import dictionary_health
 from crosscoder_utils.synthetic import GroundTruth, score
 
 
@@ -140,12 +142,17 @@ def test_difference_table_kinds_scores_and_ranking(tmp_path):
     torch.testing.assert_close(without.difference_score[0], (val[:, 0] * squared).sum() / val[:, 0].sum())
 
     csv_path = tmp_path / "latents.csv"
-    A.write_latents_csv(table, A.exclusive_latent_scaling(cc, encoded, table), csv_path)
+    explanations = explain(encoded, store)  # the store has no token ids: no rule
+    A.write_latents_csv(table, A.exclusive_latent_scaling(cc, encoded, table), explanations, csv_path)
     lines = csv_path.read_text().splitlines()
-    assert lines[0] == "latent,kind,frequency,relative_norm,decoder_cosine,difference_score,nu_error,nu_reconstruction"
+    assert lines[0] == (
+        "latent,kind,frequency,relative_norm,decoder_cosine,difference_score,nu_error,nu_reconstruction,"
+        "explanation,explanation_f1"
+    )
     assert [line.split(",")[0] for line in lines[1:]] == [str(i) for i in table.order.tolist()] + ["4"]
     by_latent = {line.split(",")[0]: line.split(",") for line in lines[1:]}
     assert by_latent["0"][6] != "" and by_latent["3"][6] == "" and by_latent["4"][1] == "dead"
+    assert by_latent["0"][8:] == ["no simple rule", "0.000"] and by_latent["4"][8:] == ["", ""]
 
 
 def test_best_latents_and_the_difference_they_reconstruct(tmp_path):
@@ -173,10 +180,19 @@ def test_best_latents_and_the_difference_they_reconstruct(tmp_path):
     mains = A.main_behaviours(encoded, labels)
     assert mains[0] == ("where 0 fires", 1.0) and mains[2][0] == "half of 2" and set(mains) == {0, 2}
     table = A.difference_table(cc, encoded)
-    top = A.distinct_top(encoded, table.order, 2)
-    sentence = A.verdict(table, top, matches, mains, planted_kinds={"where 0 fires": "added", "half of 2": "removed"})
+    top = A.distinct_top(table.order, 2, dictionary_health(cc, encoded).groups)
+    first, second = top.latents
+    answered = A.Answer(top, [A.PhraseGroup("«a b»", [first, second])], [A.PhraseGroup("«c»", [second])])
+    sentence = A.verdict(
+        table, answered, matches, mains, planted_kinds={"where 0 fires": "added", "half of 2": "removed"}
+    )
     assert top.latents == table.order[:2].tolist()  # the planted latents fire on different tokens
-    assert sentence.startswith("Where the models' predictions differ most: the top 2 latents of the ranking are")
+    kl = max(float(table.difference_score[i]) for i in top.latents)
+    assert sentence.startswith(
+        f"The fine-tune's predictions differ most inside «a b» (latents {first}, {second}: 2 of the top 2, KL up"
+        f" to {kl:.1f} nats). On the base side (latents the base writes more), inside «c» (latent {second}: 1 of"
+    )
+    assert " The top 2 latents of the ranking are" in sentence
     assert f"{sum(i in mains for i in top.latents)} of them fire mostly on planted tokens" in sentence
     assert f"where 0 fires 1.00 #{table.rank(0)} {table.kind[0]}" in sentence
     expected = sum(table.kind[i] in A.EXPECTED_KINDS[k] for i, k in ((0, "added"), (2, "removed")))
@@ -238,27 +254,38 @@ def test_each_finetune_of_several_is_compared_with_the_base(tmp_path):
     assert tables[1].kind[1:] == ["base-only", "shared"]  # latent 0 writes into neither the base nor fine-tune 1
 
 
-def test_firing_overlap_is_the_jaccard_overlap_of_the_tokens_latents_fire_on(tmp_path):
+def test_health_counts_the_dead_latent_and_no_duplicates_among_different_latents(tmp_path):
+    cc, store, _ = planted_crosscoder_and_store(tmp_path)
+    health = dictionary_health(cc, A.encode(cc, store, torch.ones(2)))
+    assert (health.dead, health.groups, health.live, health.effective_size) == ([4], [], 4, 4)
+    assert health.dead_fraction == 0.2 and health.n_tokens == 2000
+
+
+def fires_with_0(cc):
+    """Latent 4 reads what latent 0 reads: it fires on the same tokens, writing another vector."""
+    cc.W_enc[:, :, 4], cc.b_enc[4] = cc.W_enc[:, :, 0], cc.b_enc[0]
+
+
+def writes_like_3(cc):
+    """Latent 4 writes latent 3's direction (twice its size) on the tokens where latent 2 exceeds 0.5."""
+    cc.W_dec[4] = 2 * cc.W_dec[3]
+    cc.W_enc[:, :, 4], cc.b_enc[4] = cc.W_enc[:, :, 2], -0.5
+
+
+@pytest.mark.parametrize("make,group", [(fires_with_0, [0, 4]), (writes_like_3, [3, 4])])
+def test_health_groups_latents_that_fire_on_the_same_tokens_or_write_the_same_vector(tmp_path, make, group):
     cc, store, val = planted_crosscoder_and_store(tmp_path)
-    overlap = A.firing_overlap(A.encode(cc, store, torch.ones(2), "val", 300), [2, 0, 3])
-    fired = val[:, [2, 0, 3]] > 0
-    for i in range(3):
-        for j in range(3):
-            both, either = (fired[:, i] & fired[:, j]).sum(), (fired[:, i] | fired[:, j]).sum()
-            assert float(overlap[i, j]) == pytest.approx(float(both / either))
+    with torch.no_grad():
+        make(cc)
+    encoded = A.encode(cc, store, torch.ones(2))
+    fired = encoded.activations(range(5)) > 0
+    overlap = (fired[:, group[0]] & fired[:, 4]).sum() / (fired[:, group[0]] | fired[:, 4]).sum()
+    assert (overlap == 1) == (make is fires_with_0) and (overlap < 0.5) == (make is writes_like_3)
+    health = dictionary_health(cc, encoded)
+    assert (health.dead, health.groups, health.effective_size) == ([], [group], 4)
 
 
-def test_latents_firing_on_the_same_tokens_are_grouped_as_twins_of_the_higher_ranked_one():
-    overlap = torch.tensor([[1.0, 1.0, 0.4, 0.0], [1.0, 1.0, 0.4, 0.95], [0.4, 0.4, 1.0, 0.0], [0.0, 0.95, 0.0, 1.0]])
-    assert A.group_twins(overlap, 2) == ([0, 2], [[1], []])  # 3 twins 1, which is not kept: 3 comes third
-    assert A.group_twins(overlap, 3) == ([0, 2, 3], [[1], [], []])
-    assert A.group_twins(overlap, 3, same=0.4) == ([0, 3], [[1, 2], []])
-
-
-def test_the_distinct_top_leaves_out_a_latent_that_fires_where_a_higher_ranked_one_does(tmp_path):
-    cc, store, val = planted_crosscoder_and_store(tmp_path)
-    with torch.no_grad():  # latent 4 becomes a copy of latent 0
-        cc.W_enc[:, :, 4], cc.b_enc[4] = cc.W_enc[:, :, 0], cc.b_enc[0]
-    encoded = A.encode(cc, store, torch.ones(2), "val", 512)
-    top = A.distinct_top(encoded, torch.tensor([0, 4, 1, 2]), 2)
-    assert top.latents == [0, 1] and top.twins == [[4], []]
+def test_the_distinct_top_keeps_the_highest_ranked_latent_of_each_duplicate_group():
+    groups = [[1, 4], [0, 2, 5]]
+    top = A.distinct_top(torch.tensor([2, 4, 0, 1, 3, 5]), 3, groups)
+    assert top.latents == [2, 4, 3] and top.twins == [[0, 5], [1], []]

@@ -1,6 +1,7 @@
 """The dashboard of a tiny organism run, opened in a real headless Chromium (Debian's package, driven by
 playwright)."""
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -55,10 +56,28 @@ def test_the_index_lists_every_live_latent_and_sorts(dashboard, browser):
     page, errors = open_page(browser, (site / "index.html").as_uri())
     listed = [int(x) for x in page.locator("#latents tbody tr").evaluate_all("rows => rows.map(r => r.dataset.latent)")]
     assert set(listed) == live and len(listed) == len(live)
+    health = json.loads((Path(run_dir) / "health.json").read_text())  # 03's, on the same held-out tokens
+    summary = page.inner_text("#summary")
+    assert f"{health['dead']} of 64 dead" in summary and f"size {health['effective_size']}." in summary
+    assert health["dead"] == 64 - len(live)
     page.click("th[data-key=frequency]")  # descending first
     frequencies = page.locator("#latents tbody tr td:nth-child(5)").all_inner_texts()
     values = [float(text.rstrip("%")) for text in frequencies]
     assert values == sorted(values, reverse=True) and values != [float(t.rstrip("%")) for t in frequencies[::-1]]
+    assert errors == []
+
+
+def test_the_index_searches_the_explanations(dashboard, browser):
+    _, site = dashboard
+    page, errors = open_page(browser, (site / "index.html").as_uri())
+    cells = page.locator("#latents tbody tr td:nth-child(10)").all_inner_texts()
+    rules = [text for text in cells if text != "no simple rule"]
+    assert rules and len(set(cells)) > 1  # the organism's latents have different explanations
+    page.fill("#explanation-filter", rules[0])
+    shown = page.locator("#latents tbody tr td:nth-child(10)").all_inner_texts()
+    assert shown == [text for text in cells if rules[0].lower() in text.lower()]
+    f1 = page.locator("#latents tbody tr td:nth-child(11)").all_inner_texts()
+    assert all(0.5 <= float(value) <= 1 for value in f1)  # a rule is shown only at detection F1 0.5 or more
     assert errors == []
 
 

@@ -11,6 +11,7 @@ from conftest import train_on_organism
 
 from crosscoder_utils import CrossCoderConfig, OrganismConfig, TrainConfig, methods
 from crosscoder_utils import analysis as A
+from crosscoder_utils.health import Health
 from crosscoder_utils.organism import PLANTED_KINDS, TINY, build_organism
 
 
@@ -47,12 +48,12 @@ def compared(organism, folder):
     crosscoder = CrossCoderConfig(dict_size=256, dead_tokens=50_000)
     run = train_on_organism(organism, folder, 70_000, 0.1, (10, 2048), train, crosscoder)
     analysis = A.analyse(run, Path(organism.base).parent)
-    return analysis, methods.compare(analysis, organism, folder / "compare")
+    return analysis, methods.compare(analysis, organism, folder / "compare"), organism
 
 
 @pytest.fixture(scope="module")
 def organisms(organism, tmp_path_factory):
-    """Tiny organisms of seeds 0-2, each compared."""
+    """Tiny organisms of seeds 0-2, each analysed and compared: (analysis, comparison, organism)."""
     built = [organism] + [
         build_organism(
             OrganismConfig(out_dir=str(tmp_path_factory.mktemp(f"organism{seed}")), **{**TINY, "seed": seed})
@@ -63,7 +64,7 @@ def organisms(organism, tmp_path_factory):
 
 
 def test_the_comparison_scores_every_method_on_every_behaviour(organisms, organism, tmp_path):
-    analysis, comparison = organisms[0]
+    analysis, comparison, _ = organisms[0]
     rows = methods.read_methods_csv(analysis.run_dir.parent / "compare/methods.csv")
     names = ["crosscoder", "diff-SAE", "PCA of Δx", "ADL", "per-token KL", "‖Δx‖", "ADL logit lens"]
     behaviours = list(organism.planted["behaviours"])
@@ -79,7 +80,7 @@ def test_the_comparison_scores_every_method_on_every_behaviour(organisms, organi
 
 def test_the_crosscoder_finds_the_removed_behaviour_and_never_calls_it_finetuned_only(organisms):
     # measured on tiny organisms, seeds 0-4: F1 1.00 at ranks 8-12 of the distinct top 20, labelled changed
-    for _, comparison in organisms:
+    for _, comparison, _ in organisms:
         row = next(s for s in comparison.scores if s.method == "crosscoder" and s.behaviour == "hocus pocus")
         assert row.found and row.best_f1 >= 0.9, row
         assert comparison.crosscoder_kinds["hocus pocus"] in ("base-only", "changed")
@@ -94,3 +95,29 @@ def test_the_ranking_leads_with_every_planted_behaviour(organisms):
     for name, match in analysis.matches.items():
         assert match.f1 >= 0.45, (name, match)
         assert table.rank(match.latent) <= 20, (name, table.rank(match.latent))
+
+
+def test_the_dictionary_stays_healthy_at_small_settings(organisms):
+    # measured on tiny organisms, seeds 0-4 (these settings): dead 28-38 %, duplicate groups 18-25 of 159-185 live
+    for analysis, _, _ in organisms:
+        health = analysis.health
+        assert health.summary() == Health.load(analysis.run_dir / "health.json").summary()  # 03's numbers, 04's
+        assert health.dead_fraction <= 0.42 and len(health.groups) <= 30
+
+
+def test_without_planted_labels_every_behaviour_is_explained_and_named_by_the_verdict(organisms):
+    # planted.json is read here only to score. Measured on tiny organisms, seeds 0-4: each behaviour's best
+    # latent has a rule naming one of its tokens, detection F1 0.73-1.00 (the trigger lowest: its latent also
+    # fires on "abracadabra" the object), and each behaviour's token is in a phrase of the verdict's groups
+    for analysis, _, organism in organisms:
+        answered = A.answer(analysis, analysis.tables["finetuned"], 20)
+        phrases = " ".join(group.phrase for group in answered.groups + answered.base_groups)
+        tokenizer = analysis.pair.tokenizer
+        for name, match in analysis.matches.items():
+            tokens = organism.planted["behaviours"][name]["tokens"]
+            assert set(tokens) & set(analysis.explanations.tokens[match.latent]), (
+                name,
+                analysis.explanations.text[match.latent],
+            )
+            assert analysis.explanations.f1[match.latent] >= 0.7, name
+            assert any(tokenizer.decode([token]) in phrases for token in tokens), (name, phrases)

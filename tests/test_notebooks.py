@@ -137,7 +137,12 @@ def test_analyze_notebook_leads_with_the_verdict(trained, organism):
         "difference_score",
     ]
     summary = json.loads((analysis / "summary.json").read_text())
-    assert len(rows) - 1 == 128 == sum(summary["live latents by kind"].values()) + summary["dead latents"]
+    health = summary["dictionary health"]
+    assert len(rows) - 1 == 128 == sum(summary["live latents by kind"].values()) + health["dead"]
+    assert (
+        health["effective_size"]
+        == 128 - health["dead"] - health["latents_in_duplicate_groups"] + health["duplicate_groups"]
+    )
     assert summary["verdict"].startswith("Where the models' predictions differ most: the top 5 latents")
     assert 0 < summary["loss recovered, base"] <= 1.01 and 0 < summary["loss recovered, finetuned"] <= 1.01
     text = outputs_text(analyze_nb)

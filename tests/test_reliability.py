@@ -3,11 +3,13 @@ setting), and nothing already written changed or lost."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import transformers
@@ -116,9 +118,46 @@ def test_divergence_stops_the_run_naming_the_step_and_keeps_the_checkpoint(store
         moments["exp_avg"].fill_(float("nan"))  # a fault in the optimizer state: the next step writes NaN weights
     torch.save(states, checkpoint / "optimizer.pt")
     kept = tree(checkpoint)
-    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 15.*last good checkpoint .*step_0000010"):
+    with pytest.raises(
+        FloatingPointError, match=r"the loss is not finite at step 12.*last good checkpoint .*step_0000010"
+    ):
         train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 20 * 256}, resume=True), store, run_dir, CC)
     assert not (run_dir / "crosscoder.safetensors").exists() and tree(checkpoint) == kept
+
+
+def poison(store: ActivationStore, row: int) -> None:
+    """Write NaN into one value of a store row, in its shard's arrow file (as a disk or a script might)."""
+    shard = Path(store.path) / "shards" / f"shard_{row // 1000:05d}"  # the fixture's shards hold 1,000 rows each
+    (arrow,) = shard.glob("*.arrow")
+    with pa.ipc.open_stream(pa.OSFile(str(arrow))) as reader:
+        table = reader.read_all()
+    acts = table.column("acts").combine_chunks()
+    values = acts.flatten().to_numpy().copy()
+    values[(row % 1000) * acts.type.list_size] = np.nan
+    table = table.set_column(0, "acts", pa.FixedSizeListArray.from_arrays(pa.array(values), acts.type.list_size))
+    with pa.ipc.new_stream(str(arrow), table.schema) as writer:
+        writer.write_table(table)
+
+
+def test_a_non_finite_row_written_after_the_store_was_checked_stops_the_run_at_its_step(store, tmp_path):
+    ActivationStore(store.path, verify=True)
+    poison(store, 1234)
+    cfg = {**CFG, "save_every": 1000, "init": "random"}
+    with pytest.raises(
+        FloatingPointError, match=r"batch of step (\d+) holds .* row 1234 .*shard_00001, row 234 in it"
+    ) as error:
+        train_crosscoder(TrainConfig(**cfg), store, tmp_path / "run", CC)
+    assert not (tmp_path / "run/crosscoder.safetensors").exists() and not (tmp_path / "run/raw").exists()
+    step = int(re.search(r"step (\d+)", str(error.value)).group(1))
+    train_crosscoder(TrainConfig(**{**cfg, "train_tokens": (step - 1) * 256}), store, tmp_path / "before", CC)
+    assert (tmp_path / "before/crosscoder.safetensors").exists()  # the steps before it are finite
+
+
+def test_a_non_finite_row_in_the_data_init_sample_is_refused_naming_it(store, tmp_path):
+    poison(store, 1234)  # the fixture's 3,800 training rows are all in the sample of 64 + 4,096
+    with pytest.raises(FloatingPointError, match=r"sample of the data init holds .* row 1234 .*shard_00001"):
+        train_crosscoder(TrainConfig(**CFG), store, tmp_path / "run", CC)
+    assert not (tmp_path / "run/crosscoder.safetensors").exists()
 
 
 def test_a_refused_run_writes_nothing_and_the_corrected_call_runs(store, tmp_path):

@@ -187,7 +187,7 @@ def test_k_annealing_schedule():
 
 
 def test_resampling_moves_only_dead_latents_towards_the_residual():
-    from crosscoder_utils.train import resample_dead_latents
+    from crosscoder_utils.train import resample_latents
 
     torch.manual_seed(0)
     cc = CrossCoder(CrossCoderConfig(d_model=8, n_models=2, dict_size=32, dead_tokens=100)).train()
@@ -202,7 +202,7 @@ def test_resampling_moves_only_dead_latents_towards_the_residual():
     before = {name: p.detach().clone() for name, p in cc.named_parameters()}
     residual = x - cc.eval()(x)
     cc.train()
-    assert resample_dead_latents(cc, optimizer, x) == 3
+    assert resample_latents(cc, optimizer, x) == 3
     assert torch.equal(cc.W_dec[~dead], before["W_dec"][~dead]) and torch.equal(
         cc.W_enc[..., ~dead], before["W_enc"][..., ~dead]
     )
@@ -219,6 +219,35 @@ def test_resampling_moves_only_dead_latents_towards_the_residual():
             optimizer.state[param]["exp_avg"][~dead] != 0
         ).any()
     assert (optimizer.state[cc.W_enc]["exp_avg_sq"][..., dead] == 0).all()
+
+
+def test_resampling_keeps_one_latent_of_a_duplicate_group_the_one_that_writes_most():
+    from crosscoder_utils.train import resample_latents
+
+    torch.manual_seed(0)
+    cc = CrossCoder(CrossCoderConfig(d_model=8, n_models=2, dict_size=32, dead_tokens=100)).train()
+    optimizer = torch.optim.Adam(cc.parameters(), lr=1e-2)
+    x = torch.randn(256, 2, 8)
+    with torch.no_grad():  # 5 and 9 write latent 2's direction, 9 at twice its size: 9 writes the most
+        cc.W_dec[5], cc.W_dec[9] = 0.5 * cc.W_dec[2], 2 * cc.W_dec[2]
+        cc.W_enc[:, :, 5] = cc.W_enc[:, :, 9] = cc.W_enc[:, :, 2]
+    cc.losses(x).loss.backward()
+    optimizer.step()
+    cc.W_dec.data[[2, 5, 9]] = cc.W_dec.data[9] * torch.tensor([1.0, 0.25, 1.0])[:, None, None]  # parallel again
+    kept = cc.W_dec.detach().clone()
+    assert resample_latents(cc, optimizer, x) == 2
+    moved = (cc.W_dec != kept).flatten(1).any(1)
+    assert moved.nonzero().squeeze(1).tolist() == [2, 5]
+
+
+def test_the_data_init_takes_one_row_per_direction():
+    from crosscoder_utils.train import distinct_directions
+
+    directions = torch.nn.functional.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    which = torch.tensor([0, 0, 1, 0, 2, 1, 2, 0])
+    x = directions[which] * torch.arange(1, 9)[:, None] + 0.01 * torch.randn(8, 64)  # near-copies, any size
+    assert distinct_directions(x, 10).tolist() == [0, 2, 4]
+    assert distinct_directions(x, 2).tolist() == [0, 2]
 
 
 def test_partition_survives_resume_and_export(ground_truth, tmp_path):

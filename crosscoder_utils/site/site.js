@@ -20,21 +20,27 @@ function tokenSpan(tokenId, value, row, centre, peak) {
 function renderIndex() {
   const body = document.querySelector("#latents tbody");
   const filter = document.getElementById("kind-filter");
+  const search = document.getElementById("explanation-filter");
   document.getElementById("summary").textContent =
-    `${META.n_live} live latents of the run ${META.run}, by the difference ranking; ${META.n_dead} dead latents left out.`;
+    `${META.n_live} live latents of the run ${META.run}, by the difference ranking; ${META.n_dead} dead latents left out. ` +
+    `Dictionary health on ${META.health.heldout_tokens.toLocaleString("en")} held-out tokens: ${META.health.dead} of ${META.health.dict_size} dead, ` +
+    `${META.health.duplicate_groups} duplicate groups (${META.health.latents_in_duplicate_groups} latents), effective dictionary size ${META.health.effective_size}.`;
   for (const kind of [...new Set(LATENTS.map(row => row.kind))]) {
     filter.insertAdjacentHTML("beforeend", `<option value="${kind}">${kind}</option>`);
   }
   let rows = LATENTS.slice();
   const draw = () => {
-    const shown = rows.filter(row => !filter.value || row.kind === filter.value);
+    const text = search.value.toLowerCase();
+    const shown = rows.filter(row => (!filter.value || row.kind === filter.value)
+      && row.explanation.toLowerCase().includes(text));
     const peak = row => Math.max(1e-9, ...row.context.map(t => t[1]));
     body.innerHTML = shown.map(row => `<tr data-latent="${row.latent}">
       <td class="number">${row.rank}</td><td><a href="latent.html#${row.latent}">${row.latent}</a></td>
       <td class="kind-${row.kind}">${row.kind}</td><td class="number">${format(row.difference, 2)}</td>
       <td class="number">${(100 * row.frequency).toFixed(3)}%</td><td class="number">${format(row.relative_norm, 3)}</td>
       <td class="number">${format(row.decoder_cosine, 3)}</td><td class="number">${format(row.nu_error, 2)}</td>
-      <td class="number">${format(row.nu_reconstruction, 2)}</td><td>${row.fires_on}</td>
+      <td class="number">${format(row.nu_reconstruction, 2)}</td><td>${escapeHtml(row.explanation)}</td>
+      <td class="number">${format(row.explanation_f1, 2)}</td><td>${row.fires_on}</td>
       <td class="context">${row.context.map(t => tokenSpan(t[0], t[1], "", t[2], peak(row))).join("")}</td></tr>`).join("");
   };
   for (const th of document.querySelectorAll("th[data-key]")) {
@@ -49,6 +55,7 @@ function renderIndex() {
     });
   }
   filter.addEventListener("change", draw);
+  search.addEventListener("input", draw);
   draw();
 }
 
@@ -70,6 +77,7 @@ function renderLatent(page) {
     ["relative decoder norm", format(page.relative_norm, 3)], ["decoder cosine", format(page.decoder_cosine, 3)],
     ["Latent Scaling ν error / ν reconstruction", page.nu_error === null ? "(not exclusive)"
       : `${format(page.nu_error, 3)} / ${format(page.nu_reconstruction, 3)}`],
+    ["explanation (detection F1)", `${escapeHtml(page.explanation)} (${format(page.explanation_f1, 2)})`],
     ["fires on (planted)", page.fires_on || "-"]];
   document.getElementById("stats").innerHTML = stats.map(([k, v]) => `<tr><td>${k}</td><td>${v}</td></tr>`).join("");
   const peak = Math.max(1e-9, ...page.top.map(c => c.value));

@@ -216,13 +216,17 @@ class ActivationStore:
     def sample(self, n_rows: int, seed: int = 0, split: str = "train") -> torch.Tensor:
         """float32 [n, n_models, d_model]: up to ``n_rows`` random rows of a split, from the first shuffled
         windows of shards (so a streamed store downloads only those shards)."""
+        return self.read(self.sample_rows(n_rows, seed, split))
+
+    def sample_rows(self, n_rows: int, seed: int = 0, split: str = "train") -> np.ndarray:
+        """The row indices ``sample`` reads, ascending."""
         indices, have = [], 0
         for window in self.shuffled_indices(split, seed):
             if have >= n_rows:
                 break
             indices.append(window)
             have += len(window)
-        return self.read(np.sort(np.concatenate(indices)[:n_rows]))
+        return np.sort(np.concatenate(indices)[:n_rows])
 
     def batches(
         self,
@@ -238,10 +242,28 @@ class ActivationStore:
         batches an uninterrupted one would. ``process=(rank, world_size)`` reads only that rank's share of
         each batch (disjoint rows; the shares of all ranks together are the batch).
         """
+        for indices in self.batch_rows(tokens_per_batch, seed, split, start_batch, process):
+            yield self.read(indices)
+
+    def batch_rows(
+        self,
+        tokens_per_batch: int,
+        seed: int = 0,
+        split: str = "train",
+        start_batch: int = 0,
+        process: tuple[int, int] = (0, 1),
+    ) -> Iterator[np.ndarray]:
+        """The row indices of each batch ``batches`` reads, in its order (the shards they lie in prefetched)."""
         windows = prefetching(self, self.shuffled_indices(split, seed), start_batch * tokens_per_batch, process)
         for number, indices in enumerate(index_batches(windows, tokens_per_batch)):
             if number >= start_batch:
-                yield self.read(rank_share(indices, process))
+                yield rank_share(indices, process)
+
+    def locate(self, row: int) -> str:
+        """Where a row lies: its shard and its row in that shard."""
+        s = int(np.searchsorted(self.shard_starts, row, side="right")) - 1
+        within = row - self.shard_starts[s]
+        return f"row {row} of the store at {self.path} (shard {self.shard_names[s]}, row {within} in it)"
 
     def n_batches(self, tokens_per_batch: int, split: str = "train") -> int:
         return len(self.split_range(split)) // tokens_per_batch

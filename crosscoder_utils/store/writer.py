@@ -180,10 +180,11 @@ def check_finite(activations: torch.Tensor, seq, pos, dtype: str) -> np.ndarray:
     return flat
 
 
-def arrays_settings(activations: torch.Tensor, token_ids: np.ndarray, shard_size: int) -> dict:
+def arrays_settings(activations: torch.Tensor, token_ids: np.ndarray, shard_size: int, *positions) -> dict:
     """What identifies a store written from arrays: their size, sha256 and the shard size."""
     digest = hashlib.sha256(activations.detach().cpu().contiguous().view(torch.uint8).numpy().data)
-    digest.update(np.ascontiguousarray(token_ids).data)
+    for array in (token_ids, *positions):
+        digest.update(np.ascontiguousarray(array).data)
     return {"from_arrays": len(activations), "shard_size": shard_size, "sha256": digest.hexdigest()}
 
 
@@ -194,10 +195,12 @@ def write_arrays(
     shard_size: int = 65536,
     val_fraction: float = 0.05,
     dtype: str = "float32",
+    positions=None,
     **meta,
 ) -> Path:
     """Write a store from activations you already have: [n, n_models, d_model] (tensor or array), with
-    optional ``token_ids`` [n]; ``meta`` adds or overrides entries of meta.json (e.g. ``models``). A store
+    optional ``token_ids`` [n] and ``positions`` (sequence index [n], position in the sequence [n]; else each
+    row is a sequence of its own); ``meta`` adds or overrides entries of meta.json (e.g. ``models``). A store
     written before from the same arrays (their sha256) is reused; one from other arrays is refused."""
     activations = torch.as_tensor(activations)
     check_range("shard_size", shard_size, above=0)
@@ -219,15 +222,18 @@ def write_arrays(
         "d_model": d_model,
         "val_fraction": val_fraction,
     }
-    rows = np.arange(n)
+    seq, pos = (np.arange(n), np.zeros(n, dtype=np.int64)) if positions is None else map(np.asarray, positions)
+    if len(seq) != n or len(pos) != n:
+        raise ValueError(f"positions hold {len(seq)} sequence indices and {len(pos)} positions for {n} rows")
     for start in range(0, n, shard_size):  # every row checked before anything is written
         part = slice(start, start + shard_size)
-        check_finite(activations[part], rows[part], np.zeros_like(rows[part]), dtype)
-    writer = StoreWriter(path, arrays_settings(activations, token_ids, shard_size), n_models, d_model, dtype)
+        check_finite(activations[part], seq[part], pos[part], dtype)
+    settings = arrays_settings(activations, token_ids, shard_size, *([] if positions is None else [seq, pos]))
+    writer = StoreWriter(path, settings, n_models, d_model, dtype)
     if writer.complete:  # written before from the same arrays: reused
         return writer.path
     for block in range(writer.progress["n_blocks"], -(-n // shard_size)):
         part = slice(block * shard_size, (block + 1) * shard_size)
-        stats = writer.write_shard(activations[part], token_ids[part], rows[part], np.zeros_like(rows[part]), block)
+        stats = writer.write_shard(activations[part], token_ids[part], seq[part], pos[part], block)
         writer.record(stats, n_blocks=block + 1)
     return writer.finish(**meta)

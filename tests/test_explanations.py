@@ -1,0 +1,86 @@
+"""Explanations without an LLM: the rule search recovers rules planted on a real store's tokens, scores them on
+held-out sequences, and groups latents by the phrase they fire in."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from crosscoder_utils import CollectConfig, collect_activations
+from crosscoder_utils.encoding import Encoded
+from crosscoder_utils.explanations import WINDOW, explain, phrase_groups
+
+
+@pytest.fixture(scope="module")
+def store(organism, tmp_path_factory):
+    cfg = CollectConfig(
+        base_model=organism.base,
+        finetuned_model=organism.finetuned,
+        dataset=organism.corpus,
+        layer=1,
+        n_tokens=8000,
+        seq_len=48,
+        val_fraction=0.5,
+    )
+    return collect_activations(cfg, tmp_path_factory.mktemp("explain") / "store")
+
+
+def encoded_from(store, fires: list[torch.Tensor]) -> Encoded:
+    """The held-out split as a crosscoder whose latent i fires (activation 1-2) exactly where ``fires[i]``."""
+    rows = np.arange(store.split_range("val").start, len(store))
+    token, latent = torch.stack(fires, 1).nonzero(as_tuple=True)
+    value = 1 + torch.rand(len(token), generator=torch.Generator().manual_seed(0))
+    empty = torch.zeros(len(fires), 2, store.meta["d_model"], dtype=torch.float64)
+    return Encoded(
+        rows, token, latent, value, len(fires), torch.zeros(2), torch.zeros(len(rows), 2), empty[:, 0, 0], empty, empty
+    )
+
+
+def held_out_tokens(store):
+    rows = np.arange(store.split_range("val").start, len(store))
+    ids = store.token_ids(rows)
+    seq, pos = store.positions(rows)
+    return ids, seq, pos
+
+
+def test_the_rule_search_finds_each_kind_of_rule_and_no_rule_for_noise(store, tokenizer):
+    ids, seq, pos = held_out_tokens(store)
+    previous = torch.where((seq.roll(1) == seq) & (pos.roll(1) == pos - 1), ids.roll(1), -1)
+    common = Counter(ids.tolist()).most_common()[0][0]
+    # a token that follows several tokens, and its commonest one: the rule needs the token before it
+    followed = Counter(zip(previous.tolist(), ids.tolist()))
+    after, token = next(
+        pair
+        for pair, _ in followed.most_common()
+        if pair[0] >= 0 and pair[1] != common and ids.eq(pair[1]).sum() > followed[pair]
+    )
+    opener = Counter(ids[pos == pos[pos > 0].min()].tolist()).most_common()[0][0]  # a token early in many sequences
+    within = torch.zeros(len(ids), dtype=torch.bool)
+    for i in (ids == opener).nonzero().squeeze(1).tolist():
+        window = (seq == seq[i]) & (pos > pos[i]) & (pos <= pos[i] + WINDOW)
+        within |= window
+    noise = torch.rand(len(ids), generator=torch.Generator().manual_seed(1)) < 0.3
+    fires = [ids == common, (ids == token) & (previous == after), within, noise]
+    explanations = explain(encoded_from(store, fires), store, tokenizer)
+    assert explanations.text[:3] == [
+        f"«{tokenizer.decode([common])}»",
+        f'«{tokenizer.decode([token])}» after "{tokenizer.decode([after])}"',
+        f"within {WINDOW} tokens after «{tokenizer.decode([opener])}»",
+    ]
+    assert explanations.f1[:3].tolist() == [1.0, 1.0, 1.0] and explanations.tokens[:3] == [[common], [token], []]
+    assert explanations.text[3] == "no simple rule" and explanations.f1[3] < 0.5
+
+
+def test_latents_firing_in_one_phrase_form_one_group_named_by_it(store, tokenizer):
+    ids, seq, pos = held_out_tokens(store)
+    previous = torch.where((seq.roll(1) == seq) & (pos.roll(1) == pos - 1), ids.roll(1), -1)
+    (first, second), _ = Counter(zip(previous.tolist(), ids.tolist())).most_common()[0]
+    pair_end = (ids == second) & (previous == first)
+    pair_start = pair_end.roll(-1)
+    without_pair = ~torch.isin(seq, seq[pair_end])  # sequences where the phrase never occurs
+    lonely = without_pair & (torch.arange(len(ids)) % 3 == 0)
+    encoded = encoded_from(store, [pair_start, lonely, pair_end])
+    groups = phrase_groups(encoded, store, [0, 1, 2], explain(encoded, store, tokenizer), tokenizer)
+    assert [group.latents for group in groups] == [[0, 2], [1]]
+    assert groups[0].phrase == f"«{tokenizer.decode([first, second])}»"
