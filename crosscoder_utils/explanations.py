@@ -95,6 +95,11 @@ def token_features(store: ActivationStore, rows: np.ndarray) -> TokenFeatures:
     return TokenFeatures(seq % 2, pairs, names)
 
 
+def _decoder(tokenizer):
+    """Token ids -> text: the tokenizer's, else the ids themselves (a store without models)."""
+    return tokenizer.decode if tokenizer else lambda ids: " ".join(map(str, ids))
+
+
 def _weights(encoded: Encoded) -> torch.Tensor:
     """[nnz] each firing's activation over its latent's largest on the held-out tokens."""
     largest = torch.zeros(encoded.dict_size).scatter_reduce(0, encoded.latent, encoded.value, "amax")
@@ -207,7 +212,7 @@ def explain(encoded: Encoded, store: ActivationStore, tokenizer=None, max_pairs:
             scores = torch.where(better, score_rules(part, features, kind, keys), scores)
             chosen[kind].append(keys)
         start = stop
-    decode = (lambda ids: tokenizer.decode(ids)) if tokenizer else (lambda ids: " ".join(map(str, ids)))
+    decode = _decoder(tokenizer)
     live = torch.bincount(encoded.latent, minlength=encoded.dict_size) > 0
     rules: dict[int, tuple[str, list]] = {}
     for kind in KINDS:  # a later kind's rule replaced an earlier one only where it was better
@@ -280,7 +285,7 @@ def phrase_groups(
     )
     grouped = {member for group in found for member in group}
     found += [[i] for i in range(len(latents)) if i not in grouped]
-    decode = (lambda ids: tokenizer.decode(ids)) if tokenizer else (lambda ids: " ".join(map(str, ids)))
+    decode = _decoder(tokenizer)
     ids = store.token_ids(encoded.rows)
     result = []
     for group in sorted(found, key=min):

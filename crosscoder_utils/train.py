@@ -88,19 +88,21 @@ def training_batches(
 ) -> Iterator[torch.Tensor]:
     """Batches for steps start_step, start_step + 1, ...: pass e over the source is shuffled with seed + e;
     ``process=(rank, world_size)``: this rank's share of each batch."""
-    per_pass = source.n_batches(cfg.tokens_per_step)
-    for epoch in itertools.count(start_step // per_pass):
-        first = start_step - epoch * per_pass if epoch == start_step // per_pass else 0
+    start_pass, first = pass_and_batch(source, cfg, start_step)
+    for epoch in itertools.count(start_pass):
         yield from source.batches(cfg.tokens_per_step, seed=cfg.seed + epoch, start_batch=first, process=process)
+        first = 0
+
+
+def pass_and_batch(source: ActivationStore | ModelSource, cfg: TrainConfig, step: int) -> tuple[int, int]:
+    """The pass over the source (0-based) that step ``step`` falls in, and its batch within that pass."""
+    return divmod(step, source.n_batches(cfg.tokens_per_step))
 
 
 def step_rows(store: ActivationStore, cfg: TrainConfig, step: int, process: tuple[int, int]) -> np.ndarray:
     """The store rows of step ``step``'s batch (0-based), as ``training_batches`` reads them."""
-    per_pass = store.n_batches(cfg.tokens_per_step)
-    epoch = step // per_pass
-    return next(
-        store.batch_rows(cfg.tokens_per_step, cfg.seed + epoch, start_batch=step - epoch * per_pass, process=process)
-    )
+    epoch, first = pass_and_batch(store, cfg, step)
+    return next(store.batch_rows(cfg.tokens_per_step, cfg.seed + epoch, start_batch=first, process=process))
 
 
 def nonfinite_row(store: ActivationStore, rows: np.ndarray) -> int | None:

@@ -81,11 +81,9 @@ def organism(tmp_path_factory):
     return build_organism(OrganismConfig(out_dir=str(tmp_path_factory.mktemp("organism")), **TINY))
 
 
-def train_on_organism(organism, folder, n_tokens, val_fraction, norm_batches, train, crosscoder):
-    """A store collected from the organism's corpus at layer 1, normalised (``norm_batches``: (n_batches,
-    tokens_per_batch)), and a crosscoder trained on it with ``train`` (TrainConfig) and ``crosscoder``
-    (CrossCoderConfig) into ``folder / "run"``, returned."""
-    from crosscoder_utils import CollectConfig, collect_activations, estimate_norm_factors, train_crosscoder
+def collect_organism(organism, folder, n_tokens, val_fraction):
+    """A store of ``n_tokens`` collected from the organism's corpus at layer 1 into ``folder / "store"``."""
+    from crosscoder_utils import CollectConfig, collect_activations
 
     cfg = CollectConfig(
         base_model=organism.base,
@@ -96,7 +94,16 @@ def train_on_organism(organism, folder, n_tokens, val_fraction, norm_batches, tr
         seq_len=48,
         val_fraction=val_fraction,
     )
-    store = collect_activations(cfg, folder / "store")
+    return collect_activations(cfg, folder / "store")
+
+
+def train_on_organism(organism, folder, n_tokens, val_fraction, norm_batches, train, crosscoder):
+    """A store collected from the organism's corpus at layer 1 (``collect_organism``), normalised
+    (``norm_batches``: (n_batches, tokens_per_batch)), and a crosscoder trained on it with ``train``
+    (TrainConfig) and ``crosscoder`` (CrossCoderConfig) into ``folder / "run"``, returned."""
+    from crosscoder_utils import estimate_norm_factors, train_crosscoder
+
+    store = collect_organism(organism, folder, n_tokens, val_fraction)
     estimate_norm_factors(store, *norm_batches)
     train_crosscoder(train, store, folder / "run", crosscoder)
     return folder / "run"

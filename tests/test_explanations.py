@@ -6,24 +6,15 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import collect_organism
 
-from crosscoder_utils import CollectConfig, collect_activations
 from crosscoder_utils.encoding import Encoded
 from crosscoder_utils.explanations import WINDOW, explain, phrase_groups
 
 
 @pytest.fixture(scope="module")
 def store(organism, tmp_path_factory):
-    cfg = CollectConfig(
-        base_model=organism.base,
-        finetuned_model=organism.finetuned,
-        dataset=organism.corpus,
-        layer=1,
-        n_tokens=8000,
-        seq_len=48,
-        val_fraction=0.5,
-    )
-    return collect_activations(cfg, tmp_path_factory.mktemp("explain") / "store")
+    return collect_organism(organism, tmp_path_factory.mktemp("explain"), 8000, 0.5)
 
 
 def encoded_from(store, fires: list[torch.Tensor]) -> Encoded:
