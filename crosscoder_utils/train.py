@@ -33,7 +33,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from einops import rearrange
 from safetensors.torch import load_file
@@ -170,41 +169,19 @@ def use_sparse_path(model: CrossCoder, cfg: TrainConfig, rows: int, device: str)
 
 
 @torch.no_grad()
-def distinct_directions(x: torch.Tensor, n: int, same: float = 0.9) -> torch.Tensor:
-    """int64 [<= n]: indices of rows of ``x`` [rows, dim] whose direction has a cosine below ``same`` with every
-    row kept before it, taken greedily in order."""
-    unit = F.normalize(x, dim=-1)
-    kept = torch.empty(0, dtype=torch.long, device=x.device)
-    for start in range(0, len(x), 1024):
-        chunk = torch.arange(start, min(start + 1024, len(x)), device=x.device)
-        if len(kept):
-            chunk = chunk[(unit[chunk] @ unit[kept].T).max(1).values < same]
-        cosine = unit[chunk] @ unit[chunk].T
-        keep = []
-        for i in range(len(chunk)):
-            if not keep or cosine[i, keep].max() < same:
-                keep.append(i)
-        kept = torch.cat([kept, chunk[keep]])
-        if len(kept) >= n:
-            break
-    return kept[:n]
-
-
-@torch.no_grad()
 def data_init(model: CrossCoder, x: torch.Tensor) -> None:
-    """Decoder vectors from centred activations of tokens in different directions (each model's half from the
-    same token, so a latent starts where real paired activations lie), each scaled to dec_init_norm; the
-    encoder is the decoder's transpose; b_dec is the mean activation. x: [>= dict_size, n_models, d_model]
-    normalised.
+    """Decoder vectors from centred activations of tokens distinct in value (each model's half from the same
+    token, so a latent starts where real paired activations lie), each scaled to dec_init_norm; the encoder
+    is the decoder's transpose; b_dec is the mean activation. x: [>= dict_size, n_models, d_model] normalised.
 
-    A templated corpus repeats nearly the same activation many times (a template token after the same
-    prefix): latents started from such rows get nearly the same gradients and stay duplicates (the L1 of
-    parallel decoders is that of their sum, so nothing merges them). So the rows taken are ``distinct_directions``
-    (cosine below 0.9 to each other, all models' halves together), and latents beyond them keep their random
-    initialisation (on the organism's store, 99 of 4,352 sampled rows; bench/RESULTS.md)."""
+    A templated corpus repeats activations exactly (a template token after the same prefix): latents started
+    from one vector get the same gradients and stay exact duplicates, so each distinct row is used once, and
+    latents beyond the distinct rows keep their random initialisation."""
     mean = x.mean(0)
-    centred = x - mean
-    rows = centred[distinct_directions(centred.flatten(1), model.cfg.dict_size)]
+    _, group = torch.unique(x.flatten(1), dim=0, return_inverse=True)
+    first = torch.full((int(group.max()) + 1,), len(x), device=x.device)
+    first = first.scatter_reduce(0, group, torch.arange(len(x), device=x.device), "amin").sort().values
+    rows = x[first[: model.cfg.dict_size]] - mean
     model.W_dec[: len(rows)] = rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-6) * model.cfg.dec_init_norm
     model.W_enc.copy_(rearrange(model.W_dec, "latent model d -> model d latent"))
     model.b_dec.copy_(mean)

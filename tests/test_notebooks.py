@@ -143,7 +143,8 @@ def test_analyze_notebook_leads_with_the_verdict(trained, organism):
         health["effective_size"]
         == 128 - health["dead"] - health["latents_in_duplicate_groups"] + health["duplicate_groups"]
     )
-    assert summary["verdict"].startswith("Where the models' predictions differ most: the top 5 latents")
+    assert summary["verdict"].startswith("The fine-tune's predictions differ most inside ")
+    assert " The top 5 latents of the ranking are " in summary["verdict"]
     assert 0 < summary["loss recovered, base"] <= 1.01 and 0 < summary["loss recovered, finetuned"] <= 1.01
     text = outputs_text(analyze_nb)
     assert text.index("predictions differ most") < text.index("precision")  # the verdict comes first

@@ -240,16 +240,6 @@ def test_resampling_keeps_one_latent_of_a_duplicate_group_the_one_that_writes_mo
     assert moved.nonzero().squeeze(1).tolist() == [2, 5]
 
 
-def test_the_data_init_takes_one_row_per_direction():
-    from crosscoder_utils.train import distinct_directions
-
-    directions = torch.nn.functional.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
-    which = torch.tensor([0, 0, 1, 0, 2, 1, 2, 0])
-    x = directions[which] * torch.arange(1, 9)[:, None] + 0.01 * torch.randn(8, 64)  # near-copies, any size
-    assert distinct_directions(x, 10).tolist() == [0, 2, 4]
-    assert distinct_directions(x, 2).tolist() == [0, 2]
-
-
 def test_partition_survives_resume_and_export(ground_truth, tmp_path):
     store, _, factors = ground_truth
     cfg = dict(tokens_per_step=256, train_tokens=40 * 256, save_every=25, log_to="none", init="data", resample_every=10)
