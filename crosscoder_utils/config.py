@@ -317,7 +317,7 @@ class TrainConfig(ConfigBase):
     """How 03_train optimises a crosscoder. Defaults follow the open Gemma-2-2B crosscoder replication, with
     the learning rate scaled to the run's length (and measured on the synthetic ground truth)."""
 
-    runtime_fields: ClassVar[tuple[str, ...]] = ("resume", "overwrite", "device")
+    runtime_fields: ClassVar[tuple[str, ...]] = ("resume", "overwrite", "device", "health_tokens")
 
     lr: float | None = None
     """Adam learning rate; None: ``lr_steps_product`` / total steps, at most 1e-2 (see resolved_lr)."""
