@@ -1,5 +1,5 @@
-"""Explanations (``crosscoder_utils.explanations.explain``) at scale: every live latent's rule search, on held-out
-tokens of a store with token ids and sequences, against the size of the problem.
+"""Explanations (``crosscoder_utils.analysis.explanations.explain``) at scale: every live latent's rule search,
+on held-out tokens of a store with token ids and sequences, against the size of the problem.
 
 Synthetic firings with the structure the search looks for: on a Zipf-distributed token stream (vocabulary
 50,257, sequences of 128), each token sets off ``l0`` latents chosen by its id and its previous token's, each
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from crosscoder_utils import ActivationStore
-from crosscoder_utils.encoding import Encoded
-from crosscoder_utils.explanations import explain
+from crosscoder_utils.analysis.encoding import Encoded
+from crosscoder_utils.analysis.explanations import explain
 
 
 def problem(folder: Path, n_tokens: int, dict_size: int, l0: int) -> tuple[ActivationStore, Encoded]:

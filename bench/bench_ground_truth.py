@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from crosscoder_utils import ActivationStore, estimate_norm_factors, train_crosscoder
+from crosscoder_utils.analysis.encoding import encode
 from crosscoder_utils.crosscoder import explained_variance
-from crosscoder_utils.encoding import encode
 from crosscoder_utils.synthetic import PRESETS, SyntheticConfig, generate, preset, score
 
 

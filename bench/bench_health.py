@@ -14,8 +14,8 @@ import time
 import torch
 
 from crosscoder_utils import ActivationStore, CrossCoder, CrossCoderConfig
-from crosscoder_utils.encoding import encode
-from crosscoder_utils.health import dictionary_health
+from crosscoder_utils.analysis.encoding import encode
+from crosscoder_utils.analysis.health import dictionary_health
 
 
 def seconds(fn, repeats: int) -> float:

@@ -1,8 +1,8 @@
 """The organism's planted changes as each crosscoder variant sees them: for each planted behaviour, the latent
 that picks out its tokens best (F1 at its best activation threshold) and its rank in the difference ranking;
 how many behaviours have such a latent with F1 >= 0.8 among the top 20 (one latent per firing pattern, as 04
-shows them); the dictionary's health (dead latents, duplicate groups: crosscoder_utils.health); explained variance; on
-the store's held-out split.
+shows them); the dictionary's health (dead latents, duplicate groups: crosscoder_utils.analysis.health);
+explained variance; on the store's held-out split.
 
 Uses the demo's organism and store (outputs/, built by `make demo`, or here if missing) and 03_train's
 organism-scaled training (1024 tokens per step, 2M tokens, ~10 passes, lr=None); each variant states its
@@ -26,7 +26,7 @@ from crosscoder_utils import (
     train_crosscoder,
 )
 from crosscoder_utils import analysis as A
-from crosscoder_utils.health import dictionary_health
+from crosscoder_utils.analysis.health import dictionary_health
 from crosscoder_utils.normalize import load_norm_factors
 from crosscoder_utils.organism import behaviour_labels, build_organism
 

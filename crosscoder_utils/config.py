@@ -350,7 +350,7 @@ class TrainConfig(ConfigBase):
     resample_every: int | None = None
     """Every this many steps during the first half of the run, re-initialise the dead latents (silent for
     the crosscoder's ``dead_tokens``) towards the batch's worst-reconstructed tokens (see
-    train.resample_dead_latents); None: off."""
+    train.resample_latents, which also resamples decoder duplicates); None: off."""
     seed: int = 0
     """Seed of the initialisation and of the data order."""
     sparse_path: str = "auto"
@@ -409,3 +409,40 @@ class TrainConfig(ConfigBase):
         check_range("seed", self.seed, at_least=0)
         if self.train_tokens < self.tokens_per_step:
             raise ValueError(f"train_tokens ({self.train_tokens}) is less than one step ({self.tokens_per_step})")
+
+
+@dataclass
+class AnalysisConfig(ConfigBase):
+    """How 04_analyze reads a run (``analysis.analyse``) and what its report shows; 04's parameters are these
+    fields (and the run, organism, device and display parameters)."""
+
+    exclusive_share: float = 0.9
+    """A latent is exclusive to a model holding at least this share of it (Latent Scaling, else decoder norms)."""
+    changed_cosine: float = 0.5
+    """A latent in both models whose decoder cosine is below this is ``changed``."""
+    n_top: int = 20
+    """Latents of the ranking in the verdict (one per duplicate group)."""
+    n_contexts: int = 2
+    """Top contexts shown per latent."""
+    min_f1: float = 0.8
+    """On the organism: a planted behaviour counts as found when its best latent reaches this F1."""
+    n_divergent: int = 12
+    """Most divergent held-out tokens shown (grouped by token)."""
+    nu_threshold: float = 0.3
+    """Latent Scaling: exclusive latents with |ν^ε| and |ν^r| below this are genuine."""
+    n_eval_sequences: int = 64
+    """Held-out documents for the spliced-in loss."""
+    tokens_per_batch: int = 4096
+    """Held-out tokens encoded at a time."""
+    max_tokens: int | None = None
+    """Held-out tokens read (None: the whole val split); bounds the cost at scale."""
+
+    def __post_init__(self):
+        self.check_types()
+        check_range("exclusive_share", self.exclusive_share, above=0.5, at_most=1)
+        check_range("changed_cosine", self.changed_cosine, at_least=-1, at_most=1)
+        check_range("min_f1", self.min_f1, at_least=0, at_most=1)
+        check_range("nu_threshold", self.nu_threshold, above=0)
+        for name in ("n_top", "n_contexts", "n_divergent", "n_eval_sequences", "tokens_per_batch"):
+            check_range(name, getattr(self, name), above=0)
+        check_range("max_tokens", self.max_tokens, above=0, optional=True)

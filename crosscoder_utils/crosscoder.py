@@ -11,7 +11,6 @@ The variants differ only in ``_select`` (which latents stay active) and in the s
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +23,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import distributed
-from .config import CrossCoderConfig
+from .config import CrossCoderConfig, model_roles
 from .models import local_or_hub
 from .sparse_encode import sparse_encode
 
-MODEL_LETTERS = "ABCDEFGHIJ"
 POSITIVE = torch.finfo(torch.float32).tiny
 """BatchTopK keeps only scores at or above this (the smallest normal float32): never a zero score (it adds nothing)."""
 
@@ -60,8 +58,8 @@ class Losses:
     """[n_models]: the same per model (model 0 the base)."""
 
     def metrics(self) -> dict[str, float]:
-        """Every value as a float; per-model explained variance under the training plan's names,
-        explained_variance_A (the base), _B, ..."""
+        """Every value as a float; per-model explained variance under the models' roles,
+        explained_variance_base, explained_variance_finetuned (``config.model_roles``)."""
         out = {
             f.name: getattr(self, f.name).item()
             for f in dataclasses.fields(self)
@@ -69,8 +67,10 @@ class Losses:
         }
         out.update(
             {
-                f"explained_variance_{MODEL_LETTERS[m]}": v.item()
-                for m, v in enumerate(self.explained_variance_per_model)
+                f"explained_variance_{role}": v.item()
+                for role, v in zip(
+                    model_roles(len(self.explained_variance_per_model)), self.explained_variance_per_model
+                )
             }
         )
         return out
@@ -106,7 +106,7 @@ class CrossCoder(nn.Module):
         self.register_buffer("norm_factors", torch.ones(cfg.n_models))
         self.sparse_path = True
         """Training BatchTopK takes the sparse path (``losses``); train_crosscoder sets it (TrainConfig.sparse_path)."""
-        self.source: dict | None = None
+        self.provenance: dict | None = None
         """What the crosscoder reads (models, revisions, site, layer), from the model card when ``load`` finds one."""
         self.register_buffer("threshold", torch.tensor(-1.0))  # batchtopk inference threshold; < 0: not yet learnt
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.dict_size, dtype=torch.long))
@@ -348,31 +348,11 @@ class CrossCoder(nn.Module):
         )
         self.cfg.save(directory / "cfg.json")
 
-    def push_to_hub(
-        self, repo_id: str, card: str | None = None, private: bool | None = None, token: str | None = None
-    ) -> str:
-        """Upload what ``save`` writes to a Hub model repo, with ``card`` (``train.model_card``) as its
-        README.md; ``CrossCoder.load(repo_id)`` reads it back."""
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory() as directory:
-            self.save(directory)
-            if card:
-                Path(directory, "README.md").write_text(card)
-            api.upload_folder(
-                repo_id=repo_id,
-                folder_path=directory,
-                commit_message=f"{self.cfg.variant} crosscoder, {self.cfg.dict_size} latents",
-            )
-        return repo_id
-
     @classmethod
     def load(cls, directory_or_hub_id: str | Path, device: str = "cpu") -> "CrossCoder":
         """Read what ``save`` wrote, from a local directory or a Hub model repository (see
         ``models.local_or_hub``: a missing local path is refused, never looked up on the Hub), and, when it
-        holds a model card (``push_to_hub``'s README.md), what the crosscoder reads into ``source``."""
+        holds a model card (``hub.push_crosscoder``'s README.md), what the crosscoder reads into ``provenance``."""
         directory = local_or_hub(directory_or_hub_id)
         if isinstance(directory, str):
             from huggingface_hub import snapshot_download
@@ -393,5 +373,5 @@ class CrossCoder(nn.Module):
             raise ValueError(f"{directory / 'crosscoder.safetensors'} holds non-finite weights (NaN or inf)")
         card = directory / "README.md"
         if card.exists():
-            model.source = yaml.safe_load(card.read_text().split("---\n", 2)[1]).get("crosscoder")
+            model.provenance = yaml.safe_load(card.read_text().split("---\n", 2)[1]).get("crosscoder")
         return model.to(device).eval()

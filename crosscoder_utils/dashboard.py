@@ -29,7 +29,7 @@ from . import analysis as A
 from .config import model_roles
 from .models import direct_logit_effect, load_model_pair
 from .notebook import progress
-from .train import load_run
+from .run import load_run
 
 SITE = Path(__file__).parent / "site"
 """index.html, latent.html, style.css and site.js, copied into every dashboard."""

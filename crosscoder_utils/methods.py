@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from .analysis import Analysis, detection, difference_scores, distinct_top, ranking, token_divergence
-from .encoding import encode
+from .analysis.encoding import encode
+from .analysis.health import dictionary_health
 from .files import read_json
-from .health import dictionary_health
 from .models import direct_logit_effect
 from .normalize import estimate_norm_factors
 from .organism import behaviour_labels, document_kinds

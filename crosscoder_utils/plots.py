@@ -14,7 +14,7 @@ import torch
 
 from .analysis import DifferenceTable, kind_name, random_pair_cosines, relative_decoder_norms
 from .config import model_roles
-from .crosscoder import MODEL_LETTERS, CrossCoder
+from .crosscoder import CrossCoder
 from .synthetic import GroundTruth, Recovery
 
 MODEL_COLORS = ["tab:blue", "tab:red", "tab:orange", "tab:green", "tab:brown"]
@@ -89,9 +89,7 @@ def training_curves(metrics: list[dict], path=None):
     axes[0, 1].set(title="L0 (active latents per token)", xlabel="step")
     n_models = sum(key.startswith("explained_variance_") for key in metrics[0])
     for m, role in enumerate(model_roles(n_models)):
-        axes[0, 2].plot(
-            steps, [s[f"explained_variance_{MODEL_LETTERS[m]}"] for s in metrics], label=role, color=MODEL_COLORS[m]
-        )
+        axes[0, 2].plot(steps, [s[f"explained_variance_{role}"] for s in metrics], label=role, color=MODEL_COLORS[m])
     tail = metrics[len(metrics) // 5 :]  # zoomed to the run after its first fifth, where the curves separate
     values = [s[k] for s in tail for k in s if k.startswith("explained_variance_")]
     spread = max(values) - min(values)

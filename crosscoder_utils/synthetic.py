@@ -7,7 +7,9 @@ Each true feature has a decoder vector per model (zero for the models it is abse
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -15,9 +17,9 @@ import torch
 from einops import einsum
 
 from .analysis import kind_name, latent_kinds
+from .analysis.encoding import Encoded
 from .config import ConfigBase, CrossCoderConfig, TrainConfig, check_range
 from .crosscoder import CrossCoder
-from .encoding import Encoded
 
 
 @dataclass
@@ -232,6 +234,31 @@ GROUND_TRUTH_BASE = (
 )
 """What every preset shares: batch 1024, one pass over the default 1.5M tokens, dict 2000 (2x the true
 features), a dead-latent window scaled to the run."""
+
+
+def write_summary(
+    path: str | Path, preset_name: str, overrides: dict, recovery: Recovery, tokens_per_second: float | None
+) -> dict:
+    """05's summary.json: the preset, its overrides, the recovery and the training throughput. A run read back
+    (``tokens_per_second`` None) keeps the throughput measured when it was trained. Returns what it wrote."""
+    path = Path(path)
+    if tokens_per_second is None and path.exists():
+        tokens_per_second = read_summary(path)["tokens_per_second"]
+    values = {
+        "preset": preset_name,
+        "overrides": overrides,
+        "recovered": recovery.recovered,
+        "classified": recovery.classified,
+        "false_exclusive_rate": recovery.false_exclusive_rate,
+        "tokens_per_second": tokens_per_second,
+    }
+    path.write_text(json.dumps(values, indent=2))
+    return values
+
+
+def read_summary(path: str | Path) -> dict:
+    """05's summary.json back (``write_summary``)."""
+    return json.loads(Path(path).read_text())
 
 
 def preset(name: str, **overrides) -> tuple[TrainConfig, CrossCoderConfig]:

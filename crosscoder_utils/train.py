@@ -1,53 +1,33 @@
-"""The training loop: Adam, LambdaLR, λ warm-up, clipping, logging, atomic checkpoints, exact resume.
-
-A run directory holds::
-
-    run.json                     the TrainConfig and CrossCoderConfig of the run, and the store it reads
-    metrics.jsonl                one line of metrics every log_every steps
-    checkpoints/step_XXXXXXX/    the latest checkpoint: crosscoder.safetensors (weights, threshold, dead
-                                 counts) + cfg.json, optimizer.pt and state.pt (loaded with weights_only=True)
-    crosscoder.safetensors       the final export (normalised space) + cfg.json + norm_factors.json
-    raw/                         the same crosscoder with the norm factors folded in: reads raw activations
-    timing.json                  the wall-clock seconds of the training loop and the steps they cover (a
-                                 resumed run times its last part only)
-    health.json                  the dictionary's health on held-out tokens (crosscoder_utils.health)
-"""
+"""The training loop: Adam, LambdaLR, λ warm-up, clipping, init, resampling, metrics, exact resume. What a run
+writes into its directory, and how it is read back, is ``run.py``."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import json
-import math
-import os
 import shutil
 import subprocess
 import sys
 import time
-import uuid
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
-import yaml
 from einops import rearrange
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
-from .config import CollectConfig, CrossCoderConfig, TrainConfig, model_roles
-from .crosscoder import MODEL_LETTERS, CrossCoder, finite
-from .encoding import encode
-from .files import check_same_settings, portable, read_json, resolve, take_lock, write_json
-from .health import connected_groups, dictionary_health, same_decoder_pairs
-from .models import resolve_device
+from .analysis.encoding import encode
+from .analysis.health import connected_groups, dictionary_health, same_decoder_pairs
+from .config import CollectConfig, CrossCoderConfig, TrainConfig
+from .crosscoder import CrossCoder, finite
+from .files import portable, write_json
 from .normalize import load_norm_factors
 from .notebook import progress
+from .run import diverged, export, load_checkpoint, logged_step, prepare_run, save_checkpoint, store_identity, write_run
 from .source import ModelSource
 from .store import ActivationStore
 
@@ -74,12 +54,6 @@ def k_at(step: int, total_steps: int, cfg: TrainConfig, cc_cfg: CrossCoderConfig
     k, span = cc_cfg.k, cfg.k_anneal_frac * total_steps
     start = min(round(cfg.k_anneal_factor * k), cc_cfg.dict_size)
     return k if step >= span else round(start + (k - start) * step / span)
-
-
-def store_identity(store: ActivationStore) -> dict:
-    """What a run records of its store (and of how it is shuffled), to refuse resuming on another one."""
-    keys = ("models", "site", "layer", "d_model", "n_models", "n_tokens", "settings")
-    return {**{k: store.meta.get(k) for k in keys}, "window_rows": store.window_rows}
 
 
 def training_batches(
@@ -239,118 +213,6 @@ def resample_latents(model: CrossCoder, optimizer: torch.optim.Adam, x: torch.Te
             if moment.dim():
                 moment.index_fill_(dim, dead, 0)
     return len(dead)
-
-
-def save_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, step: int, keep: int = 2) -> None:
-    """Write checkpoints/step_N atomically (a temporary folder renamed) and read its weights back; only then
-    drop the checkpoints older than the ``keep`` newest, so a damaged newest one still has one before it."""
-    checkpoints = run_dir / "checkpoints"
-    tmp = checkpoints / f".tmp_step_{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    torch.save({"step": step, "torch_rng": torch.get_rng_state(), "sparse_path": model.sparse_path}, tmp / "state.pt")
-    written = load_file(tmp / "crosscoder.safetensors")
-    if any(not torch.equal(written[k], v.cpu()) for k, v in model.state_dict().items()):
-        raise OSError(
-            f"{tmp / 'crosscoder.safetensors'} does not read back as written; the checkpoints before it are kept"
-        )
-    shutil.rmtree(checkpoints / f"step_{step:07d}", ignore_errors=True)  # a damaged one a resume skipped
-    os.replace(tmp, checkpoints / f"step_{step:07d}")
-    for old in sorted(checkpoints.glob("step_*"))[:-keep]:
-        shutil.rmtree(old)
-
-
-def load_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, device: str) -> int:
-    """Load the newest readable checkpoint into the model, optimizer and scheduler, and the RNG state; returns
-    its step (0 when there is none). A damaged checkpoint is skipped with a warning naming it."""
-    for checkpoint in sorted((run_dir / "checkpoints").glob("step_*"), reverse=True):
-        try:
-            weights = load_file(checkpoint / "crosscoder.safetensors", device=str(device))
-            states = torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location=device)
-            state = torch.load(checkpoint / "state.pt", weights_only=True)
-            if not finite(weights):
-                raise ValueError("non-finite weights")
-            model.load_state_dict(weights)
-        except Exception as error:  # a truncated or damaged file: fall back to the checkpoint before it
-            warnings.warn(f"checkpoint {checkpoint} cannot be used ({error}); trying the one before it", stacklevel=3)
-            continue
-        optimizer.load_state_dict(states["optimizer"])
-        scheduler.load_state_dict(states["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        model.sparse_path = state["sparse_path"]  # the path the run took, whatever auto would measure now
-        return state["step"]
-    return 0
-
-
-def prepare_run(
-    cfg: TrainConfig,
-    cc_cfg: CrossCoderConfig,
-    store: ActivationStore | ModelSource,
-    run_dir: Path,
-    factors: torch.Tensor,
-) -> tuple[CrossCoderConfig, dict]:
-    """Fill the crosscoder's shape from the source and check the run against it and ``run_dir`` before
-    anything is written: returns the config and the identity run.json records (``write_run``)."""
-    if (run_dir / "train.lock").exists():
-        take_lock(run_dir / "train.lock")  # refused while another process trains this run
-    for name in ("d_model", "n_models"):
-        given = getattr(cc_cfg, name)
-        if given is not None and given != store.meta[name]:
-            raise ValueError(f"CrossCoderConfig.{name}={given} but the activations have {name}={store.meta[name]}")
-    cc_cfg = dataclasses.replace(cc_cfg, d_model=store.d_model, n_models=store.n_models)  # __post_init__ fills k_aux
-    train_rows = len(store.split_range("train"))
-    if store.n_batches(cfg.tokens_per_step) == 0:
-        raise ValueError(
-            f"the training rows ({train_rows} tokens) are fewer than one step ({cfg.tokens_per_step} tokens)"
-        )
-    if cfg.init == "data" and train_rows < cc_cfg.dict_size:
-        raise ValueError(
-            f"init='data' starts each of the {cc_cfg.dict_size} latents from a sampled token, but the training "
-            f"rows are {train_rows}; collect more tokens, lower dict_size, or use init='random'"
-        )
-    identity = {
-        "train": cfg.settings(),
-        "crosscoder": cc_cfg.settings(),
-        **(
-            {"store_identity": store_identity(store)}
-            if isinstance(store, ActivationStore)
-            else {"source": store.identity()}
-        ),
-        "norm_factors": factors.tolist(),
-    }
-    if (run_dir / "run.json").exists() and not cfg.overwrite:
-        before = read_json(run_dir / "run.json")
-        check_same_settings(
-            run_dir,
-            "a run",
-            {k: before.get(k) for k in identity},
-            identity,
-            "use another run_dir, or overwrite=True to delete it and train again",
-        )
-        if not cfg.resume and not (run_dir / "crosscoder.safetensors").exists():
-            raise ValueError(
-                f"{run_dir} holds an unfinished run with these settings; pass resume=True to continue it, or "
-                "overwrite=True to start again"
-            )
-    return cc_cfg, identity
-
-
-def write_run(run_dir: Path, identity: dict, store: ActivationStore) -> str:
-    """run.json: what the run is and the store 04 reads (its own, or the held-out store of a run trained from
-    the models), written once every check has passed (every rank has checked first). Returns the run's
-    wandb id: new for a new run (unique, so that two runs with the same folder name never merge), kept from
-    run.json on a resume."""
-    distributed.barrier()
-    record = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
-    wandb_id = record.get("wandb_id") or uuid.uuid4().hex[:16]
-    if distributed.rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        take_lock(run_dir / "train.lock")  # released after the export: one trainer per run_dir
-        record = {**identity, "store": portable(store.path), "store_identity": store_identity(store)}
-        write_json(run_dir / "run.json", {**record, "wandb_id": wandb_id})
-    return wandb_id
 
 
 class Objective(nn.Module):
@@ -539,29 +401,12 @@ def report_health(
     print(health.report(model.cfg.variant))
 
 
-def logged_step(line: str) -> float:
-    """The step of a metrics.jsonl line; infinite for a line cut short."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError):
-        return math.inf
-
-
-def diverged(run_dir: Path, step: int, what: str) -> str:
-    """The message of a run stopped at ``step`` because ``what``."""
-    kept = sorted((run_dir / "checkpoints").glob("step_*"))
-    return (
-        f"training diverged: {what} at step {step}; nothing was exported"
-        + (f", and the last good checkpoint {kept[-1]} is kept" if kept else "")
-        + ". Lower the learning rate or max_grad_norm, or check the store (ActivationStore(path, verify=True))"
-    )
-
-
-def export(model: CrossCoder, factors: torch.Tensor, run_dir: Path) -> None:
-    """The final crosscoder in normalised units (run_dir) and with the factors folded in (run_dir/raw)."""
-    model.save(run_dir)
-    write_json(run_dir / "norm_factors.json", {"norm_factors": factors.tolist()})
-    model.fold_norm_factors(factors).save(run_dir / "raw")
+def training_data(source: str, store_dir: str | Path, collect: CollectConfig) -> str | Path | CollectConfig:
+    """What 03's ``source`` parameter names: the store at ``store_dir`` (``"store"``), or the models, collected on
+    the fly with 01's settings ``collect`` (``"models"``)."""
+    if source not in ("store", "models"):
+        raise ValueError(f"source must be 'store' or 'models', got {source!r}")
+    return store_dir if source == "store" else collect
 
 
 def launch(
@@ -587,100 +432,6 @@ def launch(
     command += ["--train", json.dumps(cfg.to_dict()), "--crosscoder", json.dumps(cc_cfg.to_dict())]
     subprocess.run(command, check=True)
     return CrossCoder.load(run_dir)
-
-
-class Run(NamedTuple):
-    """A finished run as ``load_run`` reads it back."""
-
-    cfg: TrainConfig
-    """How it was trained (runtime fields at their defaults)."""
-    crosscoder: CrossCoder
-    """The crosscoder in normalised units (what was trained)."""
-    raw: CrossCoder
-    """The same with the norm factors folded in: reads and writes raw activations."""
-    store: ActivationStore
-    """The store it was trained on."""
-    norm_factors: torch.Tensor
-    """[n_models] the store's norm factors the run used."""
-    metrics: list[dict]
-    """One dict per logged step (metrics.jsonl)."""
-
-
-def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
-    """Read back what ``train_crosscoder`` wrote into ``run_dir`` (run.json, the export, metrics.jsonl);
-    the crosscoders on ``device`` (``auto``: cuda when available)."""
-    run_dir, device = Path(run_dir).expanduser(), resolve_device(device)
-    if not (run_dir / "crosscoder.safetensors").exists():
-        raise FileNotFoundError(f"{run_dir} holds no finished run (no crosscoder.safetensors): train it with 03_train")
-    record = read_json(run_dir / "run.json")
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    factors = torch.tensor(read_json(run_dir / "norm_factors.json")["norm_factors"])
-    store = ActivationStore(resolve(record["store"]))
-    remedy = f"point {run_dir / 'run.json'}'s store at the store the run was trained on, or train again"
-    check_same_settings(store.path, "a store", store_identity(store), record["store_identity"], remedy)
-    if store.read_json("norm.json") is None or load_norm_factors(store).tolist() != factors.tolist():
-        raise ValueError(
-            f"the norm factors of the store at {store.path} are not those {run_dir} was trained with; {remedy}"
-        )
-    return Run(
-        TrainConfig.from_dict(record["train"]),
-        CrossCoder.load(run_dir, device),
-        CrossCoder.load(run_dir / "raw", device),
-        store,
-        factors,
-        metrics,
-    )
-
-
-def model_card(run: Run, repo_id: str) -> str:
-    """README.md for the run's raw crosscoder on the Hub: YAML metadata (tags; the models as ``base_model`` and
-    the dataset, when they are Hub ids) and what a reader needs to use it: models and revisions, site and
-    layer, data, tokens, the dictionary, final metrics, and how to load it."""
-    meta, cc, last = run.store.meta, run.crosscoder.cfg, run.metrics[-1]
-    dataset = meta.get("dataset") or {}
-    hub = lambda names: [name for name in names if name and not Path(name).expanduser().exists()]  # Hub ids only
-    front = {
-        "library_name": "crosscoder_utils",
-        "tags": ["crosscoder", "model-diffing", "sparse-autoencoder", "interpretability"],
-        "base_model": hub(meta["models"]) if meta.get("site") else None,
-        "datasets": hub([dataset.get("name")]),
-        "crosscoder": {  # what CrossCoder.load reads into ``source``
-            "models": meta["models"],
-            "revisions": meta.get("revisions"),
-            "site": meta.get("site"),
-            "layer": meta.get("layer"),
-            "d_model": meta["d_model"],
-            "units": "raw",
-        },
-    }
-    front = {key: value for key, value in front.items() if value}
-    roles = model_roles(cc.n_models)
-    explained = ", ".join(
-        f"{role} {last[f'explained_variance_{MODEL_LETTERS[m]}']:.4f}" for m, role in enumerate(roles)
-    )
-    sparsity = f"k {cc.k}" if cc.variant == "batchtopk" else f"λ {cc.l1_coeff}"
-    rows = {
-        "models": ", ".join(f"{role}: `{name}`" for role, name in zip(roles, meta["models"])),
-        "revisions": ", ".join(str(r) for r in meta.get("revisions", [None] * cc.n_models)),
-        "site": f"{meta.get('site')}, layer {meta.get('layer')} (d_model {meta['d_model']})",
-        "data": f"`{dataset.get('name')}` (split {dataset.get('split')}, column {dataset.get('text_column')})",
-        "store": f"{meta['n_tokens']:,} tokens; BOS and other exclusions: {meta.get('exclusions')}",
-        "training": f"{run.cfg.train_tokens:,} tokens, {run.cfg.tokens_per_step} per step, seed {run.cfg.seed}",
-        "dictionary": f"{cc.variant}, {cc.dict_size} latents, {sparsity}",
-        "final metrics": f"explained variance {explained}; L0 {last['l0']:.1f}; dead {last['dead_fraction']:.1%}",
-        "units": "raw activations (the norm factors are folded into the weights)",
-    }
-    table = "\n".join(f"| {key} | {value} |" for key, value in rows.items())
-    return (
-        f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
-        f"# {cc.variant} crosscoder: {' vs '.join(meta['models'])}\n\n"
-        "A crosscoder trained with crosscoder_utils: one latent dictionary read from and decoded into each "
-        "model's activations at the site below (model 0 is the base).\n\n"
-        f"| | |\n|---|---|\n{table}\n\n"
-        "```python\nfrom crosscoder_utils import CrossCoder\n\n"
-        f'cc = CrossCoder.load("{repo_id}")\n'
-        "f = cc.encode(x)  # x: [tokens, n_models, d_model], each model's raw activation at the site\n```\n"
-    )
 
 
 def main(argv: list[str] | None = None) -> None:

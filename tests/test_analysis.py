@@ -6,8 +6,8 @@ import torch
 
 from crosscoder_utils import ActivationStore, CrossCoder, CrossCoderConfig
 from crosscoder_utils import analysis as A
-from crosscoder_utils.explanations import explain
-from crosscoder_utils.health import dictionary_health
+from crosscoder_utils.analysis.explanations import explain
+from crosscoder_utils.analysis.health import dictionary_health
 from crosscoder_utils.synthetic import GroundTruth, score
 
 
@@ -153,6 +153,9 @@ def test_difference_table_kinds_scores_and_ranking(tmp_path):
     by_latent = {line.split(",")[0]: line.split(",") for line in lines[1:]}
     assert by_latent["0"][6] != "" and by_latent["3"][6] == "" and by_latent["4"][1] == "dead"
     assert by_latent["0"][8:] == ["no simple rule", "0.000"] and by_latent["4"][8:] == ["", ""]
+    read = A.read_latents_csv(csv_path)  # the reader gives back the rows, by column
+    assert [row["latent"] for row in read] == [line.split(",")[0] for line in lines[1:]]
+    assert read[-1]["kind"] == "dead" and read[0]["explanation"] == "no simple rule"
 
 
 def test_best_latents_and_the_difference_they_reconstruct(tmp_path):

@@ -41,7 +41,7 @@ def test_relu_losses_equal_a_hand_computation():
     torch.testing.assert_close(out.loss, l2 + 1.5 * l1)
     torch.testing.assert_close(out.l0, (torch.stack(f_all) > 0).sum(1).float().mean())
     torch.testing.assert_close(out.explained_variance_per_model, torch.stack(ev))
-    assert out.metrics()["explained_variance_A"] == pytest.approx(ev[0].item(), rel=1e-4)
+    assert out.metrics()["explained_variance_base"] == pytest.approx(ev[0].item(), rel=1e-4)
     torch.testing.assert_close(out.explained_variance, ev_all)
     assert out.aux_loss == 0
 

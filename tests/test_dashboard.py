@@ -15,7 +15,7 @@ from playwright.sync_api import sync_playwright
 from crosscoder_utils import CrossCoderConfig, TrainConfig
 from crosscoder_utils.analysis import analyse
 from crosscoder_utils.dashboard import build_dashboard, contexts_html
-from crosscoder_utils.train import load_run
+from crosscoder_utils.run import load_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

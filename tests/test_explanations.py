@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import collect_organism
 
-from crosscoder_utils.encoding import Encoded
-from crosscoder_utils.explanations import WINDOW, explain, phrase_groups
+from crosscoder_utils.analysis.encoding import Encoded
+from crosscoder_utils.analysis.explanations import WINDOW, explain, phrase_groups
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from conftest import train_on_organism
 
 from crosscoder_utils import CrossCoderConfig, OrganismConfig, TrainConfig, methods
 from crosscoder_utils import analysis as A
-from crosscoder_utils.health import Health
+from crosscoder_utils.analysis.health import Health
 from crosscoder_utils.organism import PLANTED_KINDS, TINY, build_organism
 
 

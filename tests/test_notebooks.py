@@ -11,9 +11,13 @@ import pytest
 import yaml
 
 from crosscoder_utils import ActivationStore, CollectConfig, CrossCoder, CrossCoderConfig, OrganismConfig, TrainConfig
+from crosscoder_utils import analysis as A
+from crosscoder_utils.config import AnalysisConfig
+from crosscoder_utils.hub import model_card
 from crosscoder_utils.notebook import check_parameters, declared
 from crosscoder_utils.organism import TINY
-from crosscoder_utils.train import load_run, model_card
+from crosscoder_utils.run import load_run
+from crosscoder_utils.synthetic import SyntheticConfig, read_summary
 
 NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
 INFERRED = {"d_model", "n_models"}  # CrossCoderConfig's shape comes from the store
@@ -136,7 +140,7 @@ def test_analyze_notebook_leads_with_the_verdict(trained, organism):
         "decoder_cosine",
         "difference_score",
     ]
-    summary = json.loads((analysis / "summary.json").read_text())
+    summary = A.read_summary(analysis / "summary.json")
     health = summary["dictionary health"]
     assert len(rows) - 1 == 128 == sum(summary["live latents by kind"].values()) + health["dead"]
     assert (
@@ -166,10 +170,10 @@ def test_a_crosscoder_loaded_with_its_card_knows_what_it_reads(trained, tmp_path
     run = load_run(trained[0] / "run")
     run.raw.save(tmp_path)
     (tmp_path / "README.md").write_text(model_card(run, "owner/name"))
-    source = CrossCoder.load(tmp_path).source
+    provenance = CrossCoder.load(tmp_path).provenance
     meta = run.store.meta
-    assert source["models"] == meta["models"] and (source["site"], source["layer"]) == ("resid_post", 1)
-    assert source["d_model"] == 64 and source["units"] == "raw"
+    assert provenance["models"] == meta["models"] and (provenance["site"], provenance["layer"]) == ("resid_post", 1)
+    assert provenance["d_model"] == 64 and provenance["units"] == "raw"
 
 
 def test_running_train_again_reuses_the_finished_run(trained):
@@ -206,7 +210,7 @@ def test_running_ground_truth_again_reuses_its_store_and_run(ground_truth_run):
 def test_ground_truth_notebook(ground_truth_run):
     out, notebook = ground_truth_run
     run_dir = out / "gt"
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_summary(run_dir / "summary.json")
     assert set(summary["recovered"]) == {"shared", "base-only", "finetuned-only"}
     assert all(0 <= v <= 1 for v in summary["classified"].values())
     assert (run_dir / "relative_norms_by_truth.png").stat().st_size > 10_000
@@ -246,6 +250,8 @@ def test_every_config_field_is_a_notebook_parameter():
         "01_collect": CollectConfig,
         "03_train": (TrainConfig, CrossCoderConfig, CollectConfig),
         "00_organism": OrganismConfig,
+        "04_analyze": AnalysisConfig,
+        "05_ground_truth": SyntheticConfig,
     }
     for name, configs in fields.items():
         cell = next(

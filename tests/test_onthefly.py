@@ -15,8 +15,8 @@ from test_train import killed_and_whole
 from crosscoder_utils import CollectConfig, CrossCoderConfig, TrainConfig, collect_activations, train_crosscoder
 from crosscoder_utils import analysis as A
 from crosscoder_utils.normalize import estimate_norm_factors
+from crosscoder_utils.run import load_run
 from crosscoder_utils.source import ModelSource
-from crosscoder_utils.train import load_run
 
 SMALL = dict(layer=1, n_tokens=8000, seq_len=48, seqs_per_batch=16, seqs_per_shard=32, device="cpu")
 TRAIN = dict(tokens_per_step=256, train_tokens=30_720, log_every=20, save_every=20, log_to="none")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from crosscoder_utils import ActivationStore, estimate_norm_factors, train_crosscoder
-from crosscoder_utils.encoding import encode
+from crosscoder_utils.analysis.encoding import encode
 from crosscoder_utils.synthetic import SyntheticConfig, generate, preset, score
 
 MEDIUM = SyntheticConfig(d_model=64, n_shared=150, n_exclusive=50, max_rate=0.05, min_rate=0.002, n_tokens=300_000)

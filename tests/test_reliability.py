@@ -26,7 +26,7 @@ from crosscoder_utils import (
 )
 from crosscoder_utils.files import fingerprint
 from crosscoder_utils.normalize import load_norm_factors
-from crosscoder_utils.train import load_run
+from crosscoder_utils.run import load_run
 
 
 def tree(path) -> dict:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from crosscoder_utils import ActivationStore, CrossCoderConfig, TrainConfig, estimate_norm_factors, train_crosscoder
+from crosscoder_utils.hub import push_store
 from crosscoder_utils.normalize import load_norm_factors
-from crosscoder_utils.store import push_to_hub
 
 
 @pytest.fixture
@@ -99,8 +99,8 @@ def test_a_store_on_a_writable_url_takes_its_norm_factors(local_store, tmp_path)
         load_norm_factors(ActivationStore("memory://copy")), factors
     )
 
-    with pytest.raises(ValueError, match="push_to_hub uploads a local store"):
-        push_to_hub(remote, "me/acts")  # refused before any request to the Hub
+    with pytest.raises(ValueError, match="push_store uploads a local store"):
+        push_store(remote, "me/acts")  # refused before any request to the Hub
     fs.rm("/copy/shards/shard_00004", recursive=True)
     with pytest.raises(FileNotFoundError, match="shard_00004 of the store at memory://copy is missing"):
         ActivationStore("memory://copy").read([4500])

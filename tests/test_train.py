@@ -23,8 +23,8 @@ from crosscoder_utils import (
     train_crosscoder,
 )
 from crosscoder_utils.analysis import latent_kinds
+from crosscoder_utils.run import load_run
 from crosscoder_utils.synthetic import SyntheticConfig, generate, score
-from crosscoder_utils.train import load_run
 
 # independent features at one firing rate, identical directions in both models, the fine-tune 4x larger
 EASY = SyntheticConfig(
@@ -364,7 +364,7 @@ def test_the_sparse_path_is_as_set_and_on_a_cpu_auto_takes_it_without_timing():
 
 
 def test_a_resume_takes_the_path_the_run_took(tmp_path):
-    from crosscoder_utils.train import load_checkpoint, save_checkpoint
+    from crosscoder_utils.run import load_checkpoint, save_checkpoint
 
     model = CrossCoder(CrossCoderConfig(d_model=16, n_models=2, dict_size=64, variant="batchtopk", k=4))
     optimizer = torch.optim.Adam(model.parameters())

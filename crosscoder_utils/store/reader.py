@@ -17,7 +17,6 @@ from datasets.filesystems import is_remote_filesystem
 from ..files import parse_json, write_json
 from ..notebook import progress
 from .format import from_storage, open_shard, shard_checksum
-from .remote import prefetching
 from .rows import groups, index_batches, rank_share
 from .writer import write_arrays
 
@@ -35,7 +34,7 @@ class ActivationStore:
     ``path`` is a local directory or any fsspec URL: ``hf://datasets/owner/name`` (a Hub dataset repo,
     ``@revision`` after the name), ``s3://``, ``gs://``, ``http(s)://`` ... A remote store is streamed:
     a pass visits the shards in windows of at least ``window_rows`` rows shuffled together; the next
-    window's shards download in the background while one is read (``remote.prefetching``), and a shard
+    window's shards download in the background while one is read (``prefetching``), and a shard
     is kept while two windows' worth of rows fit (least recently used dropped first), so a pass
     downloads each shard once and memory holds about three windows. Prefix ``simplecache::`` to the URL
     to keep the downloaded files on local disk for later passes.
@@ -267,3 +266,20 @@ class ActivationStore:
 
     def n_batches(self, tokens_per_batch: int, split: str = "train") -> int:
         return len(self.split_range(split)) // tokens_per_batch
+
+
+def prefetching(
+    store: ActivationStore, windows: Iterator[np.ndarray], first_row: int, process: tuple[int, int]
+) -> Iterator[np.ndarray]:
+    """Yield the windows; for a remote store, download the next window's shards in the background while
+    this one is read: those holding this rank's share of its rows (``process``, as ``batches`` splits each
+    batch), and none for windows that end before row ``first_row`` of the pass."""
+    done, upcoming = 0, next(windows, None)
+    while upcoming is not None:
+        window, upcoming = upcoming, next(windows, None)
+        done += len(window)
+        if store.remote and upcoming is not None and done + len(upcoming) > first_row:
+            for s, _ in groups(rank_share(upcoming, process), store.shard_starts):
+                if not store.cached(s):
+                    store.pending[s] = store.downloads.submit(store.load_shard, s)
+        yield window

@@ -30,7 +30,7 @@ def local_path(path: str | Path) -> Path:
     if is_remote_filesystem(fs):
         raise ValueError(
             f"stores are written on local disk, not to {path}: write it locally, then copy it there "
-            "or push it (store.remote.push_to_hub), and read it from the URL"
+            "or push it (hub.push_store), and read it from the URL"
         )
     return Path(root)
 

@@ -9,10 +9,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .crosscoder import CrossCoder
-from .models import resolve_device
-from .notebook import progress
-from .store import ActivationStore
+from ..config import model_roles
+from ..crosscoder import CrossCoder
+from ..models import resolve_device
+from ..notebook import progress
+from ..store import ActivationStore
 
 
 class Encoded(NamedTuple):
@@ -52,6 +53,11 @@ class Encoded(NamedTuple):
     def l0(self) -> float:
         """Mean active latents per token."""
         return len(self.latent) / self.n_tokens
+
+    def explained_variance_by_model(self) -> dict[str, float]:
+        """Each model's explained variance on the rows read, by role (base, finetuned, ...)."""
+        values = self.explained_variance_per_model.tolist()
+        return dict(zip(model_roles(len(values)), values))
 
     def activations(self, latents, positions=None) -> torch.Tensor:
         """[len(positions), L] the activations of ``latents`` at ``positions`` (indices into ``rows``,

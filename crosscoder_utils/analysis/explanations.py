@@ -31,9 +31,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..store import ActivationStore
 from .encoding import Encoded
 from .health import connected_groups
-from .store import ActivationStore
 
 WINDOW = 32
 """Tokens after a context token within which a ``context`` rule holds."""

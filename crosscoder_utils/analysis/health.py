@@ -16,9 +16,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .crosscoder import CrossCoder
+from ..crosscoder import CrossCoder
+from ..files import read_json, write_json
 from .encoding import Encoded
-from .files import read_json, write_json
 
 SAME_TOKENS = 0.9
 """Firing Jaccard overlap at which two latents duplicate each other."""

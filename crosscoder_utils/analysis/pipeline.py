@@ -1,0 +1,81 @@
+"""``analyse``: the one encoding pass over a run's held-out split that 04 and the dashboard read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+from ..collect import check_inputs
+from ..config import AnalysisConfig, model_roles
+from ..models import ModelPair, load_model_pair
+from ..organism import behaviour_labels, load_organism
+from ..run import Run, load_run
+from .encoding import Encoded, encode
+from .explanations import Explanations, explain
+from .health import Health, dictionary_health
+from .lm import TokenDivergence, token_divergence
+from .planted import BehaviourMatch, best_latents, main_behaviours
+from .ranking import DifferenceTable, difference_table
+
+
+class Analysis(NamedTuple):
+    """What 04 and the dashboard read off a run, from one encoding pass over its held-out split."""
+
+    run_dir: Path
+    cfg: AnalysisConfig
+    """The settings it was read with."""
+    run: Run
+    encoded: Encoded
+    pair: ModelPair | None
+    """The models, for a store collected from them (else None)."""
+    divergence: TokenDivergence | None
+    """Per-token KL between the base and the first fine-tune (None without models)."""
+    tables: dict[str, DifferenceTable]
+    """Each fine-tune's role -> its difference table against the base."""
+    matches: dict[str, BehaviourMatch] | None
+    """On the organism: each planted behaviour's best latent (against the first fine-tune), else None."""
+    mains: dict | None
+    """On the organism: the latents that fire mostly on one planted behaviour (``main_behaviours``)."""
+    planted_kinds: dict | None
+    """On the organism: each planted behaviour's kind (added, removed, changed), else None."""
+    health: Health
+    """The dictionary's dead latents and duplicate groups on the held-out tokens read."""
+    explanations: Explanations
+    """Each latent's rule of where it fires, with its detection F1 (``explanations.explain``)."""
+
+
+def analyse(
+    run_dir: str | Path,
+    organism_dir: str | Path | None = None,
+    cfg: AnalysisConfig = AnalysisConfig(),
+    device: str = "auto",
+) -> Analysis:
+    """Read a finished run: encode its store's held-out split once (its first ``cfg.max_tokens`` tokens) on
+    ``device``, and, for a store collected from models, load them (checked to be those the store came
+    from) for the per-token KL; then each fine-tune's difference table, the dictionary's health, every
+    latent's explanation and, with ``organism_dir``, the planted behaviours' latents."""
+    run = load_run(run_dir)
+    store = run.store
+    pair = load_model_pair(*store.meta["models"], device=device) if store.meta["site"] else None
+    if pair:
+        check_inputs(store, pair)  # the models and data are still those the store was collected from
+    divergence = token_divergence(pair, store, run.norm_factors, max_tokens=cfg.max_tokens) if pair else None
+    encoded = encode(run.crosscoder, store, run.norm_factors, "val", cfg.tokens_per_batch, cfg.max_tokens, device)
+    roles = model_roles(store.n_models)
+    tables = {
+        roles[m]: difference_table(
+            run.crosscoder, encoded, divergence if m == 1 else None, m, cfg.exclusive_share, cfg.changed_cosine
+        )
+        for m in range(1, store.n_models)
+    }
+    matches = mains = planted_kinds = None
+    if organism_dir:
+        organism = load_organism(organism_dir)
+        labels = behaviour_labels(store, organism)
+        matches, mains = best_latents(encoded, labels), main_behaviours(encoded, labels)
+        planted_kinds = {name: behaviour["kind"] for name, behaviour in organism.planted["behaviours"].items()}
+    health = dictionary_health(run.crosscoder, encoded)
+    explanations = explain(encoded, store, pair.tokenizer if pair else None)
+    return Analysis(
+        Path(run_dir), cfg, run, encoded, pair, divergence, tables, matches, mains, planted_kinds, health, explanations
+    )

@@ -1,0 +1,103 @@
+"""Scoring against labelled tokens: the best threshold cut of a score (``detection``, shared with the
+baselines of methods.py), and on the organism each planted behaviour's best latent."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .encoding import Encoded
+
+
+class Detection(NamedTuple):
+    """Per group (a latent, a candidate direction), its best cut of "score above a threshold" against labelled
+    tokens: the F1 and, at that cut, the precision, the recall and the lowest score kept."""
+
+    f1: torch.Tensor
+    precision: torch.Tensor
+    recall: torch.Tensor
+    threshold: torch.Tensor
+
+
+def detection(group: torch.Tensor, score: torch.Tensor, hit: torch.Tensor, n_groups: int, n_labelled: int) -> Detection:
+    """The best cut of each group's scores against the labels, [n_groups] each. The entries are the tokens each
+    group scores (a latent's firings, or every token for a dense score): ``group``, ``score`` and ``hit``
+    (whether the entry's token is labelled) [entries]; ``n_labelled`` counts the labelled tokens in all, so a
+    token a group does not score counts as below every threshold. Cuts fall between distinct scores only
+    (tied tokens are never split); a group with no entry gets F1 0."""
+    if not len(group):
+        return Detection(*[torch.zeros(n_groups)] * 4)
+    order = score.argsort(descending=True, stable=True)
+    order = order[group[order].argsort(stable=True)]
+    group, score, hit = group[order], score[order], hit[order].double()
+    counts = torch.bincount(group, minlength=n_groups)
+    first = torch.cumsum(counts, 0) - counts  # each group's first entry
+    total = hit.cumsum(0)
+    hits = total - (total - hit)[first[group]]  # labelled tokens among the group's entries so far
+    kept = torch.arange(1, len(group) + 1, dtype=torch.float64) - first[group]
+    f1 = 2 * hits / (kept + n_labelled)
+    cut = torch.ones_like(hit, dtype=torch.bool)
+    cut[:-1] = (score[:-1] != score[1:]) | (group[:-1] != group[1:])
+    f1 = torch.where(cut, f1, -1.0)
+    best = torch.full((n_groups,), -1.0, dtype=torch.float64).scatter_reduce(0, group, f1, "amax")
+    at = torch.full((n_groups,), len(group)).scatter_reduce(  # the first entry reaching each group's best
+        0, group, torch.where(f1 == best[group], torch.arange(len(group)), len(group)), "amin"
+    )
+    found = at < len(group)
+    pick = lambda values: torch.where(found, values[at.clamp(max=len(group) - 1)], 0.0).float()
+    return Detection(pick(f1), pick(hits / kept), pick(hits / max(n_labelled, 1)), pick(score.double()))
+
+
+class BehaviourMatch(NamedTuple):
+    """The latent that best picks out one labelled behaviour (its activation above a threshold vs the label,
+    on a split)."""
+
+    latent: int
+    precision: float
+    """Of the tokens where the latent's activation reaches ``threshold``, the fraction on the behaviour's."""
+    recall: float
+    """Of the behaviour's tokens, the fraction where the latent's activation reaches ``threshold``."""
+    f1: float
+    threshold: float
+    """The activation that separates the behaviour's tokens best (the lowest one kept)."""
+    n_tokens: int
+    """The behaviour's tokens in the split."""
+
+
+def behaviour_hits(encoded: Encoded, labels: dict[str, torch.Tensor]):
+    """For behaviours ``labels`` (name -> bool [len(store)]): firings of each latent on each behaviour's tokens
+    [behaviours, dict_size], firings of each latent [dict_size], and each behaviour's token count."""
+    on = torch.stack([labels[name][torch.from_numpy(encoded.rows)] for name in labels]).double()  # [behaviours, n]
+    count = lambda weights=None: torch.bincount(encoded.latent, weights, minlength=encoded.dict_size).double()
+    return torch.stack([count(label[encoded.token]) for label in on]), count(), on.sum(1)
+
+
+def best_latents(encoded: Encoded, labels: dict[str, torch.Tensor]) -> dict[str, BehaviourMatch]:
+    """For each behaviour (``labels``: name -> bool [len(store)]), the latent whose activation, above its best
+    threshold (``detection``), has the best F1 against the behaviour's tokens: a latent that also fires weakly
+    elsewhere still picks out the behaviour by its strong activations."""
+    matches = {}
+    for name, label in labels.items():
+        on = label[torch.from_numpy(encoded.rows)]
+        found = detection(encoded.latent, encoded.value, on[encoded.token], encoded.dict_size, int(on.sum()))
+        latent = int(found.f1.argmax())
+        f1, precision, recall, threshold = (float(values[latent]) for values in found)
+        matches[name] = BehaviourMatch(latent, precision, recall, f1, threshold, int(on.sum()))
+    return matches
+
+
+def main_behaviours(encoded: Encoded, labels: dict[str, torch.Tensor], min_precision: float = 0.5) -> dict:
+    """latent -> (behaviour, precision) for the latents that fire mostly (at least ``min_precision`` of their
+    firings) on one behaviour's tokens."""
+    hits, fired, _ = behaviour_hits(encoded, labels)
+    precision = hits / fired.clamp(min=1)
+    best, behaviour = precision.max(0)
+    names = list(labels)
+    return {i: (names[behaviour[i]], float(best[i])) for i in (best >= min_precision).nonzero().squeeze(1).tolist()}
+
+
+EXPECTED_KINDS = {"added": ("finetuned-only", "changed"), "removed": ("base-only", "changed"), "changed": ("changed",)}
+"""Planted kind (planted.json) -> the kinds of latent that carry it as planted: what the fine-tune added is in
+the fine-tune alone or written differently there, what it removed is in the base alone or written
+differently, and what it changed is written differently."""

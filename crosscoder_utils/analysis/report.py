@@ -1,0 +1,130 @@
+"""The files 04 writes beside a run, each with its reader: latents.csv and summary.json."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..config import model_roles
+from .explanations import Explanations
+from .kinds import LatentScaling, exclusive_latent_scaling
+from .lm import SplicedLoss
+from .planted import EXPECTED_KINDS
+from .ranking import DifferenceTable, RoleReport
+
+if TYPE_CHECKING:
+    from .pipeline import Analysis
+
+
+def write_latents_csv(
+    table: DifferenceTable, scalings: dict[str, LatentScaling], explanations: Explanations, path: str | Path
+) -> None:
+    """The live latents by difference_score, then the dead ones: latent, kind, frequency, relative_norm,
+    decoder_cosine, difference_score, nu_error, nu_reconstruction (ν empty where not exclusive), explanation,
+    explanation_f1 (its detection F1; empty for a dead latent)."""
+    nu = {}
+    for scaling in scalings.values():
+        for latent, error, reconstruction in zip(
+            scaling.latents.tolist(), scaling.nu_error.tolist(), scaling.nu_reconstruction.tolist()
+        ):
+            nu[latent] = (f"{error:.4g}", f"{reconstruction:.4g}")
+    dead = [i for i, kind in enumerate(table.kind) if kind == "dead"]
+    columns = ["latent", "kind", "frequency", "relative_norm", "decoder_cosine", "difference_score"]
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(columns + ["nu_error", "nu_reconstruction", "explanation", "explanation_f1"])
+        for i in table.order.tolist() + dead:
+            values = (table.frequency[i], table.relative_norm[i], table.decoder_cosine[i], table.difference_score[i])
+            f1 = "" if table.kind[i] == "dead" else f"{float(explanations.f1[i]):.3f}"
+            writer.writerow(
+                [i, table.kind[i], *(f"{float(v):.6g}" for v in values), *nu.get(i, ("", "")), explanations.text[i], f1]
+            )
+
+
+def read_latents_csv(path: str | Path) -> list[dict[str, str]]:
+    """latents.csv (``write_latents_csv``) back, one dict per latent, values as written."""
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def write_latents_csvs(analysis: Analysis, out: Path) -> None:
+    """latents.csv (with several fine-tunes, latents_<role>.csv for each) into ``out``."""
+    for role, table in analysis.tables.items():
+        name = "latents.csv" if len(analysis.tables) == 1 else f"latents_{role}.csv"
+        scalings = exclusive_latent_scaling(analysis.run.crosscoder, analysis.encoded, table)
+        write_latents_csv(table, scalings, analysis.explanations, out / name)
+
+
+def planted_rows(analysis: Analysis, table: DifferenceTable) -> list[dict]:
+    """On the organism: each planted behaviour's best latent, its detection scores, kind and rank, as rows."""
+    return [
+        {
+            "behaviour": name,
+            "latent": m.latent,
+            "precision": round(m.precision, 3),
+            "recall": round(m.recall, 3),
+            "F1": round(m.f1, 3),
+            "threshold": round(m.threshold, 3),
+            "planted as": analysis.planted_kinds[name],
+            "kind": table.kind[m.latent],
+            "as planted": table.kind[m.latent] in EXPECTED_KINDS[analysis.planted_kinds[name]],
+            "rank": table.rank(m.latent),
+            "relative norm": round(float(table.relative_norm[m.latent]), 3),
+            "decoder cosine": round(float(table.decoder_cosine[m.latent]), 3),
+            "tokens": m.n_tokens,
+        }
+        for name, m in (analysis.matches or {}).items()
+    ]
+
+
+def map_labels(table: DifferenceTable, matches: dict | None, n: int = 8) -> dict[int, str]:
+    """Labels of the difference map: the top ``n`` latents, and each planted behaviour's best latent by name."""
+    best_of = {m.latent: name for name, m in (matches or {}).items()}
+    labels = {i: f"{i} {best_of.get(i, '')}".strip() for i in table.order[:n].tolist()}
+    return labels | {latent: f"{latent} {name}" for latent, name in best_of.items()}
+
+
+def summary(
+    analysis: Analysis,
+    first: RoleReport,
+    spliced: list[SplicedLoss],
+    genuine: dict[str, int],
+    explained: dict[str, float],
+) -> dict:
+    """04's summary.json: the first fine-tune's verdict and phrase groups, the live latents by kind, the
+    dictionary's health, L0 and explained variance, loss recovered, genuine exclusive latents, the difference
+    the top latents reconstruct and, on the organism, each planted behaviour's F1 and rank."""
+    encoded, table = analysis.encoded, first.table
+    roles = model_roles(analysis.run.store.n_models)
+    groups = lambda found: [{"phrase": group.phrase, "latents": group.latents} for group in found]
+    matches = analysis.matches or {}
+    return {
+        "verdict": first.verdict,
+        "groups": groups(first.answer.groups),
+        "base-side groups": groups(first.answer.base_groups),
+        "live latents by kind": table.live_kinds(),
+        "dictionary health": analysis.health.summary(),
+        "L0": round(encoded.l0, 2),
+        **{f"explained variance, {role}": round(v, 4) for role, v in encoded.explained_variance_by_model().items()},
+        **{f"loss recovered, {role}": round(loss.loss_recovered, 4) for role, loss in zip(roles, spliced)},
+        **{f"genuine {kind} (|nu| < {analysis.cfg.nu_threshold})": n for kind, n in genuine.items()},
+        **{f"difference reconstructed, {name}": round(value, 4) for name, value in explained.items()},
+        **{f"planted {name}: F1 / rank": f"{m.f1:.2f} / {table.rank(m.latent)}" for name, m in matches.items()},
+    }
+
+
+def write_summary(values: dict, path: str | Path) -> None:
+    """summary.json (``summary``), indented."""
+    Path(path).write_text(json.dumps(values, indent=2))
+
+
+def read_summary(path: str | Path) -> dict:
+    """summary.json back (``write_summary``)."""
+    return json.loads(Path(path).read_text())
+
+
+def readable(values: dict) -> dict[str, str]:
+    """A summary with each nested dict written inline (``a 1, b 2``), for a one-column table."""
+    return {k: ", ".join(f"{a} {b}" for a, b in v.items()) if isinstance(v, dict) else v for k, v in values.items()}
