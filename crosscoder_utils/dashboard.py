@@ -21,6 +21,7 @@ import html
 import json
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -61,8 +62,126 @@ def _activations_at(cc, store, factors, pairs: list[tuple[int, int]], tokens_per
     return values
 
 
-def _script(path: Path, name: str, value) -> None:
-    path.write_text(f"window.{name} = {json.dumps(value, separators=(',', ':'))};\n")
+class Gathered(NamedTuple):
+    """What the pages show beyond the difference table, read from the analysis's encoding pass."""
+
+    contexts: dict
+    """latent -> {"top" | "sampled": [(centre row, window rows, activation)]}."""
+    activations: dict
+    """(latent, row) -> the latent's activation at every row of its windows."""
+    token_of: dict
+    """store row -> token id, for every row shown."""
+    logits: dict
+    """role -> (promoted, suppressed) topk of each live latent's direct logit effect in that model."""
+    nu: dict
+    """latent -> (ν^ε, ν^r) of the live exclusive latents."""
+    samples: A.LatentSamples
+
+
+@torch.no_grad()
+def gather(analysis: A.Analysis, n_top: int, n_sample: int, width: int, n_logits: int, tokens_per_batch: int):
+    """Each live latent's ``n_top`` top contexts and ``n_sample`` sampled ones (``width`` tokens either side,
+    with its activation on each token), its decoders' direct logit effects (raw units, through each model's
+    unembedding) and its Latent Scaling ν."""
+    run, encoded, pair = analysis.run, analysis.encoded, analysis.pair
+    cc, store, table = run.crosscoder, run.store, next(iter(analysis.tables.values()))
+    nu = {}
+    for scaling in A.exclusive_latent_scaling(cc, encoded, table).values():
+        nu.update(zip(scaling.latents.tolist(), zip(scaling.nu_error.tolist(), scaling.nu_reconstruction.tolist())))
+    samples = A.latent_samples(encoded, n_top, n_sample)
+    live = table.order.tolist()
+    contexts: dict[int, dict] = {}
+    pairs = []
+    for latent in progress(live, desc="dashboard contexts"):
+        found = {}
+        for name, values, rows in (
+            ("top", samples.top_values, samples.top_rows),
+            ("sampled", samples.sample_values, samples.sample_rows),
+        ):
+            centres = rows[latent][rows[latent] >= 0]
+            windows = _windows(store, centres, width) if len(centres) else []
+            found[name] = list(zip(centres.tolist(), windows, values[latent][: len(centres)].tolist()))
+            pairs += [(latent, row) for window in windows for row in window]
+        contexts[latent] = found
+    activations = _activations_at(cc, store, run.norm_factors, pairs, tokens_per_batch)
+    rows_needed = sorted({row for _, row in pairs})
+    token_of = dict(zip(rows_needed, store.token_ids(rows_needed).tolist())) if rows_needed else {}
+    logits = {}
+    for m, model in enumerate(pair.models if pair else []):
+        effect = direct_logit_effect(model, run.raw.W_dec[live, m].to(model.device)).cpu()
+        logits[model_roles(store.n_models)[m]] = (effect.topk(n_logits, dim=1), (-effect).topk(n_logits, dim=1))
+    return Gathered(contexts, activations, token_of, logits, nu, samples)
+
+
+def index_row(analysis: A.Analysis, gathered: Gathered, latent: int, rank: int) -> dict:
+    """A live latent's row of the index: its statistics, explanation and top context."""
+    table, nu, mains = next(iter(analysis.tables.values())), gathered.nu, analysis.mains or {}
+    top = gathered.contexts[latent]["top"]
+    return {
+        "latent": latent,
+        "rank": rank,
+        "kind": table.kind[latent],
+        "difference": round(float(table.difference_score[latent]), 4),
+        "frequency": round(float(table.frequency[latent]), 6),
+        "relative_norm": round(float(table.relative_norm[latent]), 4),
+        "decoder_cosine": round(float(table.decoder_cosine[latent]), 4),
+        "nu_error": round(nu[latent][0], 4) if latent in nu else None,
+        "nu_reconstruction": round(nu[latent][1], 4) if latent in nu else None,
+        "explanation": analysis.explanations.text[latent],
+        "explanation_f1": round(float(analysis.explanations.f1[latent]), 3),
+        "fires_on": mains[latent][0] if latent in mains else "",
+        "context": [[gathered.token_of[r], gathered.activations[latent, r], r == top[0][0]] for r in top[0][1]]
+        if top
+        else [],
+    }
+
+
+def latent_page(gathered: Gathered, row: dict, live: list[int]) -> dict:
+    """A live latent's page: its index ``row``, its neighbours in the ranking, its top and sampled contexts,
+    the histogram of its sampled activations and its decoders' promoted and suppressed tokens."""
+    latent, rank, samples = row["latent"], row["rank"], gathered.samples
+    contexts = {
+        name: [
+            {
+                "value": round(value, 4),
+                "tokens": [[gathered.token_of[r], gathered.activations[latent, r], r] for r in window],
+                "centre": centre,
+            }
+            for centre, window, value in gathered.contexts[latent][name]
+        ]
+        for name in ("top", "sampled")
+    }
+    sampled = samples.sample_values[latent][samples.sample_rows[latent] >= 0].numpy()
+    effect = lambda topk, sign: [
+        [int(t), round(sign * float(v), 3)] for t, v in zip(topk.indices[rank - 1], topk.values[rank - 1])
+    ]
+    return {
+        **row,
+        "previous": live[rank - 2] if rank > 1 else None,
+        "next": live[rank] if rank < len(live) else None,
+        **contexts,
+        "histogram": np.histogram(sampled, bins=20)[0].tolist(),
+        "histogram_max": float(samples.sample_values[latent].max()),
+        "logits": {
+            role: {"promoted": effect(up, 1), "suppressed": effect(down, -1)}
+            for role, (up, down) in gathered.logits.items()
+        },
+    }
+
+
+def write_data(path: Path, name: str, value, key: int | None = None) -> None:
+    """A data file: a script that assigns ``value`` to ``window.<name>`` (with ``key``, to
+    ``window.<name>[key]``, making the object when absent), since a page opened from disk may not fetch JSON."""
+    path.write_text(f"{_target(name, key)} = {json.dumps(value, separators=(',', ':'))};\n")
+
+
+def read_data(path: Path, name: str, key: int | None = None):
+    """The value a data file (``write_data``) assigns."""
+    return json.loads(path.read_text()[len(_target(name, key)) + 3 :].rstrip(";\n"))
+
+
+def _target(name: str, key: int | None) -> str:
+    return f"window.{name}" if key is None else f"window.{name} = window.{name} || {{}}; window.{name}[{key}]"
 
 
 @torch.no_grad()
@@ -83,126 +202,37 @@ def build_dashboard(
     (the first fine-tune's ``difference_table``), Latent Scaling, the planted behaviour each latent fires on
     (on the organism), and each latent's ``n_top`` top contexts and ``n_sample`` contexts drawn uniformly
     from its firings (``analysis.latent_samples``, shown by activation quantile), ``width`` tokens either
-    side."""
-    run, encoded, pair = analysis.run, analysis.encoded, analysis.pair
-    cc, store, factors = run.crosscoder, run.store, run.norm_factors
-    table = next(iter(analysis.tables.values()))
+    side (``gather``); then one index row and one page per live latent, written as data files."""
+    gathered = gather(analysis, n_top, n_sample, width, n_logits, tokens_per_batch)
+    table, store, pair = next(iter(analysis.tables.values())), analysis.run.store, analysis.pair
+    live = table.order.tolist()
+    index = [index_row(analysis, gathered, latent, rank) for rank, latent in enumerate(live, start=1)]
+    shards: dict[int, dict] = {}
+    for row in index:
+        shards.setdefault(row["latent"] // latents_per_shard, {})[row["latent"]] = latent_page(gathered, row, live)
+    vocab_ids = set(gathered.token_of.values())
+    for up, down in gathered.logits.values():
+        vocab_ids |= set(up.indices.flatten().tolist()) | set(down.indices.flatten().tolist())
+    decode = (lambda t: pair.tokenizer.decode([t])) if pair else str
+    meta = {
+        "latents_per_shard": latents_per_shard,
+        "run": str(analysis.run_dir),
+        "roles": model_roles(store.n_models),
+        "n_live": len(live),
+        "n_dead": table.kind.count("dead"),
+        "health": analysis.health.summary(),
+        "shards": sorted(shards),
+    }
     out = Path(out_dir) if out_dir else analysis.run_dir / "dashboard"
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(SITE, out)
     (out / "data").mkdir()
-    nu = {}
-    for scaling in A.exclusive_latent_scaling(cc, encoded, table).values():
-        nu.update(zip(scaling.latents.tolist(), zip(scaling.nu_error.tolist(), scaling.nu_reconstruction.tolist())))
-    mains = analysis.mains or {}
-    samples = A.latent_samples(encoded, n_top, n_sample)
-    live = table.order.tolist()
-
-    # contexts: the rows around each top and sampled firing, and the latent's activation on each
-    contexts: dict[int, dict] = {}
-    pairs = []
-    for latent in progress(live, desc="dashboard contexts"):
-        found = {}
-        for name, values, rows in (
-            ("top", samples.top_values, samples.top_rows),
-            ("sampled", samples.sample_values, samples.sample_rows),
-        ):
-            centres = rows[latent][rows[latent] >= 0]
-            windows = _windows(store, centres, width) if len(centres) else []
-            found[name] = list(zip(centres.tolist(), windows, values[latent][: len(centres)].tolist()))
-            pairs += [(latent, row) for window in windows for row in window]
-        contexts[latent] = found
-    activations = _activations_at(cc, store, factors, pairs, tokens_per_batch)
-    rows_needed = sorted({row for _, row in pairs})
-    token_of = dict(zip(rows_needed, store.token_ids(rows_needed).tolist())) if rows_needed else {}
-
-    # direct logit effects of each model's decoder vector (raw units), through that model's unembedding
-    roles = model_roles(store.n_models)
-    logits = {}
-    if pair:
-        for m, model in enumerate(pair.models):
-            effect = direct_logit_effect(model, run.raw.W_dec[live, m].to(model.device)).cpu()
-            up, down = effect.topk(n_logits, dim=1), (-effect).topk(n_logits, dim=1)
-            logits[roles[m]] = (up, down)
-
-    vocab_ids = set(token_of.values())
-    for up, down in logits.values():
-        vocab_ids |= set(up.indices.flatten().tolist()) | set(down.indices.flatten().tolist())
-    decode = (lambda t: pair.tokenizer.decode([t])) if pair else str
-    _script(out / "data/vocab.js", "VOCAB", {t: decode(t) for t in sorted(vocab_ids)})
-
-    index = []
-    shards: dict[int, dict] = {}
-    for rank, latent in enumerate(live, start=1):
-        top = contexts[latent]["top"]
-        row = {
-            "latent": latent,
-            "rank": rank,
-            "kind": table.kind[latent],
-            "difference": round(float(table.difference_score[latent]), 4),
-            "frequency": round(float(table.frequency[latent]), 6),
-            "relative_norm": round(float(table.relative_norm[latent]), 4),
-            "decoder_cosine": round(float(table.decoder_cosine[latent]), 4),
-            "nu_error": round(nu[latent][0], 4) if latent in nu else None,
-            "nu_reconstruction": round(nu[latent][1], 4) if latent in nu else None,
-            "explanation": analysis.explanations.text[latent],
-            "explanation_f1": round(float(analysis.explanations.f1[latent]), 3),
-            "fires_on": mains[latent][0] if latent in mains else "",
-            "context": [[token_of[r], activations[latent, r], r == top[0][0]] for r in top[0][1]] if top else [],
-        }
-        index.append(row)
-        page = {
-            **row,
-            "previous": live[rank - 2] if rank > 1 else None,
-            "next": live[rank] if rank < len(live) else None,
-            **{
-                name: [
-                    {
-                        "value": round(value, 4),
-                        "tokens": [[token_of[r], activations[latent, r], r] for r in window],
-                        "centre": centre,
-                    }
-                    for centre, window, value in contexts[latent][name]
-                ]
-                for name in ("top", "sampled")
-            },
-            "histogram": np.histogram(samples.sample_values[latent][samples.sample_rows[latent] >= 0].numpy(), bins=20)[
-                0
-            ].tolist(),
-            "histogram_max": float(samples.sample_values[latent].max()),
-            "logits": {
-                role: {
-                    "promoted": [
-                        [int(t), round(float(v), 3)] for t, v in zip(up.indices[rank - 1], up.values[rank - 1])
-                    ],
-                    "suppressed": [
-                        [int(t), round(-float(v), 3)] for t, v in zip(down.indices[rank - 1], down.values[rank - 1])
-                    ],
-                }
-                for role, (up, down) in logits.items()
-            },
-        }
-        shards.setdefault(latent // latents_per_shard, {})[latent] = page
-    _script(out / "data/index.js", "LATENTS", index)
-    _script(
-        out / "data/meta.js",
-        "META",
-        {
-            "latents_per_shard": latents_per_shard,
-            "run": str(analysis.run_dir),
-            "roles": roles,
-            "n_live": len(live),
-            "n_dead": table.kind.count("dead"),
-            "health": analysis.health.summary(),
-            "shards": sorted(shards),
-        },
-    )
+    write_data(out / "data/vocab.js", "VOCAB", {t: decode(t) for t in sorted(vocab_ids)})
+    write_data(out / "data/index.js", "LATENTS", index)
+    write_data(out / "data/meta.js", "META", meta)
     for number, pages in shards.items():
-        (out / f"data/shard_{number:04d}.js").write_text(
-            f"window.SHARDS = window.SHARDS || {{}}; window.SHARDS[{number}] = "
-            f"{json.dumps(pages, separators=(',', ':'))};\n"
-        )
+        write_data(out / f"data/shard_{number:04d}.js", "SHARDS", pages, number)
     return out
 
 
@@ -210,12 +240,12 @@ def contexts_html(dashboard: str | Path, latents, n_contexts: int = 3) -> str:
     """HTML of some latents' top contexts, shaded by activation, read from a built dashboard (for a
     notebook: ``IPython.display.HTML``)."""
     dashboard = Path(dashboard)
-    vocab = json.loads((dashboard / "data/vocab.js").read_text().split(" = ", 1)[1].rstrip(";\n"))
-    per_shard = json.loads((dashboard / "data/meta.js").read_text().split(" = ", 1)[1].rstrip(";\n"))
+    vocab = read_data(dashboard / "data/vocab.js", "VOCAB")
+    per_shard = read_data(dashboard / "data/meta.js", "META")["latents_per_shard"]
     parts = []
     for latent in latents:
-        shard = dashboard / f"data/shard_{latent // per_shard['latents_per_shard']:04d}.js"
-        page = json.loads(shard.read_text().split(" = ", 2)[2].rstrip(";\n"))[str(latent)]
+        number = latent // per_shard
+        page = read_data(dashboard / f"data/shard_{number:04d}.js", "SHARDS", number)[str(latent)]
         peak = max([context["value"] for context in page["top"]] + [1e-9])
         lines = []
         for context in page["top"][:n_contexts]:

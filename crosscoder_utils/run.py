@@ -164,6 +164,47 @@ def write_run(run_dir: Path, identity: dict, store: ActivationStore) -> str:
     return wandb_id
 
 
+class MetricsLog:
+    """Rank 0's metrics: metrics.jsonl (one line every ``log_every`` steps) and the wandb run; on other ranks
+    it writes nothing. A resume keeps the lines up to its checkpoint (a line a kill cut short is dropped with
+    the steps after it)."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, cc_cfg: CrossCoderConfig, store, wandb_id: str, start: int):
+        self.path, self.run, self.active = run_dir / "metrics.jsonl", None, distributed.rank() == 0
+        if not self.active:
+            return
+        lines = self.path.read_text().splitlines() if start and self.path.exists() else []
+        self.path.write_text("".join(line + "\n" for line in lines if logged_step(line) <= start))
+        if cfg.log_to != "none":
+            import wandb
+
+            self.run = wandb.init(
+                project=cfg.wandb_project,
+                dir=str(run_dir),
+                mode=cfg.log_to,
+                name=run_dir.name,
+                config={**cfg.to_dict(), **cc_cfg.to_dict(), "store": portable(store.path), **store_identity(store)},
+                resume="allow",
+                id=wandb_id,
+                settings=wandb.Settings(silent=True),  # its banner and summary would fill the report
+            )
+
+    def log(self, metrics: dict) -> None:
+        if self.active:
+            with self.path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if self.run:
+                self.run.log(metrics, step=metrics["step"])
+
+    def finish(self, cfg: TrainConfig) -> None:
+        if self.run:
+            self.run.finish()
+            print(
+                f"wandb ({cfg.log_to}) run {self.run.id} in {self.run.dir}"
+                + " (`wandb sync` uploads it)" * (cfg.log_to == "offline")
+            )
+
+
 def logged_step(line: str) -> float:
     """The step of a metrics.jsonl line; infinite for a line cut short."""
     try:

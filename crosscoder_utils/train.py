@@ -24,10 +24,19 @@ from .analysis.encoding import encode
 from .analysis.health import connected_groups, dictionary_health, same_decoder_pairs
 from .config import CollectConfig, CrossCoderConfig, TrainConfig
 from .crosscoder import CrossCoder, finite
-from .files import portable, write_json
+from .files import write_json
 from .normalize import load_norm_factors
 from .notebook import progress
-from .run import diverged, export, load_checkpoint, logged_step, prepare_run, save_checkpoint, store_identity, write_run
+from .run import (
+    MetricsLog,
+    diverged,
+    export,
+    finished,
+    load_checkpoint,
+    prepare_run,
+    save_checkpoint,
+    write_run,
+)
 from .source import ModelSource
 from .store import ActivationStore
 
@@ -226,6 +235,50 @@ class Objective(nn.Module):
         return self.model.losses(x, l1_coeff=l1_coeff, k=k)
 
 
+def step_metrics(out, step: int, l1_coeff: float, lr: float, model: CrossCoder, device: str) -> dict:
+    """A logged step's metrics: the losses averaged over the ranks, the schedules' values, the fraction of
+    latents silent for ``dead_tokens`` and, for BatchTopK, the inference threshold."""
+    values = out.metrics()
+    averaged = distributed.all_reduce(torch.tensor(list(values.values()), device=device)) / distributed.world_size()
+    metrics = {
+        "step": step,
+        **dict(zip(values, averaged.tolist())),
+        "l1_coeff": l1_coeff,
+        "lr": lr,
+        "dead_fraction": model.dead_latents().float().mean().item(),
+    }
+    if model.cfg.variant == "batchtopk":
+        metrics["threshold"] = model.threshold.item()
+    return metrics
+
+
+def initial_model(cfg: TrainConfig, cc_cfg: CrossCoderConfig, source, factors: torch.Tensor, device: str) -> CrossCoder:
+    """The crosscoder before its first step, seeded: random, or (``init="data"``) from a sample of the source,
+    refused naming the store row when the sample is not finite."""
+    torch.manual_seed(cfg.seed)
+    model = CrossCoder(cc_cfg).to(device).train()
+    if cfg.init == "data":
+        n_rows = cc_cfg.dict_size + 4096
+        sample = source.sample(n_rows, seed=cfg.seed)
+        if isinstance(source, ActivationStore) and not torch.isfinite(sample).all():
+            rows = source.sample_rows(n_rows, seed=cfg.seed)
+            raise not_finite_in_store(source, nonfinite_row(source, rows), "the sample of the data init")
+        data_init(model, (sample * factors[None, :, None]).to(device))
+    model.sparse_path = use_sparse_path(model, cfg, cfg.tokens_per_step // distributed.world_size(), device)
+    return model
+
+
+def held_out_store(source, run_dir: Path, factors: torch.Tensor) -> ActivationStore:
+    """The store 04 reads: the source itself, or from the models the held-out rows, written by rank 0 to
+    ``run_dir/heldout`` and then read by every rank."""
+    if isinstance(source, ActivationStore):
+        return source
+    if distributed.rank() == 0:
+        source.write_heldout(run_dir / "heldout", factors)
+    distributed.barrier()
+    return ActivationStore(run_dir / "heldout")
+
+
 def train_crosscoder(
     cfg: TrainConfig,
     source: ActivationStore | ModelSource,
@@ -245,79 +298,69 @@ def train_crosscoder(
     """
     run_dir = Path(run_dir).expanduser()
     device = distributed.init_from_env(cfg.device)
-    rank, world = distributed.rank(), distributed.world_size()
-    if cfg.tokens_per_step % world:
-        raise ValueError(f"tokens_per_step {cfg.tokens_per_step} does not split evenly over {world} processes")
+    if cfg.tokens_per_step % distributed.world_size():
+        raise ValueError(
+            f"tokens_per_step {cfg.tokens_per_step} does not split evenly over {distributed.world_size()} processes"
+        )
     from_store = isinstance(source, ActivationStore)
     factors = load_norm_factors(source) if from_store else source.norm_factors()
     cc_cfg, identity = prepare_run(cfg, cc_cfg, source, run_dir, factors)
-    if (run_dir / "crosscoder.safetensors").exists() and not cfg.overwrite:  # finished with these settings
+    if finished(run_dir, cfg.overwrite):  # with these settings (prepare_run checked them)
         return CrossCoder.load(run_dir, device)
     distributed.barrier()  # every rank has checked before rank 0 deletes
     if cfg.overwrite and distributed.rank() == 0:
         shutil.rmtree(run_dir, ignore_errors=True)
-    total_steps = cfg.total_steps
-    torch.manual_seed(cfg.seed)
-    model = CrossCoder(cc_cfg).to(device).train()
-    if cfg.init == "data":
-        n_rows = cc_cfg.dict_size + 4096
-        sample = source.sample(n_rows, seed=cfg.seed)
-        if from_store and not torch.isfinite(sample).all():
-            rows = source.sample_rows(n_rows, seed=cfg.seed)
-            raise not_finite_in_store(source, nonfinite_row(source, rows), "the sample of the data init")
-        data_init(model, (sample * factors[None, :, None]).to(device))
-    model.sparse_path = use_sparse_path(model, cfg, cfg.tokens_per_step // world, device)
+    model = initial_model(cfg, cc_cfg, source, factors, device)
     optimizer = torch.optim.Adam(  # fused: one kernel over all parameters (bench/bench_train.py)
         model.parameters(), lr=cfg.resolved_lr(), betas=(cfg.beta1, cfg.beta2), fused=True
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, total_steps, cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, cfg.total_steps, cfg))
     start = load_checkpoint(run_dir, model, optimizer, scheduler, device) if cfg.resume else 0
     began = time.perf_counter()
     if start and from_store and not source.remote:  # a resume reads the store again: check its shards
         source.verify()
-    if from_store:
-        store = source
-    else:  # the held-out rows, for 04: written by rank 0, then read by every rank
-        if rank == 0:
-            source.write_heldout(run_dir / "heldout", factors)
-        distributed.barrier()
-        store = ActivationStore(run_dir / "heldout")
-    wandb_id = write_run(run_dir, identity, store)
+    store = held_out_store(source, run_dir, factors)
+    log = MetricsLog(run_dir, cfg, cc_cfg, store, write_run(run_dir, identity, store), start)
+    first_bad = train_steps(model, optimizer, scheduler, source, cfg, start, log, run_dir, factors)
+    seconds = time.perf_counter() - began
+    model.eval()
+    refuse_nonfinite(first_bad, source, cfg, run_dir)
+    if not finite(model.state_dict()):
+        raise FloatingPointError(diverged(run_dir, cfg.total_steps, "the weights are not finite"))
+    if distributed.rank() == 0:
+        export(model, factors, run_dir)
+        write_json(run_dir / "timing.json", {"seconds": seconds, "steps": cfg.total_steps - start})
+        report_health(model, store, factors, cfg, run_dir, log.run)
+        log.finish(cfg)
+        (run_dir / "train.lock").unlink()
+    distributed.barrier()
+    return model
+
+
+def train_steps(
+    model: CrossCoder,
+    optimizer: torch.optim.Adam,
+    scheduler,
+    source: ActivationStore | ModelSource,
+    cfg: TrainConfig,
+    start: int,
+    log: MetricsLog,
+    run_dir: Path,
+    factors: torch.Tensor,
+) -> torch.Tensor:
+    """Steps ``start`` to the end, with resampling, logging every ``log_every`` steps and checkpoints every
+    ``save_every``; a non-finite loss is refused at the first of these after it. Returns the device flag of the
+    first step whose loss was not finite (-1: none), kept without a host sync."""
+    rank, world, device = distributed.rank(), distributed.world_size(), str(model.W_dec.device)
+    total_steps, cc_cfg = cfg.total_steps, model.cfg
     objective = Objective(model)
     if world > 1:
         objective = DistributedDataParallel(
             objective, forward_sync_buffers=False, device_ids=[device] if device.startswith("cuda") else None
         )
-    metrics_file, run = run_dir / "metrics.jsonl", None
-    if rank == 0:
-        kept = (  # a line a kill cut short is dropped with the steps after the checkpoint
-            [line for line in metrics_file.read_text().splitlines() if logged_step(line) <= start]
-            if start and metrics_file.exists()
-            else []
-        )
-        metrics_file.write_text("".join(line + "\n" for line in kept))
-        if cfg.log_to != "none":
-            import wandb
-
-            run = wandb.init(
-                project=cfg.wandb_project,
-                dir=str(run_dir),
-                mode=cfg.log_to,
-                name=run_dir.name,
-                config={**cfg.to_dict(), **cc_cfg.to_dict(), "store": portable(store.path), **store_identity(store)},
-                resume="allow",
-                id=wandb_id,
-                settings=wandb.Settings(silent=True),  # its banner and summary would fill the report
-            )
     scale = factors[None, :, None].to(device)
-    first_bad = torch.tensor(-1, device=device)  # the first step whose loss is not finite, kept without a host sync
-    bar = progress(
-        range(start, total_steps),
-        initial=start,
-        total=total_steps,
-        desc="training",
-        disable=rank > 0,
-    )
+    first_bad = torch.tensor(-1, device=device)
+    bar = progress(range(start, total_steps), initial=start, total=total_steps, desc="training", disable=rank > 0)
     for step, x in zip(bar, training_batches(source, cfg, start, process=(rank, world))):
         x = x.to(device, non_blocking=True) * scale
         l1_coeff = l1_coeff_at(step, total_steps, cfg, cc_cfg.l1_coeff)
@@ -333,27 +376,8 @@ def train_crosscoder(
             resample_latents(model, optimizer, distributed.all_gather_cat(x))
         if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
             refuse_nonfinite(first_bad, source, cfg, run_dir)
-            values = out.metrics()  # averaged over the ranks
-            values = dict(
-                zip(
-                    values,
-                    (distributed.all_reduce(torch.tensor(list(values.values()), device=device)) / world).tolist(),
-                )
-            )
-            metrics = {
-                "step": step + 1,
-                **values,
-                "l1_coeff": l1_coeff,
-                "lr": scheduler.get_last_lr()[0],
-                "dead_fraction": model.dead_latents().float().mean().item(),
-            }
-            if cc_cfg.variant == "batchtopk":
-                metrics["threshold"] = model.threshold.item()
-            if rank == 0:
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-                if run:
-                    run.log(metrics, step=step + 1)
+            metrics = step_metrics(out, step + 1, l1_coeff, scheduler.get_last_lr()[0], model, device)
+            log.log(metrics)
             bar.set_postfix(
                 loss=f"{metrics['loss']:.3g}", L0=f"{metrics['l0']:.1f}", EV=f"{metrics['explained_variance']:.3f}"
             )
@@ -364,24 +388,7 @@ def train_crosscoder(
             if rank == 0:
                 save_checkpoint(run_dir, model, optimizer, scheduler, step + 1)
             distributed.barrier()
-    seconds = time.perf_counter() - began
-    model.eval()
-    refuse_nonfinite(first_bad, source, cfg, run_dir)
-    if not finite(model.state_dict()):
-        raise FloatingPointError(diverged(run_dir, total_steps, "the weights are not finite"))
-    if rank == 0:
-        export(model, factors, run_dir)
-        write_json(run_dir / "timing.json", {"seconds": seconds, "steps": total_steps - start})
-        report_health(model, store, factors, cfg, run_dir, run)
-        if run:
-            run.finish()
-            print(
-                f"wandb ({cfg.log_to}) run {wandb_id} in {run.dir}"
-                + " (`wandb sync` uploads it)" * (cfg.log_to == "offline")
-            )
-        (run_dir / "train.lock").unlink()
-    distributed.barrier()
-    return model
+    return first_bad
 
 
 def report_health(

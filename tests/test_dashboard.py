@@ -14,7 +14,7 @@ from playwright.sync_api import sync_playwright
 
 from crosscoder_utils import CrossCoderConfig, TrainConfig
 from crosscoder_utils.analysis import analyse
-from crosscoder_utils.dashboard import build_dashboard, contexts_html
+from crosscoder_utils.dashboard import build_dashboard, contexts_html, read_data
 from crosscoder_utils.run import load_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -103,7 +103,7 @@ def test_a_latent_page_shows_its_activations(dashboard, browser):
 
 def test_contexts_render_inline_for_a_notebook(dashboard):
     _, site = dashboard
-    latent = int((site / "data/index.js").read_text().split('"latent":', 2)[1].split(",")[0])
+    latent = read_data(site / "data/index.js", "LATENTS")[0]["latent"]  # the top of the ranking
     snippet = contexts_html(site, [latent], n_contexts=2)
     assert f"latent {latent}</a>" in snippet and snippet.count("<div") == 2
 
