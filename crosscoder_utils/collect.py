@@ -62,6 +62,19 @@ def load_texts(dataset: str | list, split: str, text_column: str, tokenizer) -> 
     return column
 
 
+def documents(cfg: CollectConfig, tokenizer) -> Iterator[list[int]]:
+    """The token ids of each document of ``cfg``'s dataset, as collection reads them (``tokenize``)."""
+    return tokenize(load_texts(cfg.dataset, cfg.split, cfg.text_column, tokenizer), tokenizer, cfg.seq_len)
+
+
+def collection_settings(store: ActivationStore, what: str) -> CollectConfig:
+    """The settings a store was collected from models with (01); refused, saying ``what`` needs them, for a
+    store written from arrays."""
+    if not store.collected_from_models:
+        raise ValueError(f"{what} needs a store collected from models (not from_arrays)")
+    return CollectConfig.from_dict(store.meta["settings"])
+
+
 def tokenize(texts: Iterable[str], tokenizer, seq_len: int | None) -> Iterator[list[int]]:
     """Token ids of each non-empty text, BOS first where the tokenizer has one, truncated to seq_len (None: whole)."""
     bos = tokenizer.bos_token_id
@@ -154,8 +167,7 @@ def iter_activations(
     ``skip_sequences``) that fall to this rank, round robin; the sequence numbers stay global."""
     rank, world = process
     tokenizer = traced.pair.tokenizer
-    texts = load_texts(cfg.dataset, cfg.split, cfg.text_column, tokenizer)
-    sequences = itertools.islice(enumerate(tokenize(texts, tokenizer, cfg.seq_len)), skip_sequences, None)
+    sequences = itertools.islice(enumerate(documents(cfg, tokenizer)), skip_sequences, None)
     mine = ((i, ids) for i, ids in sequences if (i - skip_sequences) // cfg.seqs_per_shard % world == rank)
     while batch := list(itertools.islice(mine, cfg.seqs_per_batch)):
         numbers, batch = zip(*batch)
@@ -188,7 +200,7 @@ def check_inputs(store: ActivationStore, pair: ModelPair | None = None) -> None:
     """Refuse a store whose models or dataset changed since it was collected (``input_identity``), naming
     what changed: what is computed from the models again (04's per-token KL, the spliced-in loss) would
     otherwise mix two versions."""
-    cfg = CollectConfig.from_dict(store.meta["settings"])
+    cfg = collection_settings(store, "checking its inputs")
     pair = pair or load_model_pair(cfg.base_model, cfg.finetuned_model, revision=cfg.revision)
     changed = differing_keys(store.meta["identity"], input_identity(cfg, pair))
     if changed:
@@ -204,8 +216,7 @@ def preflight(traced: TracedPair, cfg: CollectConfig) -> int:
     Refuses a pair whose widths at the site differ, data with no tokens, and exclusions that leave no
     token of the first batch (an unknown site or layer was already refused when the pair was traced)."""
     pair = traced.pair
-    texts = load_texts(cfg.dataset, cfg.split, cfg.text_column, pair.tokenizer)
-    first = list(itertools.islice(tokenize(texts, pair.tokenizer, cfg.seq_len), cfg.seqs_per_batch))
+    first = list(itertools.islice(documents(cfg, pair.tokenizer), cfg.seqs_per_batch))
     if not first:
         name = cfg.dataset if isinstance(cfg.dataset, str) else "list"
         raise ValueError(

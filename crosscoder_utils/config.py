@@ -411,14 +411,20 @@ class TrainConfig(ConfigBase):
             raise ValueError(f"train_tokens ({self.train_tokens}) is less than one step ({self.tokens_per_step})")
 
 
+EXCLUSIVE_SHARE = 0.9
+"""The default share of a latent that makes it exclusive to a model (``AnalysisConfig.exclusive_share``)."""
+CHANGED_COSINE = 0.5
+"""The default decoder cosine below which a latent in both models is ``changed`` (``AnalysisConfig``)."""
+
+
 @dataclass
 class AnalysisConfig(ConfigBase):
     """How 04_analyze reads a run (``analysis.analyse``) and what its report shows; 04's parameters are these
     fields (and the run, organism, device and display parameters)."""
 
-    exclusive_share: float = 0.9
+    exclusive_share: float = EXCLUSIVE_SHARE
     """A latent is exclusive to a model holding at least this share of it (Latent Scaling, else decoder norms)."""
-    changed_cosine: float = 0.5
+    changed_cosine: float = CHANGED_COSINE
     """A latent in both models whose decoder cosine is below this is ``changed``."""
     n_top: int = 20
     """Latents of the ranking in the verdict (one per duplicate group)."""

@@ -121,7 +121,7 @@ def index_row(analysis: A.Analysis, gathered: Gathered, latent: int, rank: int) 
         "latent": latent,
         "rank": rank,
         "kind": table.kind[latent],
-        "difference": round(float(table.difference_score[latent]), 4),
+        "difference_score": round(float(table.difference_score[latent]), 4),
         "frequency": round(float(table.frequency[latent]), 6),
         "relative_norm": round(float(table.relative_norm[latent]), 4),
         "decoder_cosine": round(float(table.decoder_cosine[latent]), 4),
@@ -258,8 +258,9 @@ def contexts_html(dashboard: str | Path, latents, n_contexts: int = 3) -> str:
             lines.append(f"<div style='font-family: monospace; white-space: pre'>{spans}</div>")
         link = (dashboard / "latent.html").resolve().as_uri() + f"#{latent}"
         parts.append(
-            f"<p><a href='{link}'>latent {latent}</a> · rank {page['rank']} · {page['kind']} · "
-            f"KL where it fires {page['difference']:.2f} · frequency {page['frequency']:.3%}</p>" + "".join(lines)
+            f"<p><a href='{link}'>latent {latent}</a> · rank {page['rank']} · {page['kind']} · difference score "
+            f"{page['difference_score']:.2f} (KL where it fires) · frequency {page['frequency']:.3%}</p>"
+            + "".join(lines)
         )
     return "\n".join(parts)
 
@@ -273,7 +274,7 @@ def show_prompt(run_dir: str | Path, text: str, n_latents: int = 3, device: str 
 
     run = load_run(run_dir, device)
     store = run.store
-    if not store.meta["site"]:
+    if not store.collected_from_models:
         raise ValueError(f"the store of {run_dir} was not collected from models: there are no models to run")
     pair = load_model_pair(*store.meta["models"], device=device)
     traced = TracedPair(pair, store.meta["site"], store.meta["layer"])

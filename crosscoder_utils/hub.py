@@ -27,7 +27,7 @@ def model_card(run: Run, repo_id: str) -> str:
     front = {
         "library_name": "crosscoder_utils",
         "tags": ["crosscoder", "model-diffing", "sparse-autoencoder", "interpretability"],
-        "base_model": hub(meta["models"]) if meta.get("site") else None,
+        "base_model": hub(meta["models"]) if run.store.collected_from_models else None,
         "datasets": hub([dataset.get("name")]),
         "crosscoder": {  # what CrossCoder.load reads into ``provenance``
             "models": meta["models"],

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .analysis import DifferenceTable, kind_name, random_pair_cosines, relative_decoder_norms
-from .config import model_roles
+from .config import EXCLUSIVE_SHARE, model_roles
 from .crosscoder import CrossCoder
 from .synthetic import GroundTruth, Recovery
 
@@ -158,7 +158,7 @@ def difference_map(table: DifferenceTable, labels: dict[int, str] | None = None,
     return save(fig, path)
 
 
-def relative_norms(table: DifferenceTable, cc: CrossCoder, exclusive_share: float = 0.9, path=None):
+def relative_norms(table: DifferenceTable, cc: CrossCoder, exclusive_share: float = EXCLUSIVE_SHARE, path=None):
     """Histogram of the live latents' relative decoder norms, stacked by kind, with the edges where decoder
     norms alone would label a latent exclusive; designated shared latents and each model's dedicated latents
     (when the crosscoder has them) as their own groups."""
@@ -256,7 +256,7 @@ def latent_scaling(scalings: dict, path=None):
 
 
 def relative_norms_by_truth(
-    cc: CrossCoder, truth: GroundTruth, recovery: Recovery, exclusive_share: float = 0.9, path=None
+    cc: CrossCoder, truth: GroundTruth, recovery: Recovery, exclusive_share: float = EXCLUSIVE_SHARE, path=None
 ):
     """The relative-norm histogram, each latent coloured by the kind of the true feature it matches."""
     relative = relative_decoder_norms(cc)[:, 1].numpy()

@@ -52,18 +52,20 @@ def store_identity(store: ActivationStore) -> dict:
     return {**{k: store.meta.get(k) for k in keys}, "window_rows": store.window_rows}
 
 
-def save_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, step: int, keep: int = 2) -> None:
+def save_checkpoint(run_dir: Path, crosscoder: CrossCoder, optimizer, scheduler, step: int, keep: int = 2) -> None:
     """Write checkpoints/step_N atomically (a temporary folder renamed) and read its weights back; only then
     drop the checkpoints older than the ``keep`` newest, so a damaged newest one still has one before it."""
     checkpoints = run_dir / "checkpoints"
     tmp = checkpoints / f".tmp_step_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save(tmp)
+    crosscoder.save(tmp)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    torch.save({"step": step, "torch_rng": torch.get_rng_state(), "sparse_path": model.sparse_path}, tmp / "state.pt")
+    torch.save(
+        {"step": step, "torch_rng": torch.get_rng_state(), "sparse_path": crosscoder.sparse_path}, tmp / "state.pt"
+    )
     written = load_file(tmp / "crosscoder.safetensors")
-    if any(not torch.equal(written[k], v.cpu()) for k, v in model.state_dict().items()):
+    if any(not torch.equal(written[k], v.cpu()) for k, v in crosscoder.state_dict().items()):
         raise OSError(
             f"{tmp / 'crosscoder.safetensors'} does not read back as written; the checkpoints before it are kept"
         )
@@ -73,8 +75,8 @@ def save_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, step
         shutil.rmtree(old)
 
 
-def load_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, device: str) -> int:
-    """Load the newest readable checkpoint into the model, optimizer and scheduler, and the RNG state; returns
+def load_checkpoint(run_dir: Path, crosscoder: CrossCoder, optimizer, scheduler, device: str) -> int:
+    """Load the newest readable checkpoint into the crosscoder, optimizer and scheduler, and the RNG state; returns
     its step (0 when there is none). A damaged checkpoint is skipped with a warning naming it."""
     for checkpoint in sorted((run_dir / "checkpoints").glob("step_*"), reverse=True):
         try:
@@ -83,14 +85,14 @@ def load_checkpoint(run_dir: Path, model: CrossCoder, optimizer, scheduler, devi
             state = torch.load(checkpoint / "state.pt", weights_only=True)
             if not finite(weights):
                 raise ValueError("non-finite weights")
-            model.load_state_dict(weights)
+            crosscoder.load_state_dict(weights)
         except Exception as error:  # a truncated or damaged file: fall back to the checkpoint before it
             warnings.warn(f"checkpoint {checkpoint} cannot be used ({error}); trying the one before it", stacklevel=3)
             continue
         optimizer.load_state_dict(states["optimizer"])
         scheduler.load_state_dict(states["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        model.sparse_path = state["sparse_path"]  # the path the run took, whatever auto would measure now
+        crosscoder.sparse_path = state["sparse_path"]  # the path the run took, whatever auto would measure now
         return state["step"]
     return 0
 
@@ -223,11 +225,11 @@ def diverged(run_dir: Path, step: int, what: str) -> str:
     )
 
 
-def export(model: CrossCoder, factors: torch.Tensor, run_dir: Path) -> None:
+def export(crosscoder: CrossCoder, factors: torch.Tensor, run_dir: Path) -> None:
     """The final crosscoder in normalised units (run_dir) and with the factors folded in (run_dir/raw)."""
-    model.save(run_dir)
+    crosscoder.save(run_dir)
     write_json(run_dir / "norm_factors.json", {"norm_factors": factors.tolist()})
-    model.fold_norm_factors(factors).save(run_dir / "raw")
+    crosscoder.fold_norm_factors(factors).save(run_dir / "raw")
 
 
 class Run(NamedTuple):

@@ -26,13 +26,12 @@ from . import distributed
 from .collect import (
     ActivationBatch,
     TracedPair,
+    documents,
     input_identity,
     iter_activations,
     keep_mask,
-    load_texts,
     preflight,
     store_meta,
-    tokenize,
 )
 from .config import CollectConfig, check_range
 from .models import ModelPair, load_model_pair
@@ -93,9 +92,7 @@ class ModelSource:
         block that reaches ``n_tokens`` cut there."""
         cfg, tokenizer = self.cfg, self.pair.tokenizer
         counts, total = [], 0
-        for i, ids in enumerate(
-            tokenize(load_texts(cfg.dataset, cfg.split, cfg.text_column, tokenizer), tokenizer, cfg.seq_len)
-        ):
+        for i, ids in enumerate(documents(cfg, tokenizer)):
             if total >= cfg.n_tokens:
                 break
             ids = torch.tensor([ids])

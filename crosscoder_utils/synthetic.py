@@ -18,7 +18,7 @@ from einops import einsum
 
 from .analysis import kind_name, latent_kinds
 from .analysis.encoding import Encoded
-from .config import ConfigBase, CrossCoderConfig, TrainConfig, check_range
+from .config import EXCLUSIVE_SHARE, ConfigBase, CrossCoderConfig, TrainConfig, check_range
 from .crosscoder import CrossCoder
 
 
@@ -176,7 +176,7 @@ def score(
     truth: GroundTruth,
     norm_factors: torch.Tensor,
     cos_threshold: float = 0.9,
-    exclusive_share: float = 0.9,
+    exclusive_share: float = EXCLUSIVE_SHARE,
     encoded: Encoded | None = None,
 ) -> Recovery:
     """Recovery and classification of the true features by a crosscoder trained in normalised units.

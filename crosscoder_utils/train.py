@@ -119,7 +119,7 @@ SPARSE_CHOICES: dict[tuple, bool] = {}
 """use_sparse_path's measured choices, per shape and device."""
 
 
-def use_sparse_path(model: CrossCoder, cfg: TrainConfig, rows: int, device: str) -> bool:
+def use_sparse_path(crosscoder: CrossCoder, cfg: TrainConfig, rows: int, device: str) -> bool:
     """Whether BatchTopK training takes the sparse path: as ``cfg.sparse_path`` says, or with ``auto`` on a CPU
     the sparse path (faster there at every shape measured, and a choice by timing would make CPU runs
     depend on it), on a GPU whichever of the sparse and the dense step (forward and backward, bf16 autocast)
@@ -127,13 +127,13 @@ def use_sparse_path(model: CrossCoder, cfg: TrainConfig, rows: int, device: str)
     sparse step's cost grows with k, the dense one's does not; k annealing raises k early on); cached per
     shape and device, and every rank takes rank 0's choice."""
     on_cuda = device.startswith("cuda")
-    if model.cfg.variant != "batchtopk" or cfg.sparse_path != "auto" or not on_cuda:
+    if crosscoder.cfg.variant != "batchtopk" or cfg.sparse_path != "auto" or not on_cuda:
         return cfg.sparse_path != "off"
-    c = model.cfg
+    c = crosscoder.cfg
     k = round(sum(k_at(step, cfg.total_steps, cfg, c) for step in range(cfg.total_steps)) / cfg.total_steps)
     key = (torch.cuda.get_device_name(device), rows, c.n_models, c.d_model, c.dict_size, k)
     if key not in SPARSE_CHOICES:
-        trial = copy.deepcopy(model)
+        trial = copy.deepcopy(crosscoder)
         x = torch.randn(rows, c.n_models, c.d_model, generator=torch.Generator().manual_seed(0)).to(device)
         seconds = {}
         for sparse in (True, False):
@@ -152,7 +152,7 @@ def use_sparse_path(model: CrossCoder, cfg: TrainConfig, rows: int, device: str)
 
 
 @torch.no_grad()
-def data_init(model: CrossCoder, x: torch.Tensor) -> None:
+def data_init(crosscoder: CrossCoder, x: torch.Tensor) -> None:
     """Decoder vectors from centred activations of tokens distinct in value (each model's half from the same
     token, so a latent starts where real paired activations lie), each scaled to dec_init_norm; the encoder
     is the decoder's transpose; b_dec is the mean activation. x: [>= dict_size, n_models, d_model] normalised.
@@ -164,15 +164,17 @@ def data_init(model: CrossCoder, x: torch.Tensor) -> None:
     _, group = torch.unique(x.flatten(1), dim=0, return_inverse=True)
     first = torch.full((int(group.max()) + 1,), len(x), device=x.device)
     first = first.scatter_reduce(0, group, torch.arange(len(x), device=x.device), "amin").sort().values
-    rows = x[first[: model.cfg.dict_size]] - mean
-    model.W_dec[: len(rows)] = rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-6) * model.cfg.dec_init_norm
-    model.W_enc.copy_(rearrange(model.W_dec, "latent model d -> model d latent"))
-    model.b_dec.copy_(mean)
-    model.apply_partition_()
+    rows = x[first[: crosscoder.cfg.dict_size]] - mean
+    crosscoder.W_dec[: len(rows)] = (
+        rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-6) * crosscoder.cfg.dec_init_norm
+    )
+    crosscoder.W_enc.copy_(rearrange(crosscoder.W_dec, "latent model d -> model d latent"))
+    crosscoder.b_dec.copy_(mean)
+    crosscoder.apply_partition_()
 
 
 @torch.no_grad()
-def resample_latents(model: CrossCoder, optimizer: torch.optim.Adam, x: torch.Tensor) -> int:
+def resample_latents(crosscoder: CrossCoder, optimizer: torch.optim.Adam, x: torch.Tensor) -> int:
     """Re-initialise dead and duplicate latents towards badly reconstructed tokens; returns how many.
 
     Dead: silent for the crosscoder's ``dead_tokens``. Duplicate: in a group of live latents with nearly the
@@ -188,36 +190,36 @@ def resample_latents(model: CrossCoder, optimizer: torch.optim.Adam, x: torch.Te
     residual's proportions (so a residual living in one model starts an exclusive latent), scaled to the
     norm a random latent starts with; the encoder is the decoder direction at 0.2 × the mean encoder norm of
     the live latents; b_enc and the latents' Adam moments are zeroed. x: [batch, n_models, d_model]."""
-    was_training = model.training
-    model.eval()
-    f = model.encode(x)
-    residual = x - model.decode(f)
-    model.train(was_training)
-    dead = model.dead_latents()
-    written = f.sum(0) * model.decoder_norms().sum(-1)
-    for group in connected_groups(same_decoder_pairs(model.W_dec), ~dead):
+    was_training = crosscoder.training
+    crosscoder.eval()
+    f = crosscoder.encode(x)
+    residual = x - crosscoder.decode(f)
+    crosscoder.train(was_training)
+    dead = crosscoder.dead_latents()
+    written = f.sum(0) * crosscoder.decoder_norms().sum(-1)
+    for group in connected_groups(same_decoder_pairs(crosscoder.W_dec), ~dead):
         group = torch.tensor(group, device=x.device)
         dead[group[group != group[written[group].argmax()]]] = True
     alive = ~dead
     dead = dead.nonzero().squeeze(1)
-    if len(dead) == 0 or len(dead) == model.cfg.dict_size:
+    if len(dead) == 0 or len(dead) == crosscoder.cfg.dict_size:
         return 0
     error = residual.pow(2).sum((1, 2))
     rows = torch.multinomial(error / error.sum(), len(dead), replacement=len(dead) > len(x))
     direction = residual[rows].flatten(1)
     direction = direction / direction.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    n_models = model.cfg.n_models
-    model.W_dec[dead] = rearrange(
-        direction * model.cfg.dec_init_norm * n_models**0.5, "latent (model d) -> latent model d", model=n_models
+    n_models = crosscoder.cfg.n_models
+    crosscoder.W_dec[dead] = rearrange(
+        direction * crosscoder.cfg.dec_init_norm * n_models**0.5, "latent (model d) -> latent model d", model=n_models
     )
-    alive_norm = model.W_enc.flatten(0, 1)[:, alive].norm(dim=0).mean()
-    model.W_enc[:, :, dead] = rearrange(
+    alive_norm = crosscoder.W_enc.flatten(0, 1)[:, alive].norm(dim=0).mean()
+    crosscoder.W_enc[:, :, dead] = rearrange(
         direction * 0.2 * alive_norm, "latent (model d) -> model d latent", model=n_models
     )
-    model.b_enc[dead] = 0
-    model.apply_partition_()
-    model.tokens_since_fired[dead] = 0
-    for param, dim in ((model.W_dec, 0), (model.W_enc, 2), (model.b_enc, 0)):
+    crosscoder.b_enc[dead] = 0
+    crosscoder.apply_partition_()
+    crosscoder.tokens_since_fired[dead] = 0
+    for param, dim in ((crosscoder.W_dec, 0), (crosscoder.W_enc, 2), (crosscoder.b_enc, 0)):
         for moment in optimizer.state[param].values():
             if moment.dim():
                 moment.index_fill_(dim, dead, 0)
@@ -227,15 +229,15 @@ def resample_latents(model: CrossCoder, optimizer: torch.optim.Adam, x: torch.Te
 class Objective(nn.Module):
     """The crosscoder's losses as a forward pass, so DistributedDataParallel can wrap them."""
 
-    def __init__(self, model: CrossCoder):
+    def __init__(self, crosscoder: CrossCoder):
         super().__init__()
-        self.model = model
+        self.crosscoder = crosscoder
 
     def forward(self, x: torch.Tensor, l1_coeff: float, k: int):
-        return self.model.losses(x, l1_coeff=l1_coeff, k=k)
+        return self.crosscoder.losses(x, l1_coeff=l1_coeff, k=k)
 
 
-def step_metrics(out, step: int, l1_coeff: float, lr: float, model: CrossCoder, device: str) -> dict:
+def step_metrics(out, step: int, l1_coeff: float, lr: float, crosscoder: CrossCoder, device: str) -> dict:
     """A logged step's metrics: the losses averaged over the ranks, the schedules' values, the fraction of
     latents silent for ``dead_tokens`` and, for BatchTopK, the inference threshold."""
     values = out.metrics()
@@ -245,27 +247,29 @@ def step_metrics(out, step: int, l1_coeff: float, lr: float, model: CrossCoder, 
         **dict(zip(values, averaged.tolist())),
         "l1_coeff": l1_coeff,
         "lr": lr,
-        "dead_fraction": model.dead_latents().float().mean().item(),
+        "dead_fraction": crosscoder.dead_latents().float().mean().item(),
     }
-    if model.cfg.variant == "batchtopk":
-        metrics["threshold"] = model.threshold.item()
+    if crosscoder.cfg.variant == "batchtopk":
+        metrics["threshold"] = crosscoder.threshold.item()
     return metrics
 
 
-def initial_model(cfg: TrainConfig, cc_cfg: CrossCoderConfig, source, factors: torch.Tensor, device: str) -> CrossCoder:
+def initial_crosscoder(
+    cfg: TrainConfig, cc_cfg: CrossCoderConfig, source, factors: torch.Tensor, device: str
+) -> CrossCoder:
     """The crosscoder before its first step, seeded: random, or (``init="data"``) from a sample of the source,
     refused naming the store row when the sample is not finite."""
     torch.manual_seed(cfg.seed)
-    model = CrossCoder(cc_cfg).to(device).train()
+    crosscoder = CrossCoder(cc_cfg).to(device).train()
     if cfg.init == "data":
         n_rows = cc_cfg.dict_size + 4096
         sample = source.sample(n_rows, seed=cfg.seed)
         if isinstance(source, ActivationStore) and not torch.isfinite(sample).all():
             rows = source.sample_rows(n_rows, seed=cfg.seed)
             raise not_finite_in_store(source, nonfinite_row(source, rows), "the sample of the data init")
-        data_init(model, (sample * factors[None, :, None]).to(device))
-    model.sparse_path = use_sparse_path(model, cfg, cfg.tokens_per_step // distributed.world_size(), device)
-    return model
+        data_init(crosscoder, (sample * factors[None, :, None]).to(device))
+    crosscoder.sparse_path = use_sparse_path(crosscoder, cfg, cfg.tokens_per_step // distributed.world_size(), device)
+    return crosscoder
 
 
 def held_out_store(source, run_dir: Path, factors: torch.Tensor) -> ActivationStore:
@@ -310,35 +314,35 @@ def train_crosscoder(
     distributed.barrier()  # every rank has checked before rank 0 deletes
     if cfg.overwrite and distributed.rank() == 0:
         shutil.rmtree(run_dir, ignore_errors=True)
-    model = initial_model(cfg, cc_cfg, source, factors, device)
+    crosscoder = initial_crosscoder(cfg, cc_cfg, source, factors, device)
     optimizer = torch.optim.Adam(  # fused: one kernel over all parameters (bench/bench_train.py)
-        model.parameters(), lr=cfg.resolved_lr(), betas=(cfg.beta1, cfg.beta2), fused=True
+        crosscoder.parameters(), lr=cfg.resolved_lr(), betas=(cfg.beta1, cfg.beta2), fused=True
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, cfg.total_steps, cfg))
-    start = load_checkpoint(run_dir, model, optimizer, scheduler, device) if cfg.resume else 0
+    start = load_checkpoint(run_dir, crosscoder, optimizer, scheduler, device) if cfg.resume else 0
     began = time.perf_counter()
     if start and from_store and not source.remote:  # a resume reads the store again: check its shards
         source.verify()
     store = held_out_store(source, run_dir, factors)
     log = MetricsLog(run_dir, cfg, cc_cfg, store, write_run(run_dir, identity, store), start)
-    first_bad = train_steps(model, optimizer, scheduler, source, cfg, start, log, run_dir, factors)
+    first_bad = train_steps(crosscoder, optimizer, scheduler, source, cfg, start, log, run_dir, factors)
     seconds = time.perf_counter() - began
-    model.eval()
+    crosscoder.eval()
     refuse_nonfinite(first_bad, source, cfg, run_dir)
-    if not finite(model.state_dict()):
+    if not finite(crosscoder.state_dict()):
         raise FloatingPointError(diverged(run_dir, cfg.total_steps, "the weights are not finite"))
     if distributed.rank() == 0:
-        export(model, factors, run_dir)
+        export(crosscoder, factors, run_dir)
         write_json(run_dir / "timing.json", {"seconds": seconds, "steps": cfg.total_steps - start})
-        report_health(model, store, factors, cfg, run_dir, log.run)
+        report_health(crosscoder, store, factors, cfg, run_dir, log.run)
         log.finish(cfg)
         (run_dir / "train.lock").unlink()
     distributed.barrier()
-    return model
+    return crosscoder
 
 
 def train_steps(
-    model: CrossCoder,
+    crosscoder: CrossCoder,
     optimizer: torch.optim.Adam,
     scheduler,
     source: ActivationStore | ModelSource,
@@ -351,9 +355,9 @@ def train_steps(
     """Steps ``start`` to the end, with resampling, logging every ``log_every`` steps and checkpoints every
     ``save_every``; a non-finite loss is refused at the first of these after it. Returns the device flag of the
     first step whose loss was not finite (-1: none), kept without a host sync."""
-    rank, world, device = distributed.rank(), distributed.world_size(), str(model.W_dec.device)
-    total_steps, cc_cfg = cfg.total_steps, model.cfg
-    objective = Objective(model)
+    rank, world, device = distributed.rank(), distributed.world_size(), str(crosscoder.W_dec.device)
+    total_steps, cc_cfg = cfg.total_steps, crosscoder.cfg
+    objective = Objective(crosscoder)
     if world > 1:
         objective = DistributedDataParallel(
             objective, forward_sync_buffers=False, device_ids=[device] if device.startswith("cuda") else None
@@ -368,31 +372,31 @@ def train_steps(
             out = objective(x, l1_coeff, k_at(step, total_steps, cfg, cc_cfg))
         first_bad = torch.where(torch.isfinite(out.loss.detach()) | (first_bad >= 0), first_bad, step)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(crosscoder.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if cfg.resample_every and (step + 1) % cfg.resample_every == 0 and step + 1 <= total_steps // 2:
-            resample_latents(model, optimizer, distributed.all_gather_cat(x))
+            resample_latents(crosscoder, optimizer, distributed.all_gather_cat(x))
         if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
             refuse_nonfinite(first_bad, source, cfg, run_dir)
-            metrics = step_metrics(out, step + 1, l1_coeff, scheduler.get_last_lr()[0], model, device)
+            metrics = step_metrics(out, step + 1, l1_coeff, scheduler.get_last_lr()[0], crosscoder, device)
             log.log(metrics)
             bar.set_postfix(
                 loss=f"{metrics['loss']:.3g}", L0=f"{metrics['l0']:.1f}", EV=f"{metrics['explained_variance']:.3f}"
             )
         if (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
             refuse_nonfinite(first_bad, source, cfg, run_dir)
-            if not finite(model.state_dict()):
+            if not finite(crosscoder.state_dict()):
                 raise FloatingPointError(diverged(run_dir, step + 1, "the weights are not finite"))
             if rank == 0:
-                save_checkpoint(run_dir, model, optimizer, scheduler, step + 1)
+                save_checkpoint(run_dir, crosscoder, optimizer, scheduler, step + 1)
             distributed.barrier()
     return first_bad
 
 
 def report_health(
-    model: CrossCoder, store: ActivationStore, factors: torch.Tensor, cfg: TrainConfig, run_dir: Path, run
+    crosscoder: CrossCoder, store: ActivationStore, factors: torch.Tensor, cfg: TrainConfig, run_dir: Path, run
 ) -> None:
     """Measure the dictionary's health on the store's first ``cfg.health_tokens`` held-out tokens: write
     health.json, put it in the wandb run's summary, and print it (with the fix past a threshold)."""
@@ -400,12 +404,12 @@ def report_health(
         print("dictionary health not measured: the store has no held-out rows (collect with val_fraction > 0)")
         return
     health = dictionary_health(
-        model, encode(model, store, factors, "val", max_tokens=cfg.health_tokens, device=cfg.device)
+        crosscoder, encode(crosscoder, store, factors, "val", max_tokens=cfg.health_tokens, device=cfg.device)
     )
     health.save(run_dir / "health.json")
     if run:
         run.summary.update({f"health/{name}": value for name, value in health.summary().items()})
-    print(health.report(model.cfg.variant))
+    print(health.report(crosscoder.cfg.variant))
 
 
 def training_data(source: str, store_dir: str | Path, collect: CollectConfig) -> str | Path | CollectConfig:

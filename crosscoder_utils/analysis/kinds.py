@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from einops import einsum
 
-from ..config import model_roles
+from ..config import CHANGED_COSINE, EXCLUSIVE_SHARE, model_roles
 from ..crosscoder import CrossCoder
 from .encoding import Encoded
 
@@ -56,7 +56,10 @@ def model_shares(cc: CrossCoder, encoded: Encoded | None = None) -> torch.Tensor
 
 
 def latent_kinds(
-    cc: CrossCoder, exclusive_share: float = 0.9, encoded: Encoded | None = None, models: tuple[int, ...] | None = None
+    cc: CrossCoder,
+    exclusive_share: float = EXCLUSIVE_SHARE,
+    encoded: Encoded | None = None,
+    models: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """int64 [dict_size]: m where model m holds at least ``exclusive_share`` of the latent (``model_shares``:
     by Latent Scaling with ``encoded``, else by decoder norm), else -1 (shared). With ``models``, the shares
@@ -70,7 +73,11 @@ def latent_kinds(
 
 
 def pair_kinds(
-    cc: CrossCoder, encoded: Encoded, model: int = 1, exclusive_share: float = 0.9, changed_cosine: float = 0.5
+    cc: CrossCoder,
+    encoded: Encoded,
+    model: int = 1,
+    exclusive_share: float = EXCLUSIVE_SHARE,
+    changed_cosine: float = CHANGED_COSINE,
 ) -> list[str]:
     """Each latent's kind between the base and fine-tune ``model``: ``dead`` never fires on the encoded
     tokens; ``<role>-only`` / ``base-only`` holds at least ``exclusive_share`` of the pair's share

@@ -10,8 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..collect import TracedPair, keep_mask, load_texts, tokenize
-from ..config import CollectConfig
+from ..collect import TracedPair, collection_settings, documents, keep_mask
 from ..crosscoder import CrossCoder
 from ..models import ModelPair
 from ..notebook import progress
@@ -47,16 +46,13 @@ def token_divergence(
     themselves. The split's documents are tokenised again from the store's dataset and run through both
     models, ``seqs_per_batch`` at a time (at Gemma-2-2B's 256k vocabulary and 1024-token documents, the
     float32 distributions of 4 take 29 GiB of GPU memory, of 16 88 GiB, for the same speed)."""
-    if "site" not in store.meta["settings"]:
-        raise ValueError("per-token divergence needs a store collected from models (not from_arrays)")
-    cfg = CollectConfig.from_dict(store.meta["settings"])
+    cfg = collection_settings(store, "per-token divergence")
     span = store.split_range(split)
     rows = np.arange(span.start, span.stop if max_tokens is None else min(span.stop, span.start + max_tokens))
     seq, pos = (t.numpy() for t in store.positions(rows))
     first, last = int(seq.min()), int(seq.max())
     tokenizer = pair.tokenizer
-    texts = load_texts(cfg.dataset, cfg.split, cfg.text_column, tokenizer)
-    sequences = list(itertools.islice(tokenize(texts, tokenizer, cfg.seq_len), first, last + 1))
+    sequences = list(itertools.islice(documents(cfg, tokenizer), first, last + 1))
     traced = TracedPair(pair, cfg.site, cfg.layer, "right")
     kl = torch.zeros(len(rows))
     for start in progress(range(0, len(sequences), seqs_per_batch), desc="per-token KL"):
@@ -126,21 +122,13 @@ def spliced_loss(
     ``raw_cc`` reads raw activations (``run_dir/raw``).
 
     Only the tokens the store kept are replaced (BOS and other exclusions stay clean, as in training)."""
-    if "site" not in store.meta["settings"]:
-        raise ValueError("spliced-in evaluation needs a store collected from models (not from_arrays)")
-    cfg = CollectConfig.from_dict(store.meta["settings"])
+    cfg = collection_settings(store, "spliced-in evaluation")
     tokenizer = pair.tokenizer
-    documents = lambda first: list(
-        itertools.islice(
-            tokenize(load_texts(cfg.dataset, cfg.split, cfg.text_column, tokenizer), tokenizer, cfg.seq_len),
-            first,
-            first + n_sequences,
-        )
-    )
-    sequences = documents(int(store.positions([len(store) - 1])[0]) + 1)
+    held_out = lambda first: list(itertools.islice(documents(cfg, tokenizer), first, first + n_sequences))
+    sequences = held_out(int(store.positions([len(store) - 1])[0]) + 1)
     val = store.split_range("val")
     if not sequences and len(val):  # the store used every document: its val documents were never trained on
-        sequences = documents(int(store.positions([val.start])[0]))
+        sequences = held_out(int(store.positions([val.start])[0]))
     if not sequences:
         raise ValueError("no held-out documents: the store used every document of its dataset and has no val split")
     traced = TracedPair(pair, cfg.site, cfg.layer, "right")

@@ -56,7 +56,7 @@ def analyse(
     latent's explanation and, with ``organism_dir``, the planted behaviours' latents."""
     run = load_run(run_dir)
     store = run.store
-    pair = load_model_pair(*store.meta["models"], device=device) if store.meta["site"] else None
+    pair = load_model_pair(*store.meta["models"], device=device) if store.collected_from_models else None
     if pair:
         check_inputs(store, pair)  # the models and data are still those the store was collected from
     divergence = token_divergence(pair, store, run.norm_factors, max_tokens=cfg.max_tokens) if pair else None

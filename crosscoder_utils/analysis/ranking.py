@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
+from ..config import CHANGED_COSINE, EXCLUSIVE_SHARE
 from ..crosscoder import CrossCoder
 from ..store import ActivationStore
 from .contexts import LatentSamples, context
@@ -74,8 +75,8 @@ def difference_table(
     encoded: Encoded,
     divergence: TokenDivergence | None = None,
     model: int = 1,
-    exclusive_share: float = 0.9,
-    changed_cosine: float = 0.5,
+    exclusive_share: float = EXCLUSIVE_SHARE,
+    changed_cosine: float = CHANGED_COSINE,
 ) -> DifferenceTable:
     """Every latent compared between the base and fine-tune ``model`` on held-out tokens: its kind, and how
     much it carries the difference between the models.
@@ -128,7 +129,7 @@ class Finding(NamedTuple):
             "latent": self.latent,
             "kind": self.kind,
             "frequency": f"{self.frequency:.2%}",
-            "KL where it fires": round(self.difference_score, 2),
+            "difference score (KL)": round(self.difference_score, 2),
             "explanation": self.explanation,
             "fires on (planted)": self.fires_on,
             "twins (left out)": " ".join(f"#{rank}" for rank in self.twins),

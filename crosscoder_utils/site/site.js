@@ -36,7 +36,7 @@ function renderIndex() {
     const peak = row => Math.max(1e-9, ...row.context.map(t => t[1]));
     body.innerHTML = shown.map(row => `<tr data-latent="${row.latent}">
       <td class="number">${row.rank}</td><td><a href="latent.html#${row.latent}">${row.latent}</a></td>
-      <td class="kind-${row.kind}">${row.kind}</td><td class="number">${format(row.difference, 2)}</td>
+      <td class="kind-${row.kind}">${row.kind}</td><td class="number">${format(row.difference_score, 2)}</td>
       <td class="number">${(100 * row.frequency).toFixed(3)}%</td><td class="number">${format(row.relative_norm, 3)}</td>
       <td class="number">${format(row.decoder_cosine, 3)}</td><td class="number">${format(row.nu_error, 2)}</td>
       <td class="number">${format(row.nu_reconstruction, 2)}</td><td>${escapeHtml(row.explanation)}</td>
@@ -73,7 +73,7 @@ function renderLatent(page) {
     if (page[name] === null) { link.removeAttribute("href"); } else { link.href = `latent.html#${page[name]}`; }
   }
   const stats = [["rank in the difference ranking", `${page.rank} of ${META.n_live}`],
-    ["KL where it fires (nats)", format(page.difference, 3)], ["frequency", `${(100 * page.frequency).toFixed(3)}%`],
+    ["difference score: KL where it fires (nats)", format(page.difference_score, 3)], ["frequency", `${(100 * page.frequency).toFixed(3)}%`],
     ["relative decoder norm", format(page.relative_norm, 3)], ["decoder cosine", format(page.decoder_cosine, 3)],
     ["Latent Scaling ν error / ν reconstruction", page.nu_error === null ? "(not exclusive)"
       : `${format(page.nu_error, 3)} / ${format(page.nu_reconstruction, 3)}`],

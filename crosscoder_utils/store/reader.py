@@ -175,6 +175,12 @@ class ActivationStore:
         """int64 [len(indices)]: the token each row was read at."""
         return torch.from_numpy(self._take(indices, "token_id"))
 
+    @property
+    def collected_from_models(self) -> bool:
+        """Whether 01 collected the store from models (its settings name them), rather than ``from_arrays``:
+        what reads the models again (04's per-token KL, the spliced-in loss, the dashboard's logits) needs it."""
+        return "site" in self.meta["settings"]
+
     def positions(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """(sequence index, position in the sequence) of each row, each int64 [len(indices)]."""
         return torch.from_numpy(self._take(indices, "seq")), torch.from_numpy(self._take(indices, "pos")).long()
