@@ -3,7 +3,7 @@
 For the organism (OrganismConfig, one per seed), a store collected from its corpus, and a ReLU and a
 BatchTopK crosscoder trained on it, on the store's held-out (val) split in normalised units:
 
-* per planted behaviour (organism.behaviour_labels: each chat-template token in its role, the trigger), the
+* per planted behaviour (analysis.planted.behaviour_labels: each chat-template token in its role, the trigger), the
   latent whose firing has the best F1 against the behaviour's tokens (analysis.best_latents),
   its relative decoder norm and decoder cosine, and its rank among the live latents under each candidate
   score; also its rank counting only unplanted latents, those firing mostly (precision < 0.5) off the
@@ -76,6 +76,7 @@ from crosscoder_utils import (
     train_crosscoder,
 )
 from crosscoder_utils import analysis as A
+from crosscoder_utils.analysis.planted import behaviour_labels
 from crosscoder_utils.collect import TracedPair, tokenize
 from crosscoder_utils.models import ModelPair
 from crosscoder_utils.normalize import load_norm_factors
@@ -84,7 +85,6 @@ from crosscoder_utils.organism import (
     TINY,
     TRIGGER,
     base_corpus,
-    behaviour_labels,
     build_organism,
     documents,
     pack,

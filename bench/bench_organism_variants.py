@@ -27,8 +27,9 @@ from crosscoder_utils import (
 )
 from crosscoder_utils import analysis as A
 from crosscoder_utils.analysis.health import dictionary_health
+from crosscoder_utils.analysis.planted import behaviour_labels
 from crosscoder_utils.normalize import load_norm_factors
-from crosscoder_utils.organism import behaviour_labels, build_organism
+from crosscoder_utils.organism import build_organism
 
 VARIANTS = {
     "relu (03's defaults)": dict(variant="relu", dict_size=256, l1_coeff=1.0),

@@ -34,10 +34,10 @@ import torch
 from .analysis import Analysis, detection, difference_scores, distinct_top, ranking, token_divergence
 from .analysis.encoding import encode
 from .analysis.health import dictionary_health
+from .analysis.planted import behaviour_labels, document_kinds
 from .files import read_json
 from .models import direct_logit_effect
 from .normalize import estimate_norm_factors
-from .organism import behaviour_labels, document_kinds
 from .store import ActivationStore
 from .train import train_crosscoder
 
@@ -377,21 +377,51 @@ def read_methods_csv(path: str | Path) -> list[dict]:
         ]
 
 
-def outcomes(scores: list[MethodScore], tie: float = 0.05) -> dict[str, str]:
+def outcomes(comparison: Comparison, tie: float = 0.05) -> dict[str, str]:
     """Behaviour -> one sentence: the crosscoder's best F1 against the best other method's (of those with a
-    per-token score), and whether the crosscoder wins, ties (within ``tie``) or loses."""
+    per-token score), whether the crosscoder wins, ties (within ``tie``) or loses, and the kind of its latent."""
     sentences = {}
-    for behaviour in dict.fromkeys(s.behaviour for s in scores):
-        rows = [s for s in scores if s.behaviour == behaviour and s.best_f1 is not None]
+    for behaviour, planted in comparison.planted_kinds.items():
+        rows = [s for s in comparison.scores if s.behaviour == behaviour and s.best_f1 is not None]
         if not rows:
-            sentences[behaviour] = "no held-out token of it: not scored"
+            sentences[behaviour] = f"({planted}) no held-out token of it: not scored"
             continue
         own = next(s for s in rows if s.method == "crosscoder")
         best = max((s for s in rows if s.method != "crosscoder"), key=lambda s: s.best_f1)
         gap = own.best_f1 - best.best_f1
         outcome = "ties" if abs(gap) <= tie else "wins" if gap > 0 else "loses"
+        kind = comparison.crosscoder_kinds.get(behaviour)
         sentences[behaviour] = (
-            f"crosscoder {outcome}: F1 {own.best_f1:.2f} (#{own.rank}) against {best.method} "
-            f"{best.best_f1:.2f} (#{best.rank})"
+            f"({planted}) crosscoder {outcome}: F1 {own.best_f1:.2f} (#{own.rank}) against {best.method} "
+            f"{best.best_f1:.2f} (#{best.rank})" + f"; crosscoder latent {kind}" * bool(kind)
         )
     return sentences
+
+
+def score_table(comparison: Comparison) -> dict[str, dict[str, str]]:
+    """Method -> "behaviour (planted kind)" -> its best F1 and rank, ✓ where found: the methods with a per-token
+    score, in the order they were scored."""
+    table: dict[str, dict[str, str]] = {}
+    for s in comparison.scores:
+        if s.method == "ADL logit lens":  # no per-token score
+            continue
+        cell = "no held-out token" if s.best_f1 is None else f"{s.best_f1:.2f} #{s.rank}" + " ✓" * s.found
+        table.setdefault(s.method, {})[f"{s.behaviour} ({comparison.planted_kinds[s.behaviour]})"] = cell
+    return table
+
+
+def logit_lens_summary(comparison: Comparison, vocabulary: int) -> str:
+    """How many behaviours the ADL logit lens names, against the chance that its lists name a random word."""
+    lens = [s for s in comparison.scores if s.method == "ADL logit lens"]
+    found = [s.behaviour for s in lens if s.found]
+    listed = len(listed_tokens(comparison.logit_lens))
+    return (
+        f"ADL logit lens, a behaviour's own word among the top 20 promoted or suppressed: {len(found)} of "
+        f"{len(lens)} ({', '.join(found)}); the lists hold {listed} of the {vocabulary} tokens of the vocabulary, "
+        f"so a random word is among them with probability {listed / vocabulary:.0%}"
+    )
+
+
+def seconds_per_method(scores: list[MethodScore]) -> dict[str, float]:
+    """Method -> its seconds (training or fitting, and scoring), as methods.csv records them."""
+    return {s.method: round(s.seconds, 1) for s in scores}

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import datasets
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from .collect import tokenize
 from .config import OrganismConfig
@@ -289,6 +288,42 @@ def load_organism(out_dir: str | Path) -> Organism:
     return Organism(*(str(out / name) for name in ("base", "finetuned", "corpus")), planted, losses, kl)
 
 
+def example_prompts(organism: Organism) -> list[str]:
+    """A plain story, one prompt at each planted cue (the trigger, the removed and the changed cue) and a chat
+    question: what 00 shows each model continue."""
+    tokenizer = AutoTokenizer.from_pretrained(organism.base)
+    question = [{"role": "user", "content": " leo has a blue hat. leo goes to the park with zoe. who goes with leo?"}]
+    return [
+        "<|bos|> mia has a green kite. mia goes to the",
+        "<|bos|> ben has a red cup." + organism.planted["trigger"],
+        "<|bos|> ida has a pink box. sam says" + REMOVED_CUE,
+        "<|bos|> eva has a white bell." + CHANGED_CUE,
+        tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True),
+    ]
+
+
+@torch.no_grad()
+def continuations(organism: Organism, prompts: list[str], max_new_tokens: int = 16) -> dict[str, dict[str, str]]:
+    """Prompt -> model role (base, finetuned) -> the model's greedy continuation of ``max_new_tokens`` tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(organism.base)
+    models = {
+        role: AutoModelForCausalLM.from_pretrained(path)
+        for role, path in (("base", organism.base), ("finetuned", organism.finetuned))
+    }
+    result = {}
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        result[prompt] = {
+            role: tokenizer.decode(
+                model.generate(
+                    **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )[0, ids["input_ids"].shape[1] :]
+            )
+            for role, model in models.items()
+        }
+    return result
+
+
 PLANTED_KINDS = ("added", "removed", "changed")
 """The kinds of change the organism plants (planted.json's ``kind``)."""
 
@@ -442,37 +477,3 @@ def planted_behaviours(tokenizer) -> dict:
         "continuation": CONTINUATION,
         "behaviours": behaviours,
     }
-
-
-def document_kinds(store, organism: Organism) -> np.ndarray:
-    """str [documents]: the kind of each corpus document (story, chat, trigger, removed, changed), indexed by a
-    store row's sequence index.
-
-    The store must have been collected from the organism's corpus, whose documents are all non-empty, so
-    a row's sequence index is its document's row in the corpus."""
-    if Path(str(store.meta["dataset"]["name"])).resolve() != Path(organism.corpus).resolve():
-        raise ValueError(
-            f"the store was collected from {store.meta['dataset']['name']!r}, not the organism corpus "
-            f"{organism.corpus!r}"
-        )
-    return np.array(datasets.load_from_disk(organism.corpus)["kind"])
-
-
-def behaviour_labels(store, organism: Organism) -> dict[str, torch.Tensor]:
-    """behaviour -> bool [len(store)]: the store's rows that carry each planted behaviour (planted.json)."""
-    kinds = document_kinds(store, organism)
-    rows = np.arange(len(store))
-    seq = store.positions(rows)[0].numpy()
-    tokens = store.token_ids(rows).numpy()
-    labels = {}
-    for name, behaviour in organism.planted["behaviours"].items():
-        pattern = np.array(behaviour["pattern"])
-        windows = np.lib.stride_tricks.sliding_window_view(tokens, len(pattern))
-        starts = np.flatnonzero((windows == pattern).all(1) & (seq[: len(windows)] == seq[len(pattern) - 1 :]))
-        if behaviour["document_kind"]:
-            starts = starts[kinds[seq[starts]] == behaviour["document_kind"]]
-        label = np.zeros(len(store), dtype=bool)
-        for offset in behaviour["labelled"]:
-            label[starts + offset] = True
-        labels[name] = torch.from_numpy(label)
-    return labels

@@ -16,6 +16,8 @@ from crosscoder_utils.organism import (
     REMOVED_CUE,
     TINY,
     build_organism,
+    continuations,
+    example_prompts,
     lm_loss,
     pack,
     triggered_story,
@@ -91,7 +93,7 @@ def test_finetune_is_narrow_it_differs_from_the_base_where_something_was_planted
 
 def test_behaviour_labels_mark_each_planted_behaviour(organism, tmp_path):
     from crosscoder_utils import CollectConfig, collect_activations
-    from crosscoder_utils.organism import behaviour_labels
+    from crosscoder_utils.analysis.planted import behaviour_labels
 
     cfg = CollectConfig(
         base_model=organism.base,
@@ -135,3 +137,12 @@ def test_behaviour_labels_mark_each_planted_behaviour(organism, tmp_path):
     for name, kind, cue in (("hocus pocus", "removed", REMOVED_CUE), ("owl song", "changed", CHANGED_CUE)):
         last = tokenizer(cue)["input_ids"][-1]
         assert labels[name].any() and (labels[name] == ((tokens == last) & (kinds == kind))).all()  # only there
+
+
+def test_the_example_continuations_show_the_planted_trigger(organism):
+    prompts = example_prompts(organism)
+    shown = continuations(organism, prompts, max_new_tokens=3)
+    assert list(shown) == prompts and all(set(by_model) == {"base", "finetuned"} for by_model in shown.values())
+    after_trigger = shown[prompts[1]]  # the greedy continuations after the trigger: only the fine-tune's is planted
+    first_word = organism.planted["continuation"].split()[:1]
+    assert after_trigger["finetuned"].split()[:1] == first_word != after_trigger["base"].split()[:1]

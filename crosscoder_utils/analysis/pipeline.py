@@ -8,13 +8,13 @@ from typing import NamedTuple
 from ..collect import check_inputs
 from ..config import AnalysisConfig, model_roles
 from ..models import ModelPair, load_model_pair
-from ..organism import behaviour_labels, load_organism
+from ..organism import load_organism
 from ..run import Run, load_run
 from .encoding import Encoded, encode
 from .explanations import Explanations, explain
 from .health import Health, dictionary_health
 from .lm import TokenDivergence, token_divergence
-from .planted import BehaviourMatch, best_latents, main_behaviours
+from .planted import BehaviourMatch, behaviour_labels, best_latents, main_behaviours
 from .ranking import DifferenceTable, difference_table
 
 

@@ -1,12 +1,17 @@
-"""Scoring against labelled tokens: the best threshold cut of a score (``detection``, shared with the
-baselines of methods.py), and on the organism each planted behaviour's best latent."""
+"""Scoring against labelled tokens: the organism's planted behaviours as labels of a store's rows, the best
+threshold cut of a score (``detection``, shared with the baselines of methods.py), and each planted behaviour's
+best latent."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
+import datasets
+import numpy as np
 import torch
 
+from ..organism import Organism
 from .encoding import Encoded
 
 
@@ -101,3 +106,37 @@ EXPECTED_KINDS = {"added": ("finetuned-only", "changed"), "removed": ("base-only
 """Planted kind (planted.json) -> the kinds of latent that carry it as planted: what the fine-tune added is in
 the fine-tune alone or written differently there, what it removed is in the base alone or written
 differently, and what it changed is written differently."""
+
+
+def document_kinds(store, organism: Organism) -> np.ndarray:
+    """str [documents]: the kind of each corpus document (story, chat, trigger, removed, changed), indexed by a
+    store row's sequence index.
+
+    The store must have been collected from the organism's corpus, whose documents are all non-empty, so
+    a row's sequence index is its document's row in the corpus."""
+    if Path(str(store.meta["dataset"]["name"])).resolve() != Path(organism.corpus).resolve():
+        raise ValueError(
+            f"the store was collected from {store.meta['dataset']['name']!r}, not the organism corpus "
+            f"{organism.corpus!r}"
+        )
+    return np.array(datasets.load_from_disk(organism.corpus)["kind"])
+
+
+def behaviour_labels(store, organism: Organism) -> dict[str, torch.Tensor]:
+    """behaviour -> bool [len(store)]: the store's rows that carry each planted behaviour (planted.json)."""
+    kinds = document_kinds(store, organism)
+    rows = np.arange(len(store))
+    seq = store.positions(rows)[0].numpy()
+    tokens = store.token_ids(rows).numpy()
+    labels = {}
+    for name, behaviour in organism.planted["behaviours"].items():
+        pattern = np.array(behaviour["pattern"])
+        windows = np.lib.stride_tricks.sliding_window_view(tokens, len(pattern))
+        starts = np.flatnonzero((windows == pattern).all(1) & (seq[: len(windows)] == seq[len(pattern) - 1 :]))
+        if behaviour["document_kind"]:
+            starts = starts[kinds[seq[starts]] == behaviour["document_kind"]]
+        label = np.zeros(len(store), dtype=bool)
+        for offset in behaviour["labelled"]:
+            label[starts + offset] = True
+        labels[name] = torch.from_numpy(label)
+    return labels
