@@ -146,7 +146,7 @@ def difference_map(table: DifferenceTable, labels: dict[int, str] | None = None,
             xytext=(4, 4),
             textcoords="offset points",
         )
-    role = model_roles(max(2, table.model + 1))[table.model]
+    role = model_roles(max(2, table.model_index + 1))[table.model_index]
     ax.set(
         xlabel=f"relative decoder norm ‖d_{role}‖ / (‖d_base‖ + ‖d_{role}‖)",
         xlim=(-0.02, 1.02),

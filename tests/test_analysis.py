@@ -252,7 +252,7 @@ def test_each_finetune_of_several_is_compared_with_the_base(tmp_path):
     x = torch.einsum("tf,fmd->tmd", torch.rand(400, 3, generator=torch.Generator().manual_seed(0)), W_dec)
     store = ActivationStore.from_arrays(tmp_path / "s", x, val_fraction=0.5)
     encoded = A.encode(cc, store, torch.ones(3))
-    tables = {m: A.difference_table(cc, encoded, model=m) for m in (1, 2)}
+    tables = {m: A.difference_table(cc, encoded, model_index=m) for m in (1, 2)}
     assert tables[2].kind == ["finetuned_2-only", "base-only", "shared"]
     assert tables[1].kind[1:] == ["base-only", "shared"]  # latent 0 writes into neither the base nor fine-tune 1
 

@@ -93,7 +93,7 @@ def encode(
     if stop <= span.start:
         raise ValueError(f"the store's {split!r} split is empty; collect a store with val_fraction > 0")
     device = torch.device(resolve_device(device))
-    model = copy.deepcopy(cc).to(device).eval()
+    crosscoder = copy.deepcopy(cc).to(device).eval()
     factors = factors.to(device)[None, :, None]
     shape = (cc.cfg.dict_size, cc.cfg.n_models * cc.cfg.d_model)
     f_x, f_x_hat = (torch.zeros(shape, dtype=torch.float64, device=device) for _ in range(2))
@@ -103,8 +103,8 @@ def encode(
     for start in progress(range(span.start, stop, tokens_per_batch), desc=f"encoding {split}"):
         x = store.read(np.arange(start, min(start + tokens_per_batch, stop))).to(device) * factors
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            f = model.encode(x)
-            x_hat = model.decode(f)
+            f = crosscoder.encode(x)
+            x_hat = crosscoder.decode(f)
         f, x_hat = f.float(), x_hat.float()
         token, latent = (f > 0).nonzero(as_tuple=True)
         tokens.append((token + start - span.start).cpu())

@@ -75,17 +75,17 @@ def latent_kinds(
 def pair_kinds(
     cc: CrossCoder,
     encoded: Encoded,
-    model: int = 1,
+    model_index: int = 1,
     exclusive_share: float = EXCLUSIVE_SHARE,
     changed_cosine: float = CHANGED_COSINE,
 ) -> list[str]:
-    """Each latent's kind between the base and fine-tune ``model``: ``dead`` never fires on the encoded
+    """Each latent's kind between the base and fine-tune ``model_index``: ``dead`` never fires on the encoded
     tokens; ``<role>-only`` / ``base-only`` holds at least ``exclusive_share`` of the pair's share
     (``latent_kinds``: Latent Scaling where it applies, else decoder norms); ``changed`` present in both but
     with decoder cosine below ``changed_cosine`` (the fine-tune changed what the latent writes); ``shared``
     otherwise."""
-    owner = latent_kinds(cc, exclusive_share, encoded, (0, model)).tolist()
-    cosine = decoder_cosines(cc, 0, model).tolist()
+    owner = latent_kinds(cc, exclusive_share, encoded, (0, model_index)).tolist()
+    cosine = decoder_cosines(cc, 0, model_index).tolist()
     frequency = encoded.frequency.tolist()
     n_models = cc.cfg.n_models
     return [
@@ -179,9 +179,9 @@ KINDS = ("finetuned-only", "base-only", "changed", "shared", "dead")
 
 def exclusive_latent_scaling(cc: CrossCoder, encoded: Encoded, table: DifferenceTable) -> dict[str, LatentScaling]:
     """Latent Scaling of the table's live exclusive latents, by kind (``<role>-only`` and ``base-only``)."""
-    role = model_roles(cc.cfg.n_models)[table.model]
+    role = model_roles(cc.cfg.n_models)[table.model_index]
     scalings = {}
-    for kind, owner, other in ((f"{role}-only", table.model, 0), ("base-only", 0, table.model)):
+    for kind, owner, other in ((f"{role}-only", table.model_index, 0), ("base-only", 0, table.model_index)):
         latents = [i for i, k in enumerate(table.kind) if k == kind]
         if latents:
             scalings[kind] = latent_scaling(cc, encoded, latents, owner, other)

@@ -35,12 +35,12 @@ def token_divergence(
     pair: ModelPair,
     store: ActivationStore,
     factors: torch.Tensor,
-    model: int = 1,
+    model_index: int = 1,
     split: str = "val",
     seqs_per_batch: int = 4,
     max_tokens: int | None = None,
 ) -> TokenDivergence:
-    """KL(model ‖ base) of the next-token distributions, and the norm of the activation difference at the
+    """KL(model_index ‖ base) of the next-token distributions, and the norm of the activation difference at the
     site, on every stored token of a split (its first ``max_tokens``, as ``encode`` reads them):
     the baseline view of where two models differ, which also checks the crosscoder against the models
     themselves. The split's documents are tokenised again from the store's dataset and run through both
@@ -57,17 +57,17 @@ def token_divergence(
     kl = torch.zeros(len(rows))
     for start in progress(range(0, len(sequences), seqs_per_batch), desc="per-token KL"):
         ids, mask, positions = traced.pad(sequences[start : start + seqs_per_batch])
-        logps = [F.log_softmax(traced.logits(m, ids, mask, positions).float(), -1) for m in (0, model)]
+        logps = [F.log_softmax(traced.logits(m, ids, mask, positions).float(), -1) for m in (0, model_index)]
         per_token = (logps[1].exp() * (logps[1] - logps[0])).sum(-1).cpu()  # [batch, seq]
         in_batch = (seq >= first + start) & (seq < first + start + seqs_per_batch)
         kl[in_batch] = per_token[seq[in_batch] - first - start, pos[in_batch]]
     x = store.read(rows) * factors[None, :, None]
-    return TokenDivergence(rows, kl, (x[:, model] - x[:, 0]).norm(dim=-1))
+    return TokenDivergence(rows, kl, (x[:, model_index] - x[:, 0]).norm(dim=-1))
 
 
 @torch.no_grad()
 def difference_explained(
-    cc: CrossCoder, encoded: Encoded, store: ActivationStore, factors: torch.Tensor, latents, rows, model: int = 1
+    cc: CrossCoder, encoded: Encoded, store: ActivationStore, factors: torch.Tensor, latents, rows, model_index: int = 1
 ) -> float:
     """Fraction of the activation difference x_m − x_base (summed squares over store ``rows``, among those
     encoded) that the crosscoder reconstructs from ``latents`` alone: 1 − Σ‖Δx − Δx̂‖² / Σ‖Δx‖², where
@@ -77,12 +77,12 @@ def difference_explained(
     if not np.array_equal(encoded.rows[positions.clip(max=encoded.n_tokens - 1)], rows):
         raise ValueError("difference_explained: some rows were not encoded")
     latents = torch.as_tensor(latents, dtype=torch.long)
-    delta = (cc.W_dec[latents, model] - cc.W_dec[latents, 0]).detach()
-    bias = (cc.b_dec[model] - cc.b_dec[0]).detach()
+    delta = (cc.W_dec[latents, model_index] - cc.W_dec[latents, 0]).detach()
+    bias = (cc.b_dec[model_index] - cc.b_dec[0]).detach()
     residual = total = 0.0
     for start in range(0, len(rows), 4096):
         x = store.read(rows[start : start + 4096]) * factors[None, :, None]
-        difference = x[:, model] - x[:, 0]
+        difference = x[:, model_index] - x[:, 0]
         predicted = bias + encoded.activations(latents, positions[start : start + 4096]) @ delta
         residual += float((difference - predicted).pow(2).sum())
         total += float(difference.pow(2).sum())

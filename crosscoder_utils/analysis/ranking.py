@@ -25,10 +25,10 @@ if TYPE_CHECKING:
 
 
 class DifferenceTable(NamedTuple):
-    """Every latent compared between the base (model 0) and one fine-tune (``model``), on held-out tokens.
+    """Every latent compared between the base (model 0) and one fine-tune (``model_index``), on held-out tokens.
     Tensors are [dict_size]; ``order`` lists the live latents by ``difference_score``, highest first."""
 
-    model: int
+    model_index: int
     """The fine-tune compared with the base."""
     kind: list[str]
     """finetuned-only, base-only, changed, shared or dead (see ``difference_table``)."""
@@ -39,7 +39,7 @@ class DifferenceTable(NamedTuple):
     decoder_cosine: torch.Tensor
     """cosine(d_base, d_m)."""
     difference_score: torch.Tensor
-    """How much the models differ where the latent fires: activation-weighted mean KL(model ‖ base), nats
+    """How much the models differ where the latent fires: activation-weighted mean KL(fine-tune ‖ base), nats
     (see ``difference_table``)."""
     order: torch.Tensor
     """int64 [n_live]: the live latents, highest difference_score first."""
@@ -74,15 +74,15 @@ def difference_table(
     cc: CrossCoder,
     encoded: Encoded,
     divergence: TokenDivergence | None = None,
-    model: int = 1,
+    model_index: int = 1,
     exclusive_share: float = EXCLUSIVE_SHARE,
     changed_cosine: float = CHANGED_COSINE,
 ) -> DifferenceTable:
-    """Every latent compared between the base and fine-tune ``model`` on held-out tokens: its kind, and how
+    """Every latent compared between the base and fine-tune ``model_index`` on held-out tokens: its kind, and how
     much it carries the difference between the models.
 
     difference_score: the mean, over the tokens where the latent fires and weighted by its activation, of
-    how much the models differ there: KL(model ‖ base) of their next-token distributions (``divergence``),
+    how much the models differ there: KL(fine-tune ‖ base) of their next-token distributions (``divergence``),
     or without one (a store not collected from models) ‖x_m − x_base‖² at the site. Measured on the
     organism and on a pair with one changed token (bench/bench_difference_ranking.py), this put the
     planted latents above every other score tried; scores read off the decoders alone (cosine, decoder
@@ -91,17 +91,17 @@ def difference_table(
 
     Kinds: ``kinds.pair_kinds``, the one rule."""
     norms = cc.decoder_norms()
-    relative = norms[:, model] / (norms[:, 0] + norms[:, model]).clamp(min=1e-12)
+    relative = norms[:, model_index] / (norms[:, 0] + norms[:, model_index]).clamp(min=1e-12)
     if divergence is None:
-        difference = encoded.squared_difference[:, model]
+        difference = encoded.squared_difference[:, model_index]
     elif np.array_equal(divergence.rows, encoded.rows):
         difference = divergence.kl
     else:
         raise ValueError("the divergence and the encoding cover different rows: compute both with the same max_tokens")
     score = difference_scores(encoded, difference)
-    kind = pair_kinds(cc, encoded, model, exclusive_share, changed_cosine)
-    frequency, cosine = encoded.frequency, decoder_cosines(cc, 0, model)
-    return DifferenceTable(model, kind, frequency, relative, cosine, score, ranking(encoded, score))
+    kind = pair_kinds(cc, encoded, model_index, exclusive_share, changed_cosine)
+    frequency, cosine = encoded.frequency, decoder_cosines(cc, 0, model_index)
+    return DifferenceTable(model_index, kind, frequency, relative, cosine, score, ranking(encoded, score))
 
 
 class Finding(NamedTuple):
@@ -313,8 +313,8 @@ def role_reports(analysis: Analysis, samples: LatentSamples, tokenizer) -> list[
     """For each fine-tune (``analysis.tables``), its top latents and their phrases (``answer``), the verdict and
     the findings of its top; the planted behaviours are scored against the first fine-tune only."""
     cfg, reports = analysis.cfg, []
-    for model, (role, table) in enumerate(analysis.tables.items(), start=1):
-        planted = (analysis.matches, analysis.mains) if model == 1 else (None, None)
+    for model_index, (role, table) in enumerate(analysis.tables.items(), start=1):
+        planted = (analysis.matches, analysis.mains) if model_index == 1 else (None, None)
         answered = answer(analysis, table, cfg.n_top)
         rows = findings(
             table, samples, cfg.n_contexts, analysis.run.store, tokenizer, answered.top, analysis.explanations, *planted
