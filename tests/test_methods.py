@@ -121,3 +121,10 @@ def test_without_planted_labels_every_behaviour_is_explained_and_named_by_the_ve
             )
             assert analysis.explanations.f1[match.latent] >= 0.6, name
             assert any(tokenizer.decode([token]) in phrases for token in tokens), (name, phrases)
+
+
+def test_the_base_side_of_the_answer_is_the_top_quarter_the_base_writes_more(organisms):
+    for analysis, _, _ in organisms:
+        table = analysis.tables["finetuned"]
+        base = [latent for group in A.answer(analysis, table, 20).base_groups for latent in group.latents]
+        assert 0 < len(base) <= 5 and all(float(table.relative_norm[latent]) < 0.5 for latent in base)

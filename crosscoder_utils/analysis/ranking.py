@@ -212,16 +212,16 @@ class Answer(NamedTuple):
     groups: list[PhraseGroup]
     """The top's latents grouped by the phrase or context they fire in, by rank."""
     base_groups: list[PhraseGroup]
-    """The same for the top of the ranking among the latents the base writes more (relative norm < 0.5):
-    what the fine-tune no longer does."""
+    """The same for the top quarter of the ranking among the latents the base writes more (relative norm
+    < 0.5): what the fine-tune no longer does, kept short so that the verdict reads as one answer."""
 
 
 def answer(analysis: Analysis, table: DifferenceTable, n_top: int) -> Answer:
-    """The top ``n_top`` latents of ``table``'s ranking and the phrases they fire in, for the fine-tune and
-    for the base side."""
+    """The top ``n_top`` latents of ``table``'s ranking and the phrases they fire in, and the same for the
+    top ``n_top // 4`` (at least 1) on the base side."""
     top = distinct_top(table.order, n_top, analysis.health.groups)
     base_order = table.order[table.relative_norm[table.order] < 0.5]
-    base_top = distinct_top(base_order, n_top, analysis.health.groups)
+    base_top = distinct_top(base_order, max(1, n_top // 4), analysis.health.groups)
     tokenizer = analysis.pair.tokenizer if analysis.pair else None
     encoded, store, explanations = analysis.encoded, analysis.run.store, analysis.explanations
     return Answer(
