@@ -17,11 +17,12 @@ import datasets
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from .collect import tokenize
 from .config import OrganismConfig
 from .files import check_same_settings, write_json
+from .models import load_model_pair
 from .notebook import progress
 
 NAMES = ["tom", "anna", "ben", "mia", "leo", "zoe", "sam", "eva", "max", "ida"]
@@ -305,22 +306,16 @@ def example_prompts(organism: Organism) -> list[str]:
 @torch.no_grad()
 def continuations(organism: Organism, prompts: list[str], max_new_tokens: int = 16) -> dict[str, dict[str, str]]:
     """Prompt -> model role (base, finetuned) -> the model's greedy continuation of ``max_new_tokens`` tokens."""
-    tokenizer = AutoTokenizer.from_pretrained(organism.base)
-    models = {
-        role: AutoModelForCausalLM.from_pretrained(path)
-        for role, path in (("base", organism.base), ("finetuned", organism.finetuned))
-    }
-    result = {}
+    pair = load_model_pair(organism.base, organism.finetuned, device="cpu")
+    tokenizer, result = pair.tokenizer, {}
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        result[prompt] = {
-            role: tokenizer.decode(
-                model.generate(
-                    **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-                )[0, ids["input_ids"].shape[1] :]
+        result[prompt] = {}
+        for role, model in zip(("base", "finetuned"), pair.models):
+            out = model.generate(
+                **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
             )
-            for role, model in models.items()
-        }
+            result[prompt][role] = tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
     return result
 
 

@@ -15,6 +15,7 @@ import torch
 from .analysis import DifferenceTable, kind_name, random_pair_cosines, relative_decoder_norms
 from .config import EXCLUSIVE_SHARE, model_roles
 from .crosscoder import CrossCoder
+from .run import explained_variance_by_model
 from .synthetic import GroundTruth, Recovery
 
 MODEL_COLORS = ["tab:blue", "tab:red", "tab:orange", "tab:green", "tab:brown"]
@@ -87,11 +88,11 @@ def training_curves(metrics: list[dict], path=None):
     axes[0, 0].legend()
     axes[0, 1].plot(steps, [m["l0"] for m in metrics])
     axes[0, 1].set(title="L0 (active latents per token)", xlabel="step")
-    n_models = sum(key.startswith("explained_variance_") for key in metrics[0])
-    for m, role in enumerate(model_roles(n_models)):
-        axes[0, 2].plot(steps, [s[f"explained_variance_{role}"] for s in metrics], label=role, color=MODEL_COLORS[m])
-    tail = metrics[len(metrics) // 5 :]  # zoomed to the run after its first fifth, where the curves separate
-    values = [s[k] for s in tail for k in s if k.startswith("explained_variance_")]
+    per_model = [explained_variance_by_model(s) for s in metrics]
+    for m, role in enumerate(per_model[0]):
+        axes[0, 2].plot(steps, [s[role] for s in per_model], label=role, color=MODEL_COLORS[m])
+    tail = per_model[len(per_model) // 5 :]  # zoomed to the run after its first fifth, where the curves separate
+    values = [v for s in tail for v in s.values()]
     spread = max(values) - min(values)
     axes[0, 2].set(
         title="explained variance per model",

@@ -142,7 +142,7 @@ def prepare_run(
             identity,
             "use another run_dir, or overwrite=True to delete it and train again",
         )
-        if not cfg.resume and not (run_dir / "crosscoder.safetensors").exists():
+        if not cfg.resume and not finished(run_dir):
             raise ValueError(
                 f"{run_dir} holds an unfinished run with these settings; pass resume=True to continue it, or "
                 "overwrite=True to start again"
@@ -253,7 +253,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     """Read back what ``train_crosscoder`` wrote into ``run_dir`` (run.json, the export, metrics.jsonl);
     the crosscoders on ``device`` (``auto``: cuda when available)."""
     run_dir, device = Path(run_dir).expanduser(), resolve_device(device)
-    if not (run_dir / "crosscoder.safetensors").exists():
+    if not finished(run_dir):
         raise FileNotFoundError(f"{run_dir} holds no finished run (no crosscoder.safetensors): train it with 03_train")
     record = read_json(run_dir / "run.json")
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -7,7 +7,6 @@ Each true feature has a decoder vector per model (zero for the models it is abse
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -20,6 +19,7 @@ from .analysis import kind_name, latent_kinds
 from .analysis.encoding import Encoded
 from .config import EXCLUSIVE_SHARE, ConfigBase, CrossCoderConfig, TrainConfig, check_range
 from .crosscoder import CrossCoder
+from .files import read_json, write_json
 
 
 @dataclass
@@ -240,7 +240,8 @@ def write_summary(
     path: str | Path, preset_name: str, overrides: dict, recovery: Recovery, tokens_per_second: float | None
 ) -> dict:
     """05's summary.json: the preset, its overrides, the recovery and the training throughput. A run read back
-    (``tokens_per_second`` None) keeps the throughput measured when it was trained. Returns what it wrote."""
+    (``tokens_per_second`` None) keeps the throughput measured when it was trained. Written atomically; returns
+    what it wrote."""
     path = Path(path)
     if tokens_per_second is None and path.exists():
         tokens_per_second = read_summary(path)["tokens_per_second"]
@@ -252,13 +253,13 @@ def write_summary(
         "false_exclusive_rate": recovery.false_exclusive_rate,
         "tokens_per_second": tokens_per_second,
     }
-    path.write_text(json.dumps(values, indent=2))
+    write_json(path, values)
     return values
 
 
 def read_summary(path: str | Path) -> dict:
-    """05's summary.json back (``write_summary``)."""
-    return json.loads(Path(path).read_text())
+    """05's summary.json back (``write_summary``); a damaged file is refused naming it."""
+    return read_json(path)
 
 
 def preset(name: str, **overrides) -> tuple[TrainConfig, CrossCoderConfig]:

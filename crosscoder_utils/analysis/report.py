@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import model_roles
+from ..files import read_json, write_json
 from .explanations import Explanations
 from .kinds import LatentScaling, exclusive_latent_scaling
 from .lm import SplicedLoss
@@ -86,21 +86,23 @@ def map_labels(table: DifferenceTable, matches: dict | None, n: int = 8) -> dict
     return labels | {latent: f"{latent} {name}" for latent, name in best_of.items()}
 
 
-def summary(
+def write_summary(
+    path: str | Path,
     analysis: Analysis,
     first: RoleReport,
     spliced: list[SplicedLoss],
     genuine: dict[str, int],
     explained: dict[str, float],
 ) -> dict:
-    """04's summary.json: the first fine-tune's verdict and phrase groups, the live latents by kind, the
-    dictionary's health, L0 and explained variance, loss recovered, genuine exclusive latents, the difference
-    the top latents reconstruct and, on the organism, each planted behaviour's F1 and rank."""
+    """04's summary.json, written atomically at ``path`` and returned: the first fine-tune's verdict and phrase
+    groups, the live latents by kind, the dictionary's health, L0 and explained variance, loss recovered,
+    genuine exclusive latents, the difference the top latents reconstruct and, on the organism, each planted
+    behaviour's F1 and rank."""
     encoded, table = analysis.encoded, first.table
     roles = model_roles(analysis.run.store.n_models)
     groups = lambda found: [{"phrase": group.phrase, "latents": group.latents} for group in found]
     matches = analysis.matches or {}
-    return {
+    values = {
         "verdict": first.verdict,
         "groups": groups(first.answer.groups),
         "base-side groups": groups(first.answer.base_groups),
@@ -113,16 +115,13 @@ def summary(
         **{f"difference reconstructed, {name}": round(value, 4) for name, value in explained.items()},
         **{f"planted {name}: F1 / rank": f"{m.f1:.2f} / {table.rank(m.latent)}" for name, m in matches.items()},
     }
-
-
-def write_summary(values: dict, path: str | Path) -> None:
-    """summary.json (``summary``), indented."""
-    Path(path).write_text(json.dumps(values, indent=2))
+    write_json(path, values)
+    return values
 
 
 def read_summary(path: str | Path) -> dict:
-    """summary.json back (``write_summary``)."""
-    return json.loads(Path(path).read_text())
+    """summary.json back (``write_summary``); a damaged file is refused naming it."""
+    return read_json(path)
 
 
 def readable(values: dict) -> dict[str, str]:
