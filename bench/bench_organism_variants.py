@@ -6,7 +6,7 @@ explained variance; on the store's held-out split.
 
 Uses the demo's organism and store (outputs/, built by `make demo`, or here if missing) and 03_train's
 organism-scaled training (1024 tokens per step, 2M tokens, ~10 passes, lr=None); each variant states its
-dictionary size and λ (03's defaults: 256 latents, λ 1).
+dictionary size and λ (03's defaults: 192 latents, λ 0.5, tanh penalty c 0.015).
 
 Run: .venv/bin/python bench/bench_organism_variants.py [--seeds 0 1 2] [--variants NAME ...]
 """
@@ -32,7 +32,8 @@ from crosscoder_utils.normalize import load_norm_factors
 from crosscoder_utils.organism import build_organism
 
 VARIANTS = {
-    "relu (03's defaults)": dict(variant="relu", dict_size=256, l1_coeff=1.0),
+    "relu (03's defaults)": dict(variant="relu", dict_size=192, l1_coeff=0.5, tanh_scale=0.015),
+    "relu, dict 256, λ 1, plain L1": dict(variant="relu", dict_size=256, l1_coeff=1.0),
     "relu, dict 1024, λ 2": dict(variant="relu", dict_size=1024, l1_coeff=2.0),
     "relu, 16 designated shared": dict(variant="relu", dict_size=256, l1_coeff=1.0, n_shared_latents=16),
     "relu, 32 dedicated per model": dict(variant="relu", dict_size=256, l1_coeff=1.0, n_dedicated=32),

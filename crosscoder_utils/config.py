@@ -277,6 +277,9 @@ class CrossCoderConfig(ConfigBase):
     on its selected latents, which pulls the decoder half a latent does not use towards zero, so exclusive
     features are labelled exclusive (its top-k sparsity is unchanged); 0: plain BatchTopK (measured on the
     ground truth: bench/RESULTS.md)."""
+    tanh_scale: float | None = None
+    """c of a saturating penalty: each L1 term f_i Σ_m ‖W_dec[i, m]‖ becomes tanh(c · it) / c (Anthropic's
+    January 2025 update), the same for small activations, flat for large ones; None: plain L1."""
     n_dedicated: int = 0
     """Dedicated latents per model (Dedicated Feature Crosscoders, Jiralerspong & Bricken 2026): after the
     designated shared ones, model m owns the next n_dedicated latents; their encoder and decoder weights
@@ -298,6 +301,7 @@ class CrossCoderConfig(ConfigBase):
         check_range("dead_tokens", self.dead_tokens, above=0)
         check_range("threshold_decay", self.threshold_decay, at_least=0, below=1)
         check_range("norm_penalty", self.norm_penalty, at_least=0)
+        check_range("tanh_scale", self.tanh_scale, above=0, optional=True)
         check_range("n_shared_latents", self.n_shared_latents, at_least=0)
         check_range("n_dedicated", self.n_dedicated, at_least=0)
         check_range("shared_penalty_ratio", self.shared_penalty_ratio, above=0, at_most=1)

@@ -266,3 +266,26 @@ def test_batchtopk_norm_penalty_adds_the_relu_term_on_the_selected_latents():
     torch.testing.assert_close(a.loss, a.l2_loss)  # plain BatchTopK: no L1 at all
     torch.testing.assert_close(b.l1_loss, a.l1_loss)  # the same selection
     torch.testing.assert_close(b.loss, b.l2_loss + 2.0 * 0.1 * b.l1_loss)
+
+
+def test_tanh_penalty_equals_a_hand_computation():
+    cc = perturbed(make("relu", l1_coeff=1.5, tanh_scale=0.3))
+    x = torch.randn(5, 2, 6)
+    out = cc.losses(x)
+    f = cc.encode(x)
+    scores = f * cc.W_dec.norm(dim=-1).sum(-1)
+    penalty = sum(torch.tanh(0.3 * scores[b, i]) / 0.3 for b in range(5) for i in range(40)) / 5
+    torch.testing.assert_close(out.loss, out.l2_loss + 1.5 * penalty)
+    torch.testing.assert_close(out.l1_loss, scores.sum() / 5)  # the logged L1 stays the plain one
+    assert penalty < out.l1_loss  # tanh(c·s)/c < s for s > 0: large activations cost less
+
+
+def test_batchtopk_tanh_penalty_is_the_same_on_the_sparse_and_the_dense_path():
+    sparse = perturbed(make("batchtopk", k=3, aux_coeff=0.0, norm_penalty=0.5, tanh_scale=0.3)).train()
+    dense = make("batchtopk", k=3, aux_coeff=0.0, norm_penalty=0.5, tanh_scale=0.3).train()
+    dense.load_state_dict(sparse.state_dict())
+    dense.sparse_path = False
+    x = torch.randn(16, 2, 6)
+    a, b = sparse.losses(x), dense.losses(x)
+    torch.testing.assert_close(a.loss, b.loss)
+    assert a.loss > a.l2_loss

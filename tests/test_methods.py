@@ -45,7 +45,9 @@ def test_logit_lens_scores_a_behaviour_by_its_tokens_best_rank():
 
 def compared(organism, folder):
     train = TrainConfig(tokens_per_step=512, train_tokens=400_000, log_to="none", log_every=100)
-    crosscoder = CrossCoderConfig(dict_size=256, dead_tokens=50_000)
+    # the demo's recipe at this scale: the tanh penalty merges duplicates, and 160 latents are about what the
+    # tiny organisms' 63,000 training tokens hold (135 live on average)
+    crosscoder = CrossCoderConfig(dict_size=160, l1_coeff=0.5, tanh_scale=0.05, dead_tokens=50_000)
     run = train_on_organism(organism, folder, 70_000, 0.1, (10, 2048), train, crosscoder)
     analysis = A.analyse(run, Path(organism.base).parent)
     return analysis, methods.compare(analysis, organism, folder / "compare"), organism
@@ -79,7 +81,7 @@ def test_the_comparison_scores_every_method_on_every_behaviour(organisms, organi
 
 
 def test_the_crosscoder_finds_the_removed_behaviour_and_never_calls_it_finetuned_only(organisms):
-    # measured on tiny organisms, seeds 0-4: F1 1.00 at ranks 8-12 of the distinct top 20, labelled changed
+    # measured on tiny organisms, seeds 0-4: F1 1.00 at ranks 7-12 of the ranking, labelled changed
     for _, comparison, _ in organisms:
         row = next(s for s in comparison.scores if s.method == "crosscoder" and s.behaviour == "hocus pocus")
         assert row.found and row.best_f1 >= 0.9, row
@@ -89,25 +91,25 @@ def test_the_crosscoder_finds_the_removed_behaviour_and_never_calls_it_finetuned
 def test_the_ranking_leads_with_every_planted_behaviour(organisms):
     analysis = organisms[0][0]
     table = next(iter(analysis.tables.values()))
-    # measured over tiny organisms of seeds 0-4 (~250 live latents), F1 at each latent's best threshold: 0.63-1.00
-    # (<|end|> after the assistant lowest: the tiny fine-tune only half separates it from the other <|end|>),
-    # ranks 1-13
+    # measured over tiny organisms of seeds 0-4 (129-141 live latents), F1 at each latent's best threshold: 1.00
+    # for every behaviour, ranks 1-13
     for name, match in analysis.matches.items():
-        assert match.f1 >= 0.45, (name, match)
+        assert match.f1 >= 0.9, (name, match)
         assert table.rank(match.latent) <= 20, (name, table.rank(match.latent))
 
 
 def test_the_dictionary_stays_healthy_at_small_settings(organisms):
-    # measured on tiny organisms, seeds 0-4 (these settings): dead 7-12 %, duplicate groups 30-34 of 225-239 live
+    # measured on tiny organisms, seeds 0-4 (these settings): dead 12-19 %, duplicate groups 0-3 of 129-141 live;
+    # plain L1 with 256 latents at λ 2 left dead 7-12 % and 30-34 groups of 225-239 live
     for analysis, _, _ in organisms:
         health = analysis.health
         assert health.summary() == Health.load(analysis.run_dir / "health.json").summary()  # 03's numbers, 04's
-        assert health.dead_fraction <= 0.15 and len(health.groups) <= 40
+        assert health.dead_fraction <= 0.25 and len(health.groups) <= 5
 
 
 def test_without_planted_labels_every_behaviour_is_explained_and_named_by_the_verdict(organisms):
     # planted.json is read here only to score. Measured on tiny organisms, seeds 0-4: each behaviour's best
-    # latent has a rule naming one of its tokens, detection F1 0.62-1.00 (the trigger lowest: its latent also
+    # latent has a rule naming one of its tokens, detection F1 0.78-1.00 (the trigger lowest: its latent also
     # fires on "abracadabra" the object), and each behaviour's token is in a phrase of the verdict's groups
     for analysis, _, organism in organisms:
         answered = A.answer(analysis, analysis.tables["finetuned"], 20)
@@ -119,7 +121,7 @@ def test_without_planted_labels_every_behaviour_is_explained_and_named_by_the_ve
                 name,
                 analysis.explanations.text[match.latent],
             )
-            assert analysis.explanations.f1[match.latent] >= 0.6, name
+            assert analysis.explanations.f1[match.latent] >= 0.7, name
             assert any(tokenizer.decode([token]) in phrases for token in tokens), (name, phrases)
 
 

@@ -48,6 +48,7 @@ BAD_VALUES = [
     (CrossCoderConfig, "threshold_decay", 1.0, "threshold_decay must be in [0, 1), got 1.0"),
     (CrossCoderConfig, "n_shared_latents", -1, "n_shared_latents must be >= 0, got -1"),
     (CrossCoderConfig, "shared_penalty_ratio", 0.0, "shared_penalty_ratio must be in (0, 1], got 0.0"),
+    (CrossCoderConfig, "tanh_scale", 0.0, "tanh_scale must be > 0 or None, got 0.0"),
     (TrainConfig, "lr", 0.0, "lr must be in (0, 1] or None, got 0.0"),
     (TrainConfig, "lr", -1e-3, "lr must be in (0, 1] or None, got -0.001"),
     (TrainConfig, "lr", 10.0, "lr must be in (0, 1] or None, got 10.0"),

@@ -101,10 +101,15 @@ class Health(NamedTuple):
                 f" (the data may hold fewer directions than latents) or {fix}"
             )
         if self.duplicate_fraction > MAX_DUPLICATES:
+            fix = (
+                "a smaller dict_size"
+                if variant == "batchtopk"
+                else "set tanh_scale (03's 0.015) or a smaller dict_size"
+            )
             out.append(
                 f"{len(self.groups)} duplicate groups ({self.duplicate_fraction:.1%} of the live latents, over"
-                f" {MAX_DUPLICATES:.0%}): several latents learnt one thing; a smaller dict_size leaves fewer (04"
-                " shows one latent per group)"
+                f" {MAX_DUPLICATES:.0%}): several latents learnt one thing; {fix} leaves fewer (04 shows one"
+                " latent per group)"
             )
         return out
 
