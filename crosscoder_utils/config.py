@@ -278,8 +278,9 @@ class CrossCoderConfig(ConfigBase):
     features are labelled exclusive (its top-k sparsity is unchanged); 0: plain BatchTopK (measured on the
     ground truth: bench/RESULTS.md)."""
     tanh_scale: float | None = None
-    """c of a saturating penalty: each L1 term f_i Σ_m ‖W_dec[i, m]‖ becomes tanh(c · it) / c (Anthropic's
-    January 2025 update), the same for small activations, flat for large ones; None: plain L1."""
+    """``relu``: c of a saturating penalty: each L1 term f_i Σ_m ‖W_dec[i, m]‖ becomes tanh(c · it) / c
+    (Anthropic's January 2025 update), the same for small activations, flat for large ones, so two latents
+    sharing one activation cost more than one; None: plain L1. ``batchtopk`` ignores it."""
     n_dedicated: int = 0
     """Dedicated latents per model (Dedicated Feature Crosscoders, Jiralerspong & Bricken 2026): after the
     designated shared ones, model m owns the next n_dedicated latents; their encoder and decoder weights

@@ -290,12 +290,10 @@ class CrossCoder(nn.Module):
         l1_loss = (activity * norms).sum() / len(x)
         if not self.penalised:
             penalty = x.new_zeros(())
-        elif cfg.tanh_scale is None:
-            penalty = (activity * norms * self.penalty).sum() / len(x)
-        elif cfg.variant == "batchtopk" and self.training and self.sparse_path:
-            penalty = self._tanh(values * norms[latents], self.penalty[latents]) / len(x)
+        elif cfg.variant == "relu" and cfg.tanh_scale is not None:  # Σ tanh(c · f_i Σ_m ‖W_dec[i, m]‖) / c
+            penalty = (torch.tanh(f * norms * cfg.tanh_scale) * self.penalty).sum() / cfg.tanh_scale / len(x)
         else:
-            penalty = self._tanh(f * norms, self.penalty) / len(x)
+            penalty = (activity * norms * self.penalty).sum() / len(x)
         l2_loss = (x - x_hat).pow(2).sum((1, 2)).mean()
         aux_loss = self._aux_loss(x, x - x_hat, pre.detach()) if cfg.aux_coeff > 0 else x.new_zeros(())
         if self.training:
@@ -307,11 +305,6 @@ class CrossCoder(nn.Module):
         with torch.no_grad():
             ev, ev_per_model = explained_variance(x, x_hat)
         return Losses(loss, l2_loss, l1_loss, l0, aux_loss, ev, ev_per_model)
-
-    def _tanh(self, scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Σ weights · tanh(c · scores) / c over scores f_i Σ_m ‖W_dec[i, m]‖ (c = ``tanh_scale``)."""
-        c = self.cfg.tanh_scale
-        return (torch.tanh(scores * c) * weights).sum() / c
 
     def dead_latents(self) -> torch.Tensor:
         """bool [dict_size]: latents that have not fired for ``dead_tokens`` training tokens."""

@@ -41,9 +41,8 @@ def model_card(run: Run, repo_id: str) -> str:
     front = {key: value for key, value in front.items() if value}
     roles = model_roles(cc.n_models)
     explained = ", ".join(f"{role} {value:.4f}" for role, value in explained_variance_by_model(last).items())
-    sparsity = f"k {cc.k}" if cc.variant == "batchtopk" else f"λ {cc.l1_coeff}"
-    if cc.tanh_scale is not None:
-        sparsity += f", tanh penalty c {cc.tanh_scale}"
+    tanh = "" if cc.tanh_scale is None else f", tanh penalty c {cc.tanh_scale}"
+    sparsity = f"k {cc.k}" if cc.variant == "batchtopk" else f"λ {cc.l1_coeff}{tanh}"
     rows = {
         "models": ", ".join(f"{role}: `{name}`" for role, name in zip(roles, meta["models"])),
         "revisions": ", ".join(str(r) for r in meta.get("revisions", [None] * cc.n_models)),
