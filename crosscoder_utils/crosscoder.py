@@ -41,13 +41,14 @@ class Losses:
     """What ``CrossCoder.losses`` returns; every field a scalar tensor unless said otherwise."""
 
     loss: torch.Tensor
-    """What is minimised: l2_loss + λ·(L1 penalty) + aux_coeff·aux_loss. The L1 penalty is l1_loss for
-    relu and norm_penalty · l1_loss for batchtopk, with designated shared latents' terms scaled
-    by shared_penalty_ratio."""
+    """What is minimised: l2_loss + λ·penalty + aux_coeff·aux_loss."""
     l2_loss: torch.Tensor
     """Squared error summed over models and d_model, mean over the batch."""
     l1_loss: torch.Tensor
     """Σ_i f_i Σ_m ‖W_dec[i, m]‖, mean over the batch (logged for every variant)."""
+    penalty: torch.Tensor
+    """The sparsity term λ weighs: l1_loss for relu (each term tanh(c · it) / c with ``tanh_scale``),
+    norm_penalty · l1_loss for batchtopk, designated shared latents' terms scaled by shared_penalty_ratio."""
     l0: torch.Tensor
     """Mean number of active latents per token (monitored, not optimised)."""
     aux_loss: torch.Tensor
@@ -304,7 +305,7 @@ class CrossCoder(nn.Module):
         loss = l2_loss + cfg.aux_coeff * aux_loss + l1_coeff * penalty
         with torch.no_grad():
             ev, ev_per_model = explained_variance(x, x_hat)
-        return Losses(loss, l2_loss, l1_loss, l0, aux_loss, ev, ev_per_model)
+        return Losses(loss, l2_loss, l1_loss, penalty, l0, aux_loss, ev, ev_per_model)
 
     def dead_latents(self) -> torch.Tensor:
         """bool [dict_size]: latents that have not fired for ``dead_tokens`` training tokens."""

@@ -73,13 +73,13 @@ def grouped_bars(values: dict[str, dict[str, float]], title: str, ylabel: str, y
 
 
 def training_curves(metrics: list[dict], path=None):
-    """Over the logged steps: the loss and its terms (log scale: reconstruction L2, the sparsity term λ·L1, the
-    auxiliary loss), L0, explained variance per model (zoomed to the range it spans), the fraction of dead
+    """Over the logged steps: the loss and its terms (log scale: reconstruction L2, the sparsity term λ·penalty,
+    the auxiliary loss), L0, explained variance per model (zoomed to the range it spans), the fraction of dead
     latents, and the schedules of λ and of the learning rate."""
     steps = [m["step"] for m in metrics]
     fig, axes = plt.subplots(2, 3, figsize=(15, 7))
     terms = {"loss": [m["loss"] for m in metrics], "L2": [m["l2_loss"] for m in metrics]}
-    terms["λ·L1"] = [m["l1_coeff"] * m["l1_loss"] for m in metrics]
+    terms["λ·penalty"] = [m["l1_coeff"] * m["penalty"] for m in metrics]
     terms["aux"] = [m["aux_loss"] for m in metrics]
     for label, values in terms.items():
         if any(v > 0 for v in values):

@@ -266,6 +266,7 @@ def test_batchtopk_norm_penalty_adds_the_relu_term_on_the_selected_latents():
     torch.testing.assert_close(a.loss, a.l2_loss)  # plain BatchTopK: no L1 at all
     torch.testing.assert_close(b.l1_loss, a.l1_loss)  # the same selection
     torch.testing.assert_close(b.loss, b.l2_loss + 2.0 * 0.1 * b.l1_loss)
+    torch.testing.assert_close(b.penalty, 0.1 * b.l1_loss)  # the term the training curves plot
 
 
 def test_tanh_penalty_equals_a_hand_computation():
@@ -276,6 +277,7 @@ def test_tanh_penalty_equals_a_hand_computation():
     scores = f * cc.W_dec.norm(dim=-1).sum(-1)
     penalty = sum(torch.tanh(0.3 * scores[b, i]) / 0.3 for b in range(5) for i in range(40)) / 5
     torch.testing.assert_close(out.loss, out.l2_loss + 1.5 * penalty)
+    torch.testing.assert_close(out.penalty, penalty)
     torch.testing.assert_close(out.l1_loss, scores.sum() / 5)  # the logged L1 stays the plain one
     assert penalty < out.l1_loss  # tanh(c·s)/c < s for s > 0: large activations cost less
 
