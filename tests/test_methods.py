@@ -45,8 +45,9 @@ def test_logit_lens_scores_a_behaviour_by_its_tokens_best_rank():
 
 def compared(organism, folder):
     train = TrainConfig(tokens_per_step=512, train_tokens=400_000, log_to="none", log_every=100)
-    # the demo's recipe at this scale: the tanh penalty merges duplicates, and 160 latents are about what the
-    # tiny organisms' 63,000 training tokens hold (135 live on average)
+    # the demo's recipe (λ 0.5, the tanh penalty, which merges duplicates) at this scale: c 0.05, since the tiny
+    # organisms' penalty terms are smaller, and 160 latents, about what their 63,000 training tokens hold (135 live
+    # on average)
     crosscoder = CrossCoderConfig(dict_size=160, l1_coeff=0.5, tanh_scale=0.05, dead_tokens=50_000)
     run = train_on_organism(organism, folder, 70_000, 0.1, (10, 2048), train, crosscoder)
     analysis = A.analyse(run, Path(organism.base).parent)
@@ -81,7 +82,7 @@ def test_the_comparison_scores_every_method_on_every_behaviour(organisms, organi
 
 
 def test_the_crosscoder_finds_the_removed_behaviour_and_never_calls_it_finetuned_only(organisms):
-    # measured on tiny organisms, seeds 0-4: F1 1.00 at ranks 7-12 of the ranking, labelled changed
+    # measured on tiny organisms, seeds 0-4: F1 1.00 at ranks 7-12 of the distinct top 20, labelled changed
     for _, comparison, _ in organisms:
         row = next(s for s in comparison.scores if s.method == "crosscoder" and s.behaviour == "hocus pocus")
         assert row.found and row.best_f1 >= 0.9, row
