@@ -14,12 +14,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def portable(path: str) -> str:
-    """A local path under the repository as a path relative to it (a URL or a path elsewhere unchanged), so that
-    a record travels with the repository: ``resolve`` turns it back."""
-    local = Path(path)
-    if "://" in path or not local.is_absolute() or not local.resolve().is_relative_to(REPO):
+    """A local path under the repository as a path relative to it, so that a record travels with the repository
+    (``resolve`` turns it back); a local path elsewhere as an absolute one (from an installed package, REPO is
+    site-packages' parent, and a relative path is the working directory's); a URL unchanged."""
+    if "://" in path:
         return path
-    return str(local.resolve().relative_to(REPO))
+    local = Path(path).expanduser().resolve()
+    return str(local.relative_to(REPO)) if local.is_relative_to(REPO) else str(local)
 
 
 def resolve(path: str) -> str:
