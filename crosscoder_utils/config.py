@@ -33,8 +33,25 @@ FIELD_TYPES = {
 
 def model_roles(n_models: int) -> list[str]:
     """The name of each model by its role: ``base`` (model 0), then ``finetuned`` (or ``finetuned_1``,
-    ``finetuned_2`` ... when there are several fine-tunes). Metrics, latent kinds and figures use these."""
+    ``finetuned_2`` ... when there are several fine-tunes). Latent kinds, figures and reports use these; the
+    training metrics name the models by letter (``metric_letter``)."""
     return ["base"] + (["finetuned"] if n_models == 2 else [f"finetuned_{m}" for m in range(1, n_models)])
+
+
+def metric_letter(model_index: int) -> str:
+    """The letter that names model ``model_index`` in the training metrics: ``A`` the base (model 0), ``B`` the
+    (first) fine-tune, ``C`` ... (after ``Z``: ``AA``, ``AB`` ...)."""
+    letters, n = "", model_index + 1
+    while n:
+        n, r = divmod(n - 1, 26)
+        letters = chr(ord("A") + r) + letters
+    return letters
+
+
+def explained_variance_metric(model_index: int) -> str:
+    """The training metric of model ``model_index``'s explained variance: ``explained_variance_A`` (the base),
+    ``explained_variance_B`` ... (metrics.jsonl, wandb, the model card)."""
+    return f"explained_variance_{metric_letter(model_index)}"
 
 
 class ConfigBase:

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import distributed
-from .config import CrossCoderConfig, model_roles
+from .config import CrossCoderConfig, explained_variance_metric
 from .models import local_or_hub
 from .sparse_encode import sparse_encode
 
@@ -49,8 +49,8 @@ class Losses:
     penalty: torch.Tensor
     """The sparsity term λ weighs: l1_loss for relu (each term tanh(c · it) / c with ``tanh_scale``),
     norm_penalty · l1_loss for batchtopk, designated shared latents' terms scaled by shared_penalty_ratio."""
-    l0: torch.Tensor
-    """Mean number of active latents per token (monitored, not optimised)."""
+    l0_loss: torch.Tensor
+    """L0: mean number of active latents per token (monitored, not optimised)."""
     aux_loss: torch.Tensor
     """Dead-latent auxiliary loss (0 when there are no dead latents or aux_coeff is 0)."""
     explained_variance: torch.Tensor
@@ -59,21 +59,14 @@ class Losses:
     """[n_models]: the same per model (model 0 the base)."""
 
     def metrics(self) -> dict[str, float]:
-        """Every value as a float; per-model explained variance under the models' roles,
-        explained_variance_base, explained_variance_finetuned (``config.model_roles``)."""
+        """Every value as a float under its field's name; the per-model explained variance as
+        explained_variance_A (the base), explained_variance_B, ... (``config.explained_variance_metric``)."""
         out = {
             f.name: getattr(self, f.name).item()
             for f in dataclasses.fields(self)
             if f.name != "explained_variance_per_model"
         }
-        out.update(
-            {
-                f"explained_variance_{role}": v.item()
-                for role, v in zip(
-                    model_roles(len(self.explained_variance_per_model)), self.explained_variance_per_model
-                )
-            }
-        )
+        out.update({explained_variance_metric(m): v.item() for m, v in enumerate(self.explained_variance_per_model)})
         return out
 
 
@@ -279,13 +272,13 @@ class CrossCoder(nn.Module):
             offsets = torch.searchsorted(rows, torch.arange(len(x), device=x.device))
             x_hat = self._decode_bags(latents, values, offsets) + self.b_dec
             activity = torch.zeros(cfg.dict_size, dtype=values.dtype, device=x.device).index_add(0, latents, values)
-            l0 = (values > 0).sum() / len(x)
+            l0_loss = (values > 0).sum() / len(x)
         else:
             pre = self.pre_activations(x)
             f = self._select(pre, k)
             x_hat = self.decode(f)
             activity = f.sum(0)
-            l0 = torch.count_nonzero(f) / len(x)
+            l0_loss = torch.count_nonzero(f) / len(x)
         # activity [dict_size]: each latent's activations summed over the batch
         norms = self.decoder_norms().sum(-1)
         l1_loss = (activity * norms).sum() / len(x)
@@ -305,7 +298,7 @@ class CrossCoder(nn.Module):
         loss = l2_loss + cfg.aux_coeff * aux_loss + l1_coeff * penalty
         with torch.no_grad():
             ev, ev_per_model = explained_variance(x, x_hat)
-        return Losses(loss, l2_loss, l1_loss, penalty, l0, aux_loss, ev, ev_per_model)
+        return Losses(loss, l2_loss, l1_loss, penalty, l0_loss, aux_loss, ev, ev_per_model)
 
     def dead_latents(self) -> torch.Tensor:
         """bool [dict_size]: latents that have not fired for ``dead_tokens`` training tokens."""

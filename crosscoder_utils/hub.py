@@ -10,10 +10,10 @@ from pathlib import Path
 import fsspec
 import yaml
 
-from .config import model_roles
+from .config import explained_variance_metric, model_roles
 from .crosscoder import CrossCoder
 from .notebook import progress
-from .run import Run, explained_variance_by_model
+from .run import Run
 from .store import ActivationStore
 
 
@@ -40,7 +40,10 @@ def model_card(run: Run, repo_id: str) -> str:
     }
     front = {key: value for key, value in front.items() if value}
     roles = model_roles(cc.n_models)
-    explained = ", ".join(f"{role} {value:.4f}" for role, value in explained_variance_by_model(last).items())
+    per_model = ", ".join(
+        f"`{explained_variance_metric(m)}` ({role}) {last[explained_variance_metric(m)]:.4f}"
+        for m, role in enumerate(roles)
+    )
     tanh = "" if cc.tanh_scale is None else f", tanh penalty c {cc.tanh_scale}"
     sparsity = f"k {cc.k}" if cc.variant == "batchtopk" else f"λ {cc.l1_coeff}{tanh}"
     rows = {
@@ -51,7 +54,11 @@ def model_card(run: Run, repo_id: str) -> str:
         "store": f"{meta['n_tokens']:,} tokens; BOS and other exclusions: {meta.get('exclusions')}",
         "training": f"{run.cfg.train_tokens:,} tokens, {run.cfg.tokens_per_step} per step, seed {run.cfg.seed}",
         "dictionary": f"{cc.variant}, {cc.dict_size} latents, {sparsity}",
-        "final metrics": f"explained variance {explained}; L0 {last['l0']:.1f}; dead {last['dead_fraction']:.1%}",
+        "final metrics": (
+            f"step {last['step']}: `explained_variance` {last['explained_variance']:.4f} ({per_model}); "
+            f"`l0_loss` {last['l0_loss']:.1f}; `loss` {last['loss']:.4g} (`l2_loss` {last['l2_loss']:.4g}); "
+            f"`dead_fraction` {last['dead_fraction']:.1%}"
+        ),
         "units": "raw activations (the norm factors are folded into the weights)",
     }
     table = "\n".join(f"| {key} | {value} |" for key, value in rows.items())

@@ -86,7 +86,7 @@ def training_curves(metrics: list[dict], path=None):
             axes[0, 0].plot(steps, values, label=label)
     axes[0, 0].set(yscale="log", title="loss and its terms", xlabel="step")
     axes[0, 0].legend()
-    axes[0, 1].plot(steps, [m["l0"] for m in metrics])
+    axes[0, 1].plot(steps, [m["l0_loss"] for m in metrics])
     axes[0, 1].set(title="L0 (active latents per token)", xlabel="step")
     per_model = [explained_variance_by_model(s) for s in metrics]
     for m, role in enumerate(per_model[0]):

@@ -3,7 +3,9 @@
 A run directory holds::
 
     run.json                     the TrainConfig and CrossCoderConfig of the run, and the store it reads
-    metrics.jsonl                one line of metrics every log_every steps
+    metrics.jsonl                one line of metrics every log_every steps (``train.step_metrics``: loss,
+                                 l2_loss, l1_loss, l0_loss, l1_coeff, lr, explained_variance,
+                                 explained_variance_A (the base), explained_variance_B ..., and the extras)
     checkpoints/step_XXXXXXX/    the latest checkpoint: crosscoder.safetensors (weights, threshold, dead
                                  counts) + cfg.json, optimizer.pt and state.pt (loaded with weights_only=True)
     crosscoder.safetensors       the final export (normalised space) + cfg.json + norm_factors.json
@@ -18,6 +20,7 @@ A run directory holds::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -31,7 +34,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import distributed
-from .config import CrossCoderConfig, TrainConfig, model_roles
+from .config import CrossCoderConfig, TrainConfig, explained_variance_metric, model_roles
 from .crosscoder import CrossCoder, finite
 from .files import check_same_settings, portable, read_json, resolve, take_lock, write_json
 from .models import resolve_device
@@ -276,7 +279,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
 
 
 def explained_variance_by_model(metrics: dict) -> dict[str, float]:
-    """A metrics.jsonl line's per-model explained variance, by role (base, finetuned, ...)."""
-    prefix = "explained_variance_"
-    n_models = sum(key.startswith(prefix) for key in metrics)
-    return {role: metrics[prefix + role] for role in model_roles(n_models)}
+    """A metrics.jsonl line's per-model explained variance (explained_variance_A, explained_variance_B, ...),
+    by role (base, finetuned, ...)."""
+    n_models = next(m for m in itertools.count() if explained_variance_metric(m) not in metrics)
+    return {role: metrics[explained_variance_metric(m)] for m, role in enumerate(model_roles(n_models))}

@@ -238,8 +238,10 @@ class Objective(nn.Module):
 
 
 def step_metrics(out, step: int, l1_coeff: float, lr: float, crosscoder: CrossCoder, device: str) -> dict:
-    """A logged step's metrics: the losses averaged over the ranks, the schedules' values, the fraction of
-    latents silent for ``dead_tokens`` and, for BatchTopK, the inference threshold."""
+    """A logged step's metrics: the losses averaged over the ranks (``Losses.metrics``: loss, l2_loss, l1_loss,
+    penalty, l0_loss, aux_loss, explained_variance, explained_variance_A, explained_variance_B ...), the
+    schedules' values (l1_coeff: λ after its warm-up; lr), the fraction of latents silent for ``dead_tokens``
+    (dead_fraction) and, for BatchTopK, the inference threshold."""
     values = out.metrics()
     averaged = distributed.all_reduce(torch.tensor(list(values.values()), device=device)) / distributed.world_size()
     metrics = {
@@ -383,7 +385,7 @@ def train_steps(
             metrics = step_metrics(out, step + 1, l1_coeff, scheduler.get_last_lr()[0], crosscoder, device)
             log.log(metrics)
             bar.set_postfix(
-                loss=f"{metrics['loss']:.3g}", L0=f"{metrics['l0']:.1f}", EV=f"{metrics['explained_variance']:.3f}"
+                loss=f"{metrics['loss']:.3g}", L0=f"{metrics['l0_loss']:.1f}", EV=f"{metrics['explained_variance']:.3f}"
             )
         if (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
             refuse_nonfinite(first_bad, source, cfg, run_dir)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from crosscoder_utils import CrossCoder, CrossCoderConfig
+from crosscoder_utils.config import metric_letter
 
 
 def make(variant="relu", **kw):
@@ -39,9 +40,10 @@ def test_relu_losses_equal_a_hand_computation():
     torch.testing.assert_close(out.l2_loss, l2)
     torch.testing.assert_close(out.l1_loss, l1)
     torch.testing.assert_close(out.loss, l2 + 1.5 * l1)
-    torch.testing.assert_close(out.l0, (torch.stack(f_all) > 0).sum(1).float().mean())
+    torch.testing.assert_close(out.l0_loss, (torch.stack(f_all) > 0).sum(1).float().mean())
     torch.testing.assert_close(out.explained_variance_per_model, torch.stack(ev))
-    assert out.metrics()["explained_variance_base"] == pytest.approx(ev[0].item(), rel=1e-4)
+    assert out.metrics()["explained_variance_A"] == pytest.approx(ev[0].item(), rel=1e-4)  # A the base
+    assert out.metrics()["explained_variance_B"] == pytest.approx(ev[1].item(), rel=1e-4)
     torch.testing.assert_close(out.explained_variance, ev_all)
     assert out.aux_loss == 0
 
@@ -79,7 +81,7 @@ def test_batchtopk_keeps_every_positive_score_when_the_batch_has_fewer_than_k_pe
     pre = cc.pre_activations(x)
     positive = (pre > 0).sum()
     assert 2 * 3 < positive < 3 * 16
-    assert cc.losses(x).l0 * 16 == positive
+    assert cc.losses(x).l0_loss * 16 == positive
     scores = pre * cc.selection_weights()
     assert cc.threshold == scores[scores > 0].min()  # the smallest kept score, not the k·B-th (0)
 
@@ -168,7 +170,7 @@ def test_folded_crosscoder_reads_raw_activations_and_round_trips(tmp_path, varia
 def test_batchtopk_k_can_be_overridden_for_annealing():
     cc = perturbed(make("batchtopk", k=2, aux_coeff=0.0)).train()
     x = torch.randn(16, 2, 6)
-    assert cc.losses(x).l0 == 2 and cc.losses(x, k=5).l0 == 5
+    assert cc.losses(x).l0_loss == 2 and cc.losses(x, k=5).l0_loss == 5
 
 
 PARTITION = dict(n_shared_latents=6, n_dedicated=5, shared_penalty_ratio=0.2)  # tied 0-5, model 0: 6-10, model 1: 11-15
@@ -212,7 +214,7 @@ def test_designated_shared_latents_cost_less_or_bypass_the_top_k():
     assert kept[:, :6].any()
     assert torch.equal(batchtopk.encode(x) > 0, kept)
     out = batchtopk.losses(x, l1_coeff=1.0)  # the sparse training path keeps the same entries
-    assert out.l0 == kept.sum() / 16
+    assert out.l0_loss == kept.sum() / 16
     f = batchtopk.encode(x)  # only the designated shared latents pay an L1, at the reduced ratio
     torch.testing.assert_close(
         out.loss - out.l2_loss, (f[:, :6] * batchtopk.W_dec[:6].norm(dim=-1).sum(-1) * 0.2).sum(-1).mean()
@@ -238,6 +240,16 @@ def test_without_shared_or_dedicated_latents_losses_and_gradients_equal_the_plai
         for (name, p), q in zip(plain.named_parameters(), zero.parameters()):
             assert torch.equal(p.grad, q.grad), name
     assert variant == "relu" or b.aux_loss > 0
+
+
+def test_the_metrics_name_each_model_by_letter():
+    torch.manual_seed(0)
+    metrics = CrossCoder(CrossCoderConfig(d_model=6, n_models=3, dict_size=30)).losses(torch.randn(16, 3, 6)).metrics()
+    assert list(metrics) == [
+        *("loss", "l2_loss", "l1_loss", "penalty", "l0_loss", "aux_loss", "explained_variance"),
+        *("explained_variance_A", "explained_variance_B", "explained_variance_C"),
+    ]
+    assert [metric_letter(m) for m in (0, 1, 2, 25, 26, 27)] == ["A", "B", "C", "Z", "AA", "AB"]
 
 
 def test_partition_with_three_models():

@@ -112,7 +112,7 @@ def test_normalize_and_train_notebooks(trained):
     assert "-> factor" in outputs_text(normalize_nb)
     run_dir = out / "run"
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 10 and metrics[-1]["l0"] >= 8 and "threshold" in metrics[-1]  # 8 + active shared
+    assert len(metrics) == 10 and metrics[-1]["l0_loss"] >= 8 and "threshold" in metrics[-1]  # 8 + active shared
     assert (run_dir / "crosscoder.safetensors").exists() and (run_dir / "raw/crosscoder.safetensors").exists()
     assert (run_dir / "training_curves.png").stat().st_size > 10_000
     assert list((run_dir / "wandb").glob("offline-run-*"))
@@ -164,6 +164,7 @@ def test_the_model_card_says_what_the_crosscoder_reads(trained):
         "| site | resid_post, layer 1 (d_model 64) |" in body and "| dictionary | batchtopk, 128 latents, k 8 |" in body
     )
     assert 'CrossCoder.load("owner/name")' in body
+    assert all(f"`{name}`" in body for name in ("explained_variance_A", "explained_variance_B", "l0_loss", "loss"))
 
 
 def test_a_crosscoder_loaded_with_its_card_knows_what_it_reads(trained, tmp_path):

@@ -159,6 +159,25 @@ def test_a_finished_run_is_reused_and_overwrite_trains_again(ground_truth, tmp_p
     assert other.cfg.dict_size == 32 and CrossCoder.load(tmp_path / "run").cfg.dict_size == 32
 
 
+BRIEF_METRICS = (
+    *("loss", "l2_loss", "l1_loss", "l0_loss", "l1_coeff", "lr"),
+    *("explained_variance", "explained_variance_A", "explained_variance_B"),
+)
+"""The training metrics the design brief names (A the base, B the fine-tune)."""
+
+
+def test_every_logged_step_has_the_briefs_metrics_beside_the_extras(ground_truth, tmp_path):
+    store = ground_truth[0]
+    cfg = TrainConfig(tokens_per_step=256, train_tokens=2560, lr=1e-3, log_every=2, l1_warmup_frac=0.5, log_to="none")
+    train_crosscoder(cfg, store, tmp_path / "run", CrossCoderConfig(dict_size=32, l1_coeff=2.0))
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4, 6, 8, 10]
+    for row in rows:
+        assert set(row) == {*BRIEF_METRICS, "step", "penalty", "aux_loss", "dead_fraction"}, row
+    assert [row["l1_coeff"] for row in rows] == pytest.approx([0.8, 1.6, 2.0, 2.0, 2.0])  # λ after its warm-up
+    assert rows[0]["lr"] == pytest.approx(1e-3) and rows[-1]["lr"] < rows[0]["lr"]  # decays over the last 20 %
+
+
 def test_data_init_starts_from_paired_activations(ground_truth, tmp_path):
     store, _, factors = ground_truth
     # one Adam step of 1e-9 moves each weight by about 1e-9, far below the tolerances: the result is the init
