@@ -17,9 +17,9 @@ from crosscoder_utils.analysis import analyse
 from crosscoder_utils.dashboard import build_dashboard
 
 
-def main(run_dir=Path("outputs/runs/organism-relu"), organism_dir=Path("outputs/organism")):
+def main(run_dir=Path("outputs/runs/organism-relu")):
     start = time.perf_counter()
-    site = build_dashboard(analyse(run_dir, organism_dir), out_dir=Path("outputs/bench_dashboard")).resolve()
+    site = build_dashboard(analyse(run_dir), out_dir=Path("outputs/bench_dashboard")).resolve()
     built = time.perf_counter() - start
     size = sum(f.stat().st_size for f in site.rglob("*") if f.is_file())
     n_live = (site / "data/index.js").read_text().count('"latent":')

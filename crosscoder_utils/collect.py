@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import datasets
+import numpy as np
 import torch
 from nnsight import NNsight
 
@@ -67,12 +68,62 @@ def documents(cfg: CollectConfig, tokenizer) -> Iterator[list[int]]:
     return tokenize(load_texts(cfg.dataset, cfg.split, cfg.text_column, tokenizer), tokenizer, cfg.seq_len)
 
 
+def stored_documents(
+    store: ActivationStore, tokenizer, rows: np.ndarray, extra: int = 0
+) -> tuple[list[list[int]], int]:
+    """The documents that store ``rows`` come from (and the ``extra`` documents after them), tokenised again from
+    the store's dataset as 01 tokenised them, with the first one's number. They are checked against the
+    store's token ids at ``rows`` first: a dataset that changed since collection would run the models on other
+    tokens than the store holds, and the per-token KL would rank the latents against the wrong text."""
+    cfg = collection_settings(store, "tokenising its documents again")
+    seq, pos = (t.numpy() for t in store.positions(rows))
+    first, last = int(seq.min()), int(seq.max())
+    sequences = list(itertools.islice(documents(cfg, tokenizer), first, last + 1 + extra))
+    stored_docs = sequences[: last + 1 - first]  # a dataset that lost documents yields fewer
+    lengths = np.array([len(ids) for ids in stored_docs] + [0] * (last + 1 - first - len(stored_docs)))
+    inside = pos < lengths[seq - first]
+    flat = np.array([t for ids in stored_docs for t in ids] + [-1], dtype=np.int64)  # -1: past a document's end
+    now = flat[np.where(inside, np.concatenate([[0], np.cumsum(lengths)])[seq - first] + pos, len(flat) - 1)]
+    stored = store.token_ids(rows).numpy()
+    wrong = np.flatnonzero(now != stored)
+    if len(wrong):
+        at = wrong[0]
+        name = cfg.dataset if isinstance(cfg.dataset, str) else "<list of texts>"
+        found = f"token {now[at]}" if inside[at] else "no token (the document is shorter now)"
+        raise ValueError(
+            f"dataset {name!r} (split {cfg.split!r}) tokenised again does not match the store at {store.path}: "
+            f"{len(wrong)} of {len(rows)} rows differ, the first at row {rows[at]} (document {seq[at]}, position "
+            f"{pos[at]}: stored token {stored[at]}, now {found}); the dataset or tokenizer changed since "
+            "collection: restore them, or collect a new store"
+        )
+    return sequences, first
+
+
 def collection_settings(store: ActivationStore, what: str) -> CollectConfig:
     """The settings a store was collected from models with (01); refused, saying ``what`` needs them, for a
     store written from arrays."""
     if not store.collected_from_models:
         raise ValueError(f"{what} needs a store collected from models (not from_arrays)")
     return CollectConfig.from_dict(store.meta["settings"])
+
+
+def load_pair(cfg: CollectConfig, device: str | None = None) -> ModelPair:
+    """The models ``cfg`` names, loaded as collection loads them (dtype, remote code, each model's revision)
+    on ``device`` (None: ``cfg.device``)."""
+    return load_model_pair(
+        cfg.base_model,
+        cfg.finetuned_model,
+        cfg.model_dtype,
+        cfg.device if device is None else device,
+        cfg.trust_remote_code,
+        cfg.base_revision,
+        cfg.finetuned_revision,
+    )
+
+
+def store_models(store: ActivationStore, device: str = "auto", what: str = "reading the models") -> ModelPair:
+    """The models a store was collected from, loaded as 01 loaded them (``load_pair``) on ``device``."""
+    return load_pair(collection_settings(store, what), device)
 
 
 def tokenize(texts: Iterable[str], tokenizer, seq_len: int | None) -> Iterator[list[int]]:
@@ -201,7 +252,7 @@ def check_inputs(store: ActivationStore, pair: ModelPair | None = None) -> None:
     what changed: what is computed from the models again (04's per-token KL, the spliced-in loss) would
     otherwise mix two versions."""
     cfg = collection_settings(store, "checking its inputs")
-    pair = pair or load_model_pair(cfg.base_model, cfg.finetuned_model, revision=cfg.revision)
+    pair = pair or load_pair(cfg)
     changed = differing_keys(store.meta["identity"], input_identity(cfg, pair))
     if changed:
         raise ValueError(
@@ -254,10 +305,7 @@ def collect_activations(cfg: CollectConfig, store_dir: str | Path, pair: ModelPa
     device = distributed.init_from_env(cfg.device)
     rank, world = distributed.rank(), distributed.world_size()
     settings = cfg.settings()
-    if pair is None:
-        pair = load_model_pair(
-            cfg.base_model, cfg.finetuned_model, cfg.model_dtype, device, cfg.trust_remote_code, cfg.revision
-        )
+    pair = pair or load_pair(cfg, device)
     traced = TracedPair(pair, cfg.site, cfg.layer, cfg.padding_side)
     d_model = preflight(traced, cfg)
     identity = input_identity(cfg, pair)
@@ -313,7 +361,7 @@ def store_meta(cfg: CollectConfig, pair: ModelPair, d_model: int) -> dict:
     dataset = cfg.dataset if isinstance(cfg.dataset, str) else f"<list of {len(cfg.dataset)} texts>"
     return dict(
         models=list(pair.names),
-        revisions=[cfg.revision, cfg.revision],
+        revisions=[cfg.base_revision, cfg.finetuned_revision],
         site=cfg.site,
         layer=cfg.layer,
         d_model=d_model,

@@ -174,8 +174,10 @@ class CollectConfig(ConfigBase):
     """Fraction of the store (its last rows, i.e. the last documents) held out as the ``val`` split."""
     trust_remote_code: bool = False
     """Allow model code from the Hub; off unless you trust the repository."""
-    revision: str | None = None
-    """Hub revision of both models (None: the default branch)."""
+    base_revision: str | None = None
+    """Hub revision (branch, tag or commit) of the base model (None: the default branch)."""
+    finetuned_revision: str | None = None
+    """Hub revision of the fine-tuned model (None: the default branch)."""
 
     def __post_init__(self):
         self.check_types()
@@ -260,7 +262,7 @@ class CrossCoderConfig(ConfigBase):
     """Width of each model's activation; None: taken from the store."""
     n_models: int | None = None
     """Number of models (model 0 the base; 1 makes a plain sparse autoencoder, as the diff-SAE baseline of
-    methods.py trains on x_ft − x_base); None: taken from the store."""
+    methods/ trains on x_ft − x_base); None: taken from the store."""
     dict_size: int = 16384
     """Number of latents (the shared dictionary)."""
     variant: str = "relu"
@@ -462,8 +464,14 @@ class AnalysisConfig(ConfigBase):
     """Held-out documents for the spliced-in loss."""
     tokens_per_batch: int = 4096
     """Held-out tokens encoded at a time."""
-    max_tokens: int | None = None
-    """Held-out tokens read (None: the whole val split); bounds the cost at scale."""
+    explain_tokens: int = 200_000
+    """Training tokens (the split's first) on which each latent's explanation is fitted, to be scored on the
+    held-out tokens read; 0, or a store without training rows: fitted on the even held-out sequences and scored
+    on the odd ones."""
+    max_tokens: int | None = 1_000_000
+    """Held-out tokens read, the first of the val split (None: all of it): what bounds 04's, 06's and the
+    dashboard's memory and time, whatever the store's size (at Gemma-2-2B's width a million tokens' firings
+    and sums take a few GB)."""
 
     def __post_init__(self):
         self.check_types()
@@ -474,3 +482,4 @@ class AnalysisConfig(ConfigBase):
         for name in ("n_top", "n_contexts", "n_divergent", "n_eval_sequences", "tokens_per_batch"):
             check_range(name, getattr(self, name), above=0)
         check_range("max_tokens", self.max_tokens, above=0, optional=True)
+        check_range("explain_tokens", self.explain_tokens, at_least=0)

@@ -28,7 +28,7 @@ import torch
 
 from . import analysis as A
 from .config import model_roles
-from .models import direct_logit_effect, load_model_pair
+from .models import top_logit_effects
 from .notebook import progress
 from .run import load_run
 
@@ -108,8 +108,7 @@ def gather(analysis: A.Analysis, n_top: int, n_sample: int, width: int, n_logits
     token_of = dict(zip(rows_needed, store.token_ids(rows_needed).tolist())) if rows_needed else {}
     logits = {}
     for m, model in enumerate(pair.models if pair else []):
-        effect = direct_logit_effect(model, run.raw.W_dec[live, m].to(model.device)).cpu()
-        logits[model_roles(store.n_models)[m]] = (effect.topk(n_logits, dim=1), (-effect).topk(n_logits, dim=1))
+        logits[model_roles(store.n_models)[m]] = top_logit_effects(model, run.raw.W_dec[live, m].detach(), n_logits)
     return Gathered(contexts, activations, token_of, logits, nu, samples)
 
 
@@ -128,7 +127,7 @@ def index_row(analysis: A.Analysis, gathered: Gathered, latent: int, rank: int) 
         "nu_error": round(nu[latent][0], 4) if latent in nu else None,
         "nu_reconstruction": round(nu[latent][1], 4) if latent in nu else None,
         "explanation": analysis.explanations.text[latent],
-        "explanation_f1": round(float(analysis.explanations.f1[latent]), 3),
+        "explanation_f1": float(f1) if (f1 := analysis.explanations.f1_text(latent, 3)) else None,
         "fires_on": mains[latent][0] if latent in mains else "",
         "context": [[gathered.token_of[r], gathered.activations[latent, r], r == top[0][0]] for r in top[0][1]]
         if top
@@ -270,13 +269,11 @@ def show_prompt(run_dir: str | Path, text: str, n_latents: int = 3, device: str 
     """HTML: both models run on ``text`` (loaded as 01 loads them, read at the run's site); for each token,
     the ``n_latents`` latents that fire most, with what each writes into each model (activation × that
     model's decoder norm, normalised units)."""
-    from .collect import TracedPair, tokenize
+    from .collect import TracedPair, store_models, tokenize
 
     run = load_run(run_dir, device)
     store = run.store
-    if not store.collected_from_models:
-        raise ValueError(f"the store of {run_dir} was not collected from models: there are no models to run")
-    pair = load_model_pair(*store.meta["models"], device=device)
+    pair = store_models(store, device, "running the models on a prompt")
     traced = TracedPair(pair, store.meta["site"], store.meta["layer"])
     ids = next(tokenize([text], pair.tokenizer, None), None)
     if ids is None:

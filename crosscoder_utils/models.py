@@ -65,6 +65,27 @@ def direct_logit_effect(model: PreTrainedModel, directions: torch.Tensor) -> tor
     return (directions.float().to(scale.device) * scale) @ unembedding.T
 
 
+class TopLogits(NamedTuple):
+    """Per direction, the tokens whose logits it raises and lowers most (``top_logit_effects``)."""
+
+    promoted: torch.return_types.topk
+    """values and indices [n, k] of the largest logit effects."""
+    suppressed: torch.return_types.topk
+    """values and indices [n, k] of the most negative effects (values negated: largest first)."""
+
+
+def top_logit_effects(model: PreTrainedModel, directions: torch.Tensor, k: int, chunk: int = 256) -> TopLogits:
+    """``direct_logit_effect`` of ``directions`` [n, d_model], keeping each one's top ``k`` promoted and suppressed
+    tokens, ``chunk`` directions at a time: the full [n, vocab] matrix of a 16k-latent dictionary at a 256k
+    vocabulary would take 17 GB, a chunk takes 256 MB."""
+    parts = []
+    for start in range(0, len(directions), chunk):
+        effect = direct_logit_effect(model, directions[start : start + chunk].to(model.device)).cpu()
+        parts.append((effect.topk(k, dim=1), (-effect).topk(k, dim=1)))
+    join = lambda side: torch.return_types.topk([torch.cat([p[side][i] for p in parts]) for i in range(2)])
+    return TopLogits(join(0), join(1))
+
+
 class ModelPair(NamedTuple):
     """Two causal LMs that share one tokenizer."""
 
@@ -122,16 +143,18 @@ def load_model_pair(
     dtype: str = "float32",
     device: str = "auto",
     trust_remote_code: bool = False,
-    revision: str | None = None,
+    base_revision: str | None = None,
+    finetuned_revision: str | None = None,
 ) -> ModelPair:
-    """Load two causal LMs (Hub ids or local directories, see ``local_or_hub``) and refuse a pair whose
-    tokenizers differ."""
+    """Load two causal LMs (Hub ids or local directories, see ``local_or_hub``), each at its own Hub revision,
+    and refuse a pair whose tokenizers differ."""
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {list(MODEL_DTYPES)}")
     sources = [local_or_hub(name) for name in (base_model, finetuned_model)]  # a missing path fails here, at once
+    revisions = (base_revision, finetuned_revision)
     tokenizers = [
         AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
-        for source in sources
+        for source, revision in zip(sources, revisions)
     ]
     check_same_tokenizer(*tokenizers, names=(base_model, finetuned_model))
     models = [
@@ -140,7 +163,7 @@ def load_model_pair(
         )
         .to(resolve_device(device))
         .eval()
-        for source in sources
+        for source, revision in zip(sources, revisions)
     ]
     for model in models:
         model.requires_grad_(False)

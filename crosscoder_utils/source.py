@@ -30,11 +30,12 @@ from .collect import (
     input_identity,
     iter_activations,
     keep_mask,
+    load_pair,
     preflight,
     store_meta,
 )
 from .config import CollectConfig, check_range
-from .models import ModelPair, load_model_pair
+from .models import ModelPair
 from .normalize import factors_from_norms, save_norm_factors
 from .store import ActivationStore, StoreWriter
 
@@ -73,10 +74,7 @@ class ModelSource:
         check_range("buffer_tokens", buffer_tokens, above=1)
         self.cfg, self.chunk_rows = cfg, buffer_tokens // 2
         device = distributed.init_from_env(cfg.device)
-        if pair is None:
-            pair = load_model_pair(
-                cfg.base_model, cfg.finetuned_model, cfg.model_dtype, device, cfg.trust_remote_code, cfg.revision
-            )
+        pair = pair or load_pair(cfg, device)
         self.pair, self.traced = pair, TracedPair(pair, cfg.site, cfg.layer, cfg.padding_side)
         self.d_model, self.n_models = preflight(self.traced, cfg), 2
         self.inputs = input_identity(cfg, pair)

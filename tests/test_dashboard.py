@@ -25,7 +25,7 @@ def dashboard(organism, tmp_path_factory):
     train = TrainConfig(tokens_per_step=256, train_tokens=40_000, log_to="none", log_every=50)
     folder = tmp_path_factory.mktemp("dashboard")
     run = train_on_organism(organism, folder, 8000, 0.25, (4, 1024), train, CrossCoderConfig(dict_size=64))
-    return run, build_dashboard(analyse(run, organism_dir=Path(organism.base).parent))
+    return run, build_dashboard(analyse(run))
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_the_index_searches_the_explanations(dashboard, browser):
     _, site = dashboard
     page, errors = open_page(browser, (site / "index.html").as_uri())
     cells = page.locator("#latents tbody tr td:nth-child(10)").all_inner_texts()
-    rules = [text for text in cells if text != "no simple rule"]
+    rules = [text for text in cells if text != "no simple rule" and not text.startswith("too few firings")]
     assert rules and len(set(cells)) > 1  # the organism's latents have different explanations
     page.fill("#explanation-filter", rules[0])
     shown = page.locator("#latents tbody tr td:nth-child(10)").all_inner_texts()

@@ -17,9 +17,9 @@ def store(organism, tmp_path_factory):
     return collect_organism(organism, tmp_path_factory.mktemp("explain"), 8000, 0.5)
 
 
-def encoded_from(store, fires: list[torch.Tensor]) -> Encoded:
-    """The held-out split as a crosscoder whose latent i fires (activation 1-2) exactly where ``fires[i]``."""
-    rows = np.arange(store.split_range("val").start, len(store))
+def encoded_from(store, fires: list[torch.Tensor], split: str = "val") -> Encoded:
+    """A split as a crosscoder whose latent i fires (activation 1-2) exactly where ``fires[i]``."""
+    rows = np.asarray(store.split_range(split))
     token, latent = torch.stack(fires, 1).nonzero(as_tuple=True)
     value = 1 + torch.rand(len(token), generator=torch.Generator().manual_seed(0))
     empty = torch.zeros(len(fires), 2, store.meta["d_model"], dtype=torch.float64)
@@ -28,8 +28,8 @@ def encoded_from(store, fires: list[torch.Tensor]) -> Encoded:
     )
 
 
-def held_out_tokens(store):
-    rows = np.arange(store.split_range("val").start, len(store))
+def held_out_tokens(store, split="val"):
+    rows = np.asarray(store.split_range(split))
     ids = store.token_ids(rows)
     seq, pos = store.positions(rows)
     return ids, seq, pos
@@ -75,3 +75,24 @@ def test_latents_firing_in_one_phrase_form_one_group_named_by_it(store, tokenize
     groups = phrase_groups(encoded, store, [0, 1, 2], explain(encoded, store, tokenizer), tokenizer)
     assert [group.latents for group in groups] == [[0, 2], [1]]
     assert groups[0].phrase == f"«{tokenizer.decode([first, second])}»"
+
+
+def test_a_latent_too_rare_to_judge_says_so_rather_than_no_rule(store, tokenizer):
+    ids, seq, _ = held_out_tokens(store)
+    common = Counter(ids.tolist()).most_common()[0][0]
+    rare = torch.zeros(len(ids), dtype=torch.bool)
+    rare[(ids == common).nonzero().squeeze(1)[:3]] = True  # 3 firings of a token with a perfect rule elsewhere
+    explanations = explain(encoded_from(store, [ids == common, rare]), store, tokenizer)
+    assert explanations.text[0] == f"«{tokenizer.decode([common])}»"
+    assert explanations.text[1].startswith("too few firings to judge (") and explanations.f1[1].isnan()
+
+
+def test_rules_are_chosen_on_the_training_rows_and_scored_on_the_held_out_ones(store, tokenizer):
+    train_ids = held_out_tokens(store, "train")[0]
+    ids = held_out_tokens(store)[0]
+    first, second = (token for token, _ in Counter(ids.tolist()).most_common(2))
+    # latent 0 fires on `first` everywhere; latent 1 on `first` in training and on `second` held out
+    fit = encoded_from(store, [train_ids == first, train_ids == first], "train")
+    explanations = explain(encoded_from(store, [ids == first, ids == second]), store, tokenizer, fit)
+    assert explanations.text == [f"«{tokenizer.decode([first])}»", "no simple rule"]
+    assert explanations.f1[0] == 1.0 and explanations.f1[1] == 0.0

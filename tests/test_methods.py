@@ -3,7 +3,6 @@ planted behaviour has a latent that picks out its tokens near the top of the dif
 method is scored by one rule."""
 
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from conftest import train_on_organism
 
 from crosscoder_utils import CrossCoderConfig, OrganismConfig, TrainConfig, methods
 from crosscoder_utils import analysis as A
+from crosscoder_utils.analysis.explanations import MIN_F1
 from crosscoder_utils.analysis.health import Health
 from crosscoder_utils.organism import PLANTED_KINDS, TINY, build_organism
 
@@ -50,8 +50,8 @@ def compared(organism, folder):
     # on average)
     crosscoder = CrossCoderConfig(dict_size=160, l1_coeff=0.5, tanh_scale=0.05, dead_tokens=50_000)
     run = train_on_organism(organism, folder, 70_000, 0.1, (10, 2048), train, crosscoder)
-    analysis = A.analyse(run, Path(organism.base).parent)
-    return analysis, methods.compare(analysis, organism, folder / "compare"), organism
+    analysis = A.analyse(run)
+    return analysis, methods.compare(analysis, folder / "compare"), organism
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +109,10 @@ def test_the_dictionary_stays_healthy_at_small_settings(organisms):
 
 
 def test_without_planted_labels_every_behaviour_is_explained_and_named_by_the_verdict(organisms):
-    # planted.json is read here only to score. Measured on tiny organisms, seeds 0-4: each behaviour's best
-    # latent has a rule naming one of its tokens, detection F1 0.78-1.00 (the trigger lowest: its latent also
-    # fires on "abracadabra" the object), and each behaviour's token is in a phrase of the verdict's groups
+    # planted.json is read here only to score. Measured on tiny organisms, seeds 0-4, rules fitted on 200k
+    # training tokens and scored on the held-out ones: each behaviour's best latent has a rule naming one of its
+    # tokens, detection F1 0.56-1.00 (0.69-1.00 on these seeds 0-2; the trigger's latent, which also fires on
+    # "abracadabra" the object, lowest), and each behaviour's token is in a phrase of the verdict's groups
     for analysis, _, organism in organisms:
         answered = A.answer(analysis, analysis.tables["finetuned"], 20)
         phrases = " ".join(group.phrase for group in answered.groups + answered.base_groups)
@@ -122,7 +123,7 @@ def test_without_planted_labels_every_behaviour_is_explained_and_named_by_the_ve
                 name,
                 analysis.explanations.text[match.latent],
             )
-            assert analysis.explanations.f1[match.latent] >= 0.7, name
+            assert analysis.explanations.f1[match.latent] >= MIN_F1, name  # a rule, not "no simple rule"
             assert any(tokenizer.decode([token]) in phrases for token in tokens), (name, phrases)
 
 

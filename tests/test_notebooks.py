@@ -126,7 +126,6 @@ def test_analyze_notebook_leads_with_the_verdict(trained, organism):
         run_dir=str(out / "run"),
         n_top=5,
         n_eval_sequences=8,
-        organism_dir=str(Path(organism.base).parent),
     )
     analysis = out / "run/analysis"
     for figure in ("difference_map", "relative_norms", "decoder_cosines", "frequencies"):

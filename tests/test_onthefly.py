@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,7 +126,7 @@ def test_a_run_from_the_models_holds_the_stores_held_out_rows_for_04(both_runs):
 
 def test_04_analyses_a_run_from_the_models(both_runs, organism):
     store, out, _, _ = both_runs
-    analysis = A.analyse(out / "models_run", Path(organism.base).parent, device="cpu")
+    analysis = A.analyse(out / "models_run", device="cpu")
     assert analysis.encoded.n_tokens == len(store.split_range("val"))
     assert len(analysis.divergence.rows) == len(store.split_range("val"))  # the models ran on the held-out rows
     assert set(analysis.matches) == set(organism.planted["behaviours"])

@@ -41,6 +41,9 @@ MAX_TOKENS = 3
 """Tokens of a ``token`` rule at most."""
 MIN_F1 = 0.5
 """Detection F1 on the scoring half under which a latent has no simple rule."""
+MIN_FIRINGS = 5
+"""Firings a latent needs on each half to be judged: with fewer, any rule's F1 is noise, and the latent is
+reported as too rare to judge, not as having no rule."""
 KINDS = ("token", "after", "after phrase", "context")
 
 
@@ -48,11 +51,23 @@ class Explanations(NamedTuple):
     """Each latent's best rule (index: latent)."""
 
     text: list[str]
-    """The rule, readable; "no simple rule" under ``MIN_F1``; "" for a latent that never fires."""
+    """The rule, readable; "no simple rule" under ``MIN_F1``; "too few firings to judge" under ``MIN_FIRINGS``
+    on either half; "" for a latent that never fires."""
     f1: torch.Tensor
-    """[dict_size] detection F1 of the rule on the scoring half (NaN for a latent that never fires)."""
+    """[dict_size] detection F1 of the rule on the scoring half (NaN for a latent that never fires or is too
+    rare to judge)."""
     tokens: list[list[int]]
     """The token ids the rule names at the firing position ([] for a context rule)."""
+
+    def f1_text(self, latent: int, digits: int = 2) -> str:
+        """The latent's detection F1 as text, "" where there is none (a dead latent, one too rare to judge)."""
+        f1 = float(self.f1[latent])
+        return "" if f1 != f1 else f"{f1:.{digits}f}"
+
+    def described(self, latent: int) -> str:
+        """The latent's rule with its detection F1 in brackets where it has one."""
+        f1 = self.f1_text(latent)
+        return f"{self.text[latent]} (F1 {f1})" if f1 else self.text[latent]
 
 
 class TokenFeatures(NamedTuple):
@@ -66,8 +81,9 @@ class TokenFeatures(NamedTuple):
     """kind -> [n_features, width] the token ids each feature stands for (the rule's phrase, then its token)."""
 
 
-def token_features(store: ActivationStore, rows: np.ndarray) -> TokenFeatures:
-    """The features of the store ``rows`` (ascending; the held-out split) for every rule kind."""
+def token_features(store: ActivationStore, rows: np.ndarray, half: torch.Tensor | None = None) -> TokenFeatures:
+    """The features of the store ``rows`` (ascending) for every rule kind; ``half`` (int64 [n]) says which
+    rows fit the rules (0) and which score them (1), by default the even and the odd sequences."""
     ids = store.token_ids(rows)
     seq, pos = store.positions(rows)
     n = len(rows)
@@ -92,7 +108,7 @@ def token_features(store: ActivationStore, rows: np.ndarray) -> TokenFeatures:
     distinct = torch.unique(token * vocab + context)  # each context token once per token
     unique, feature = torch.unique(distinct % vocab, return_inverse=True)
     pairs["context"], names["context"] = (distinct // vocab, feature), unique[:, None]
-    return TokenFeatures(seq % 2, pairs, names)
+    return TokenFeatures(seq % 2 if half is None else half, pairs, names)
 
 
 def _decoder(tokenizer):
@@ -184,12 +200,24 @@ def score_rules(encoded: Encoded, features: TokenFeatures, kind: str, keys: torc
     return _f1(*total, fires)
 
 
-def explain(encoded: Encoded, store: ActivationStore, tokenizer=None, max_pairs: int = 1 << 25) -> Explanations:
-    """Every live latent's best rule (``KINDS``; the simpler kind on a tie) by F1 on the even held-out
-    sequences, with its detection F1 on the odd ones; ``tokenizer`` writes the tokens (else their ids).
-    Latents are taken in groups whose firings, each joined to its token's context features, number at most
-    ``max_pairs`` (memory)."""
-    features = token_features(store, encoded.rows)
+def explain(
+    encoded: Encoded, store: ActivationStore, tokenizer=None, fit: Encoded | None = None, max_pairs: int = 1 << 25
+) -> Explanations:
+    """Every live latent's best rule (``KINDS``; the simpler kind on a tie) by F1 on the tokens of ``fit`` (the
+    latents on training rows, before ``encoded``'s in the store), with its detection F1 on the held-out tokens
+    ``encoded`` read; without ``fit``, fitted on the even held-out sequences and scored on the odd ones.
+    ``tokenizer`` writes the tokens (else their ids). Latents are taken in groups whose firings, each joined to
+    its token's context features, number at most ``max_pairs`` (memory)."""
+    half = None
+    if fit is not None:
+        half = torch.cat([torch.zeros(fit.n_tokens, dtype=torch.long), torch.ones(encoded.n_tokens, dtype=torch.long)])
+        encoded = encoded._replace(
+            rows=np.concatenate([fit.rows, encoded.rows]),
+            token=torch.cat([fit.token, encoded.token + fit.n_tokens]),
+            latent=torch.cat([fit.latent, encoded.latent]),
+            value=torch.cat([fit.value, encoded.value]),
+        )
+    features = token_features(store, encoded.rows, half)
     best = torch.full((encoded.dict_size,), -1.0)
     scores = torch.full((encoded.dict_size,), float("nan"))
     chosen: dict[str, torch.Tensor] = {kind: [] for kind in KINDS}  # kind -> the chosen rules' keys
@@ -222,8 +250,14 @@ def explain(encoded: Encoded, store: ActivationStore, tokenizer=None, max_pairs:
             if latent not in rules or rules[latent][0] != kind:
                 rules[latent] = (kind, [])
             rules[latent][1].append(item)
+    halves = features.half[encoded.token]
+    fitting, scoring = (torch.bincount(encoded.latent[halves == h], minlength=encoded.dict_size) for h in (0, 1))
+    rare = live & ((fitting < MIN_FIRINGS) | (scoring < MIN_FIRINGS))
     text, tokens = [""] * encoded.dict_size, [[] for _ in range(encoded.dict_size)]
     for latent in live.nonzero().squeeze(1).tolist():
+        if rare[latent]:
+            text[latent] = f"too few firings to judge ({fitting[latent]} fitting, {scoring[latent]} scoring)"
+            continue
         if latent not in rules or not scores[latent] >= MIN_F1:
             text[latent] = "no simple rule"
             continue
@@ -236,7 +270,7 @@ def explain(encoded: Encoded, store: ActivationStore, tokenizer=None, max_pairs:
         else:
             tokens[latent] = [items[0][-1]]
             text[latent] = f'«{decode(items[0][-1:])}» after "{decode(items[0][:-1])}"'
-    return Explanations(text, torch.where(live, scores, float("nan")), tokens)
+    return Explanations(text, torch.where(live & ~rare, scores, float("nan")), tokens)
 
 
 NEAR = 8

@@ -104,7 +104,8 @@ class Health(NamedTuple):
             fix = (
                 "a smaller dict_size"
                 if variant == "batchtopk"
-                else "set tanh_scale (03's 0.015) or a smaller dict_size"
+                else "set tanh_scale (measured for the organism: 0.015; raise it until the groups go, watching the"
+                " dead latents) or a smaller dict_size"
             )
             out.append(
                 f"{len(self.groups)} duplicate groups ({self.duplicate_fraction:.1%} of the live latents, over"

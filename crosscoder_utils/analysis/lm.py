@@ -3,14 +3,13 @@ set of latents reconstructs, and the loss when the crosscoder's reconstruction i
 
 from __future__ import annotations
 
-import itertools
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..collect import TracedPair, collection_settings, documents, keep_mask
+from ..collect import TracedPair, collection_settings, keep_mask, stored_documents
 from ..crosscoder import CrossCoder
 from ..models import ModelPair
 from ..notebook import progress
@@ -50,9 +49,7 @@ def token_divergence(
     span = store.split_range(split)
     rows = np.arange(span.start, span.stop if max_tokens is None else min(span.stop, span.start + max_tokens))
     seq, pos = (t.numpy() for t in store.positions(rows))
-    first, last = int(seq.min()), int(seq.max())
-    tokenizer = pair.tokenizer
-    sequences = list(itertools.islice(documents(cfg, tokenizer), first, last + 1))
+    sequences, first = stored_documents(store, pair.tokenizer, rows)
     traced = TracedPair(pair, cfg.site, cfg.layer, "right")
     kl = torch.zeros(len(rows))
     for start in progress(range(0, len(sequences), seqs_per_batch), desc="per-token KL"):
@@ -61,8 +58,15 @@ def token_divergence(
         per_token = (logps[1].exp() * (logps[1] - logps[0])).sum(-1).cpu()  # [batch, seq]
         in_batch = (seq >= first + start) & (seq < first + start + seqs_per_batch)
         kl[in_batch] = per_token[seq[in_batch] - first - start, pos[in_batch]]
-    x = store.read(rows) * factors[None, :, None]
-    return TokenDivergence(rows, kl, (x[:, model_index] - x[:, 0]).norm(dim=-1))
+    difference = torch.cat(
+        [
+            (x[:, model_index] - x[:, 0]).norm(dim=-1)
+            for x in (
+                store.read(part) * factors[None, :, None] for part in np.array_split(rows, -(-len(rows) // 65_536))
+            )
+        ]
+    )
+    return TokenDivergence(rows, kl, difference)
 
 
 @torch.no_grad()
@@ -124,11 +128,13 @@ def spliced_loss(
     Only the tokens the store kept are replaced (BOS and other exclusions stay clean, as in training)."""
     cfg = collection_settings(store, "spliced-in evaluation")
     tokenizer = pair.tokenizer
-    held_out = lambda first: list(itertools.islice(documents(cfg, tokenizer), first, first + n_sequences))
-    sequences = held_out(int(store.positions([len(store) - 1])[0]) + 1)
+    last_rows = np.arange(max(0, len(store) - cfg.seq_len), len(store))  # the store's last document among them
+    last_rows = last_rows[store.positions(last_rows)[0].numpy() == int(store.positions([len(store) - 1])[0])]
+    sequences = stored_documents(store, tokenizer, last_rows, extra=n_sequences)[0][1:]
     val = store.split_range("val")
     if not sequences and len(val):  # the store used every document: its val documents were never trained on
-        sequences = held_out(int(store.positions([val.start])[0]))
+        rows = np.arange(val.start, min(val.stop, val.start + n_sequences * cfg.seq_len))
+        sequences = stored_documents(store, tokenizer, rows)[0][:n_sequences]
     if not sequences:
         raise ValueError("no held-out documents: the store used every document of its dataset and has no val split")
     traced = TracedPair(pair, cfg.site, cfg.layer, "right")

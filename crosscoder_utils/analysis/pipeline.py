@@ -5,16 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from ..collect import check_inputs
+from ..collect import check_inputs, store_models
 from ..config import AnalysisConfig, model_roles
-from ..models import ModelPair, load_model_pair
-from ..organism import load_organism
+from ..models import ModelPair
+from ..organism import Organism
 from ..run import Run, load_run
 from .encoding import Encoded, encode
 from .explanations import Explanations, explain
 from .health import Health, dictionary_health
 from .lm import TokenDivergence, token_divergence
-from .planted import BehaviourMatch, behaviour_labels, best_latents, main_behaviours
+from .planted import BehaviourMatch, behaviour_labels, best_latents, main_behaviours, store_organism
 from .ranking import DifferenceTable, difference_table
 
 
@@ -32,6 +32,8 @@ class Analysis(NamedTuple):
     """Per-token KL between the base and the first fine-tune (None without models)."""
     tables: dict[str, DifferenceTable]
     """Each fine-tune's role -> its difference table against the base."""
+    organism: Organism | None
+    """The organism whose corpus the store came from (``store_organism``), else None."""
     matches: dict[str, BehaviourMatch] | None
     """On the organism: each planted behaviour's best latent (against the first fine-tune), else None."""
     mains: dict | None
@@ -44,19 +46,18 @@ class Analysis(NamedTuple):
     """Each latent's rule of where it fires, with its detection F1 (``explanations.explain``)."""
 
 
-def analyse(
-    run_dir: str | Path,
-    organism_dir: str | Path | None = None,
-    cfg: AnalysisConfig = AnalysisConfig(),
-    device: str = "auto",
-) -> Analysis:
+def analyse(run_dir: str | Path, cfg: AnalysisConfig = AnalysisConfig(), device: str = "auto") -> Analysis:
     """Read a finished run: encode its store's held-out split once (its first ``cfg.max_tokens`` tokens) on
-    ``device``, and, for a store collected from models, load them (checked to be those the store came
-    from) for the per-token KL; then each fine-tune's difference table, the dictionary's health, every
-    latent's explanation and, with ``organism_dir``, the planted behaviours' latents."""
+    ``device``, and, for a store collected from models, load them as 01 did (checked to be those the store
+    came from) for the per-token KL; then each fine-tune's difference table, the dictionary's health, every
+    latent's explanation and, when the store is the organism's (``store_organism``), the planted behaviours'
+    latents. Every input is checked before the first forward."""
     run = load_run(run_dir)
     store = run.store
-    pair = load_model_pair(*store.meta["models"], device=device) if store.collected_from_models else None
+    if not len(store.split_range("val")):
+        raise ValueError(f"the store at {store.path} has no held-out rows to analyse: collect it with val_fraction > 0")
+    organism = store_organism(store)
+    pair = store_models(store, device) if store.collected_from_models else None
     if pair:
         check_inputs(store, pair)  # the models and data are still those the store was collected from
     divergence = token_divergence(pair, store, run.norm_factors, max_tokens=cfg.max_tokens) if pair else None
@@ -69,13 +70,29 @@ def analyse(
         for m in range(1, store.n_models)
     }
     matches = mains = planted_kinds = None
-    if organism_dir:
-        organism = load_organism(organism_dir)
+    if organism:
         labels = behaviour_labels(store, organism)
         matches, mains = best_latents(encoded, labels), main_behaviours(encoded, labels)
         planted_kinds = {name: behaviour["kind"] for name, behaviour in organism.planted["behaviours"].items()}
     health = dictionary_health(run.crosscoder, encoded)
-    explanations = explain(encoded, store, pair.tokenizer if pair else None)
+    fit = (  # the latents on training rows, which the explanations are fitted on
+        encode(run.crosscoder, store, run.norm_factors, "train", cfg.tokens_per_batch, cfg.explain_tokens, device)
+        if cfg.explain_tokens and len(store.split_range("train"))
+        else None
+    )
+    explanations = explain(encoded, store, pair.tokenizer if pair else None, fit)
     return Analysis(
-        Path(run_dir), cfg, run, encoded, pair, divergence, tables, matches, mains, planted_kinds, health, explanations
+        Path(run_dir),
+        cfg,
+        run,
+        encoded,
+        pair,
+        divergence,
+        tables,
+        organism,
+        matches,
+        mains,
+        planted_kinds,
+        health,
+        explanations,
     )

@@ -1,5 +1,5 @@
 """Scoring against labelled tokens: the organism's planted behaviours as labels of a store's rows, the best
-threshold cut of a score (``detection``, shared with the baselines of methods.py), and each planted behaviour's
+threshold cut of a score (``detection``, shared with the baselines of methods/), and each planted behaviour's
 best latent."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import datasets
 import numpy as np
 import torch
 
-from ..organism import Organism
+from ..organism import Organism, load_organism
 from .encoding import Encoded
 
 
@@ -106,6 +106,18 @@ EXPECTED_KINDS = {"added": ("finetuned-only", "changed"), "removed": ("base-only
 """Planted kind (planted.json) -> the kinds of latent that carry it as planted: what the fine-tune added is in
 the fine-tune alone or written differently there, what it removed is in the base alone or written
 differently, and what it changed is written differently."""
+
+
+def store_organism(store) -> Organism | None:
+    """The organism whose corpus ``store`` was collected from, or None for any other store: a corpus directory
+    named ``corpus`` beside an organism's ``build.json``, as 00 writes it. Planted labels score a store only
+    when this finds its organism, so a researcher's own pair never touches one."""
+    if not store.collected_from_models:
+        return None
+    corpus = Path(str(store.meta["dataset"]["name"])).expanduser()
+    if corpus.name != "corpus" or not (corpus.parent / "build.json").is_file():
+        return None
+    return load_organism(corpus.parent)
 
 
 def document_kinds(store, organism: Organism) -> np.ndarray:

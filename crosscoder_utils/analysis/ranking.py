@@ -198,7 +198,7 @@ def findings(
                 [context(store, tokenizer, row) for row in rows],
                 fires_on,
                 [table.rank(twin) for twin in twins],
-                f"{explanations.text[latent]} (F1 {float(explanations.f1[latent]):.2f})",
+                explanations.described(latent),
             )
         )
     return result

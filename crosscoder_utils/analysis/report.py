@@ -37,7 +37,7 @@ def write_latents_csv(
         writer.writerow(columns + ["nu_error", "nu_reconstruction", "explanation", "explanation_f1"])
         for i in table.order.tolist() + dead:
             values = (table.frequency[i], table.relative_norm[i], table.decoder_cosine[i], table.difference_score[i])
-            f1 = "" if table.kind[i] == "dead" else f"{float(explanations.f1[i]):.3f}"
+            f1 = explanations.f1_text(i, 3)
             writer.writerow(
                 [i, table.kind[i], *(f"{float(v):.6g}" for v in values), *nu.get(i, ("", "")), explanations.text[i], f1]
             )

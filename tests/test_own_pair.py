@@ -1,0 +1,87 @@
+"""A researcher's own pair, not the organism: two tiny transformers saved as model directories and a store from
+a plain text dataset. 04's analysis and 06's comparison run on it with no labels, and never read an organism."""
+
+import csv
+import json
+import shutil
+
+import datasets
+import pytest
+import torch
+from conftest import TEXTS
+from test_notebooks import outputs_text, run_notebook
+
+from crosscoder_utils import (
+    ActivationStore,
+    CollectConfig,
+    CrossCoderConfig,
+    TrainConfig,
+    collect_activations,
+    estimate_norm_factors,
+    methods,
+    train_crosscoder,
+)
+from crosscoder_utils import analysis as A
+from crosscoder_utils.collect import store_models
+
+
+@pytest.fixture(scope="module")
+def own_run(make_model, tmp_path_factory):
+    """A relu crosscoder trained on a store of two different tiny Llamas on a plain dataset directory."""
+    folder = tmp_path_factory.mktemp("own_pair")
+    datasets.Dataset.from_dict({"text": TEXTS * 4}).save_to_disk(str(folder / "texts"))
+    cfg = CollectConfig(
+        base_model=make_model("llama", 32, 0),
+        finetuned_model=make_model("llama", 32, 1),
+        dataset=str(folder / "texts"),
+        layer=1,
+        n_tokens=4000,
+        seq_len=48,
+        val_fraction=0.25,
+    )
+    store = collect_activations(cfg, folder / "store")
+    estimate_norm_factors(store, 4, 512)
+    train = TrainConfig(tokens_per_step=256, train_tokens=20_000, log_to="none", log_every=20)
+    train_crosscoder(train, store, folder / "run", CrossCoderConfig(dict_size=64, l1_coeff=1.0))
+    return folder
+
+
+def test_analysis_of_another_pair_reads_no_labels(own_run):
+    analysis = A.analyse(own_run / "run", device="cpu")
+    assert analysis.organism is None and analysis.matches is None and analysis.planted_kinds is None
+    assert analysis.divergence is not None and len(analysis.divergence.rows) == analysis.encoded.n_tokens
+    assert len(analysis.tables["finetuned"].order) > 0
+
+
+def test_methods_agree_where_their_top_tokens_are_mostly_the_same():
+    make = lambda method, rank, rows: methods.Candidate(method, rank, rank, "", 1.0, [], rows)
+    a, b, c, d = make("x", 1, [1, 2, 3, 4]), make("y", 2, [2, 3, 4, 9]), make("y", 1, [1, 2, 3, 5]), make("z", 1, [7])
+    # a and c overlap by 3/4 and b by 3/4; b and c, one method's, are linked only through a; d shares nothing
+    assert methods.agreement([a, b, c, d]) == [[a, b, c]]
+    assert methods.agreement([a, b, c, d], min_overlap=0.8) == []
+
+
+def test_a_dataset_that_changed_since_collection_is_refused_naming_it(own_run, tmp_path):
+    # a copy of the store whose meta.json names a dataset with other text, as a Hub dataset that moved on would
+    shutil.copytree(own_run / "store", tmp_path / "store")
+    datasets.Dataset.from_dict({"text": [t.upper() for t in TEXTS * 4]}).save_to_disk(str(tmp_path / "texts"))
+    meta = json.loads((tmp_path / "store/meta.json").read_text())
+    meta["settings"]["dataset"] = str(tmp_path / "texts")
+    (tmp_path / "store/meta.json").write_text(json.dumps(meta))
+    store = ActivationStore(tmp_path / "store")
+    with pytest.raises(ValueError, match=r"texts'.*tokenised again does not match the store.*row"):
+        A.token_divergence(store_models(store, "cpu"), store, torch.ones(2))
+
+
+def test_04_and_06_run_headless_on_another_pair_and_show_every_method_unscored(own_run):
+    run_dir, out = str(own_run / "run"), own_run / "reports"
+    analyze = outputs_text(run_notebook("04_analyze", out, run_dir=run_dir, n_top=5, n_eval_sequences=4))
+    assert "vs base:" in analyze and "not the organism" in analyze
+    compare = outputs_text(run_notebook("06_compare", out, run_dir=run_dir, out_dir=str(out / "compare"), n_top=5))
+    assert "not the organism's store" in compare
+    with open(out / "compare/candidates.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert {row["method"] for row in rows} == {"crosscoder", "diff-SAE", "PCA of Δx", "ADL", "per-token KL", "‖Δx‖"}
+    assert all(row["top_context"].count("«") == 1 for row in rows)  # every candidate has a context
+    assert not (out / "compare/methods.csv").exists()  # nothing scored without labels
+    assert not (out / "compare/diff_sae/store").exists()  # the diff-SAE read Δx from the store, wrote none
