@@ -11,7 +11,7 @@ $(VENV)/installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-.PHONY: test demo lint browser
+.PHONY: test demo recipe lint browser
 test: $(VENV)/installed browser
 	$(PYTHON) -m pytest -q
 
@@ -26,10 +26,23 @@ lint: $(VENV)/installed
 
 # progress bars (ours and the Hub libraries') would be saved in the reports as widgets that static viewers show
 # stuck at 0 %.
+PAPERMILL := TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 papermill --log-output
+
 # `make demo PARAMS=dir` gives each notebook the parameters in dir/<notebook>.yaml, where there is one.
 demo: $(VENV)/installed
 	@mkdir -p outputs
 	for nb in $(NOTEBOOKS); do \
 		params=; [ -n "$(PARAMS)" ] && [ -f "$(PARAMS)/$$nb.yaml" ] && params="-f $(PARAMS)/$$nb.yaml"; \
-		TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 papermill --log-output notebooks/$$nb.ipynb outputs/$$nb.ipynb $$params || exit 1; \
+		$(PAPERMILL) notebooks/$$nb.ipynb outputs/$$nb.ipynb $$params || exit 1; \
+	done
+
+# `make recipe RECIPE=name` runs recipes/name/ (docs/recipes.md): its build_pair.py first where it has one (a pair it
+# makes), then each notebook it has parameters for (recipes/name/<notebook>.yaml), in order, reports into outputs/name/.
+recipe: $(VENV)/installed
+	@[ -n "$(RECIPE)" ] && [ -d recipes/$(RECIPE) ] || { echo "name a recipe: make recipe RECIPE=<one of: $$(ls recipes)>"; exit 2; }
+	@mkdir -p outputs/$(RECIPE)
+	[ ! -f recipes/$(RECIPE)/build_pair.py ] || $(PYTHON) recipes/$(RECIPE)/build_pair.py --out outputs/$(RECIPE)
+	for nb in $(NOTEBOOKS); do \
+		[ -f recipes/$(RECIPE)/$$nb.yaml ] || continue; \
+		$(PAPERMILL) notebooks/$$nb.ipynb outputs/$(RECIPE)/$$nb.ipynb -f recipes/$(RECIPE)/$$nb.yaml || exit 1; \
 	done
