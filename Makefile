@@ -36,11 +36,15 @@ demo: $(VENV)/installed
 		$(PAPERMILL) notebooks/$$nb.ipynb outputs/$$nb.ipynb $$params || exit 1; \
 	done
 
-# `make recipe RECIPE=name` runs recipes/name/ (docs/recipes.md): its build_pair.py first where it has one (a pair it
-# makes), then each notebook it has parameters for (recipes/name/<notebook>.yaml), in order, reports into outputs/name/.
+# `make recipe RECIPE=name` runs recipes/name/ (docs/recipes.md): the packages it needs (its requirements.txt, and as
+# root its apt.txt), its build_pair.py where it has one (a pair it makes), then each notebook it has parameters for
+# (recipes/name/<notebook>.yaml), in order, reports into outputs/name/.
 recipe: $(VENV)/installed
 	@[ -n "$(RECIPE)" ] && [ -d recipes/$(RECIPE) ] || { echo "name a recipe: make recipe RECIPE=<one of: $$(ls recipes)>"; exit 2; }
 	@mkdir -p outputs/$(RECIPE)
+	[ ! -f recipes/$(RECIPE)/requirements.txt ] || $(PYTHON) -m pip install -q -r recipes/$(RECIPE)/requirements.txt
+	@[ ! -f recipes/$(RECIPE)/apt.txt ] || dpkg -s $$(cat recipes/$(RECIPE)/apt.txt) >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$(cat recipes/$(RECIPE)/apt.txt))
 	[ ! -f recipes/$(RECIPE)/build_pair.py ] || $(PYTHON) recipes/$(RECIPE)/build_pair.py --out outputs/$(RECIPE)
 	for nb in $(NOTEBOOKS); do \
 		[ -f recipes/$(RECIPE)/$$nb.yaml ] || continue; \

@@ -28,7 +28,7 @@ declares another EOS or pad token (Llama-3 and Qwen2.5 base vs instruct), which 
 split nor the ids both models read (a batch is padded the base's way, behind the attention mask)."""
 
 # Where the blocks live, and the attention / MLP submodule whose output is added to the residual stream.
-# Gemma-2 normalises both branches again after them, so its branch outputs are those norms' outputs.
+# Gemma-2 and Gemma-3 normalise both branches again after them, so their branch outputs are those norms' outputs.
 ARCHITECTURES = {
     "gpt2": ("transformer.h", "attn", "mlp"),
     "gpt_neox": ("gpt_neox.layers", "attention", "mlp"),
@@ -37,6 +37,7 @@ ARCHITECTURES = {
     "qwen2": ("model.layers", "self_attn", "mlp"),
     "gemma": ("model.layers", "self_attn", "mlp"),
     "gemma2": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
+    "gemma3_text": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
 }
 
 
@@ -49,6 +50,7 @@ FINAL_NORMS = {
     "qwen2": "model.norm",
     "gemma": "model.norm",
     "gemma2": "model.norm",
+    "gemma3_text": "model.norm",
 }
 
 

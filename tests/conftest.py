@@ -29,6 +29,16 @@ CONFIGS = {
         intermediate_size=2 * d,
         vocab_size=vocab,
     ),
+    "gemma3_text": lambda d, vocab: transformers.Gemma3TextConfig(
+        num_hidden_layers=2,
+        hidden_size=d,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=d // 2,
+        intermediate_size=2 * d,
+        vocab_size=vocab,
+        sliding_window=8,
+    ),
     "gemma2": lambda d, vocab: transformers.Gemma2Config(
         num_hidden_layers=2,
         hidden_size=d,

@@ -17,13 +17,14 @@ from crosscoder_utils import ActivationStore, CollectConfig, collect_activations
 from crosscoder_utils.collect import tokenize
 from crosscoder_utils.organism import train_tokenizer
 
-# written out here, independently of models.ARCHITECTURES; Gemma-2's branches pass through a post-norm
+# written out here, independently of models.ARCHITECTURES; Gemma-2's and Gemma-3's branches pass through a post-norm
 BRANCH = {
     "gpt2": ("transformer.h", "attn", "mlp"),
     "gpt_neox": ("gpt_neox.layers", "attention", "mlp"),
     "llama": ("model.layers", "self_attn", "mlp"),
     "qwen2": ("model.layers", "self_attn", "mlp"),
     "gemma2": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
+    "gemma3_text": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
 }
 
 
@@ -60,6 +61,8 @@ def reference(model_dir, site, layer, texts, tokenizer):
         ("qwen2", "resid_post", 0, "left"),
         ("gemma2", "resid_pre", 1, "left"),
         ("gemma2", "mlp_out", 0, "right"),
+        ("gemma3_text", "resid_post", 0, "right"),
+        ("gemma3_text", "attn_out", 0, "left"),
     ],
 )
 def test_store_equals_plain_forward(make_model, tokenizer, tmp_path, arch, site, layer, padding_side):
