@@ -8,45 +8,30 @@ from crosscoder_utils.organism import TINY, base_corpus, train_tokenizer
 
 TEXTS = base_corpus(64, seed=1) + ["", "   short one."]
 
+
+def grouped_query(config, d, vocab, **extra):
+    """A 2-block config of an architecture with grouped-query attention (2 heads, 1 key-value head)."""
+    return config(
+        num_hidden_layers=2,
+        hidden_size=d,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=2 * d,
+        vocab_size=vocab,
+        **extra,
+    )
+
+
 CONFIGS = {
     "gpt2": lambda d, vocab: transformers.GPT2Config(n_layer=2, n_embd=d, n_head=2, vocab_size=vocab, n_positions=128),
     "gpt_neox": lambda d, vocab: transformers.GPTNeoXConfig(
         num_hidden_layers=2, hidden_size=d, num_attention_heads=2, intermediate_size=2 * d, vocab_size=vocab
     ),
-    "llama": lambda d, vocab: transformers.LlamaConfig(
-        num_hidden_layers=2,
-        hidden_size=d,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=2 * d,
-        vocab_size=vocab,
-    ),
-    "qwen2": lambda d, vocab: transformers.Qwen2Config(
-        num_hidden_layers=2,
-        hidden_size=d,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=2 * d,
-        vocab_size=vocab,
-    ),
-    "gemma3_text": lambda d, vocab: transformers.Gemma3TextConfig(
-        num_hidden_layers=2,
-        hidden_size=d,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=d // 2,
-        intermediate_size=2 * d,
-        vocab_size=vocab,
-        sliding_window=8,
-    ),
-    "gemma2": lambda d, vocab: transformers.Gemma2Config(
-        num_hidden_layers=2,
-        hidden_size=d,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=d // 2,
-        intermediate_size=2 * d,
-        vocab_size=vocab,
+    "llama": lambda d, vocab: grouped_query(transformers.LlamaConfig, d, vocab),
+    "qwen2": lambda d, vocab: grouped_query(transformers.Qwen2Config, d, vocab),
+    "gemma2": lambda d, vocab: grouped_query(transformers.Gemma2Config, d, vocab, head_dim=d // 2),
+    "gemma3_text": lambda d, vocab: grouped_query(
+        transformers.Gemma3TextConfig, d, vocab, head_dim=d // 2, sliding_window=8
     ),
 }
 
