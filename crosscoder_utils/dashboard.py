@@ -127,7 +127,7 @@ def index_row(analysis: A.Analysis, gathered: Gathered, latent: int, rank: int) 
         "nu_error": round(nu[latent][0], 4) if latent in nu else None,
         "nu_reconstruction": round(nu[latent][1], 4) if latent in nu else None,
         "explanation": analysis.explanations.text[latent],
-        "explanation_f1": float(f1) if (f1 := analysis.explanations.f1_text(latent, 3)) else None,
+        "explanation_f1": None if (f1 := float(analysis.explanations.f1[latent])) != f1 else round(f1, 3),
         "fires_on": mains[latent][0] if latent in mains else "",
         "context": [[gathered.token_of[r], gathered.activations[latent, r], r == top[0][0]] for r in top[0][1]]
         if top

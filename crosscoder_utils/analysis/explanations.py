@@ -60,14 +60,22 @@ class Explanations(NamedTuple):
     """The token ids the rule names at the firing position ([] for a context rule)."""
 
     def f1_text(self, latent: int, digits: int = 2) -> str:
-        """The latent's detection F1 as text, "" where there is none (a dead latent, one too rare to judge)."""
-        f1 = float(self.f1[latent])
-        return "" if f1 != f1 else f"{f1:.{digits}f}"
+        """The latent's detection F1 as text (``f1_text``)."""
+        return f1_text(float(self.f1[latent]), digits)
 
     def described(self, latent: int) -> str:
-        """The latent's rule with its detection F1 in brackets where it has one."""
-        f1 = self.f1_text(latent)
-        return f"{self.text[latent]} (F1 {f1})" if f1 else self.text[latent]
+        """The latent's rule with its detection F1 (``described``)."""
+        return described(self.text[latent], float(self.f1[latent]))
+
+
+def f1_text(f1: float, digits: int = 2) -> str:
+    """A detection F1 as text, "" where there is none (NaN: a latent that never fires or is too rare to judge)."""
+    return "" if f1 != f1 else f"{f1:.{digits}f}"
+
+
+def described(text: str, f1: float) -> str:
+    """A rule with its detection F1 in brackets where it has one."""
+    return f"{text} (F1 {f1_text(f1)})" if f1 == f1 else text
 
 
 class TokenFeatures(NamedTuple):

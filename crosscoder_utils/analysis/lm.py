@@ -58,15 +58,11 @@ def token_divergence(
         per_token = (logps[1].exp() * (logps[1] - logps[0])).sum(-1).cpu()  # [batch, seq]
         in_batch = (seq >= first + start) & (seq < first + start + seqs_per_batch)
         kl[in_batch] = per_token[seq[in_batch] - first - start, pos[in_batch]]
-    difference = torch.cat(
-        [
-            (x[:, model_index] - x[:, 0]).norm(dim=-1)
-            for x in (
-                store.read(part) * factors[None, :, None] for part in np.array_split(rows, -(-len(rows) // 65_536))
-            )
-        ]
-    )
-    return TokenDivergence(rows, kl, difference)
+    difference = []
+    for start in range(0, len(rows), 65_536):  # read in chunks: memory does not grow with max_tokens' rows
+        x = store.read(rows[start : start + 65_536]) * factors[None, :, None]
+        difference.append((x[:, model_index] - x[:, 0]).norm(dim=-1))
+    return TokenDivergence(rows, kl, torch.cat(difference))
 
 
 @torch.no_grad()

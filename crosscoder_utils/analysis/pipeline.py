@@ -34,6 +34,8 @@ class Analysis(NamedTuple):
     """Each fine-tune's role -> its difference table against the base."""
     organism: Organism | None
     """The organism whose corpus the store came from (``store_organism``), else None."""
+    labels: dict | None
+    """On the organism: each planted behaviour's store rows (``behaviour_labels``: name -> bool [len(store)])."""
     matches: dict[str, BehaviourMatch] | None
     """On the organism: each planted behaviour's best latent (against the first fine-tune), else None."""
     mains: dict | None
@@ -69,7 +71,7 @@ def analyse(run_dir: str | Path, cfg: AnalysisConfig = AnalysisConfig(), device:
         )
         for m in range(1, store.n_models)
     }
-    matches = mains = planted_kinds = None
+    labels = matches = mains = planted_kinds = None
     if organism:
         labels = behaviour_labels(store, organism)
         matches, mains = best_latents(encoded, labels), main_behaviours(encoded, labels)
@@ -90,6 +92,7 @@ def analyse(run_dir: str | Path, cfg: AnalysisConfig = AnalysisConfig(), device:
         divergence,
         tables,
         organism,
+        labels,
         matches,
         mains,
         planted_kinds,

@@ -10,13 +10,9 @@ from typing import NamedTuple
 
 import torch
 
-from ..analysis import (
-    Analysis,
-    context,
-    explain,
-    latent_samples,
-)
+from ..analysis import Analysis, context, explain, latent_samples
 from ..analysis.encoding import Encoded
+from ..analysis.explanations import f1_text
 from ..analysis.health import connected_groups
 from .baselines import Method
 
@@ -107,13 +103,4 @@ def write_candidates_csv(candidates: list[Candidate], path: str | Path) -> None:
         writer.writerow(CANDIDATE_COLUMNS)
         for c in candidates:
             top = c.contexts[0] if c.contexts else ""
-            writer.writerow(
-                [
-                    c.method,
-                    c.rank,
-                    c.candidate,
-                    c.explanation,
-                    f"{c.explanation_f1:.4f}" if c.explanation_f1 == c.explanation_f1 else "",
-                    top,
-                ]
-            )
+            writer.writerow([c.method, c.rank, c.candidate, c.explanation, f1_text(c.explanation_f1, 4), top])

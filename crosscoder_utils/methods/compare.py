@@ -8,10 +8,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..analysis import (
-    Analysis,
-)
-from ..analysis.planted import behaviour_labels, document_kinds
+from ..analysis import Analysis
+from ..analysis.explanations import described
+from ..analysis.planted import document_kinds
 from .baselines import (
     DifferenceLens,
     Method,
@@ -92,7 +91,7 @@ def compare(
     scores, planted_kinds, crosscoder_kinds = [], {}, {}
     if organism:
         behaviours = organism.planted["behaviours"]
-        scores = score_methods(methods, behaviour_labels(store, organism), analysis.encoded.rows, n_top, min_f1)
+        scores = score_methods(methods, analysis.labels, analysis.encoded.rows, n_top, min_f1)
         adl_seconds = next(m.seconds for m in methods if m.name == "ADL")
         scores += score_logit_lens(lists, {name: b["tokens"] for name, b in behaviours.items()}, adl_seconds)
         table = next(iter(analysis.tables.values()))
@@ -112,7 +111,7 @@ def candidate_table(comparison: Comparison, n_show: int = 5) -> list[dict]:
             "method": c.method,
             "#": c.rank,
             "candidate": c.candidate,
-            "explanation (F1)": c.explanation + f" ({c.explanation_f1:.2f})" * (c.explanation_f1 == c.explanation_f1),
+            "explanation": described(c.explanation, c.explanation_f1),
             "top context": c.contexts[0] if c.contexts else "",
         }
         for c in comparison.candidates
