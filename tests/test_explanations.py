@@ -96,3 +96,19 @@ def test_rules_are_chosen_on_the_training_rows_and_scored_on_the_held_out_ones(s
     explanations = explain(encoded_from(store, [ids == first, ids == second]), store, tokenizer, fit)
     assert explanations.text == [f"«{tokenizer.decode([first])}»", "no simple rule"]
     assert explanations.f1[0] == 1.0 and explanations.f1[1] == 0.0
+
+
+def test_a_frequent_token_the_latent_fires_on_in_some_contexts_beats_rare_tokens(store, tokenizer):
+    """On real text a latent often fires on a common token in some of its contexts and on a few rare tokens:
+    precise, and saying little. The rule names the common token (items were once taken by precision, and such
+    latents of a real fine-tune read "no simple rule")."""
+    ids, seq, pos = held_out_tokens(store)
+    counts = Counter(ids.tolist())
+    common = counts.most_common()[0][0]
+    in_both = set(ids[seq % 2 == 0].tolist()) & set(ids[seq % 2 == 1].tolist())  # seen when fitting and scoring
+    rarest = sorted(in_both, key=counts.__getitem__)[:3]
+    rare = torch.isin(ids, torch.tensor(rarest))  # precision 1, and a few of the latent's firings
+    assert rare.sum() < 0.1 * (ids == common).sum()
+    fires = ((ids == common) & (pos % 2 == 0)) | rare
+    explanations = explain(encoded_from(store, [fires]), store, tokenizer)
+    assert explanations.tokens[0][0] == common and explanations.f1[0] >= 0.5  # first, then what adds to its F1

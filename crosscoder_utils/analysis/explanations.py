@@ -167,15 +167,19 @@ def _f1(hits: torch.Tensor, covered: torch.Tensor, weight: torch.Tensor, fires: 
 
 def fit_rules(encoded: Encoded, features: TokenFeatures, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Each latent's best rule of one kind on the fitting half: its items as keys (latent · n_features +
-    feature, int64 [m]) and the fitting F1 per latent [dict_size]. A ``token`` rule takes the first items, up
-    to ``MAX_TOKENS``, of the latent's features by precision; the other kinds take one."""
+    feature, int64 [m]) and the fitting F1 per latent [dict_size]. A ``token`` rule takes the best of the
+    first items, up to ``MAX_TOKENS``, of the latent's features by their own F1; the other kinds take the
+    feature of the best F1. By F1, not precision: on real text a rare token the latent fires on once is precise
+    and says nothing, while a frequent one it fires on in some contexts (``:`` in a glossary's headwords) is
+    what it stands for."""
     n_features = len(features.names[kind])
     covers, fires = _sizes(encoded, features, kind, 0)
     met = _join(encoded, features, kind, 0)
     keys = met[:, 0].long()
     latent = keys // n_features
-    order = torch.argsort(met[:, 1] / covers[keys % n_features], descending=True, stable=True)
-    order = order[torch.argsort(latent[order], stable=True)]  # by latent, then by precision
+    alone = _f1(met[:, 1], covers[keys % n_features], met[:, 2], fires[latent])  # each feature as a rule
+    order = torch.argsort(alone, descending=True, stable=True)
+    order = order[torch.argsort(latent[order], stable=True)]  # by latent, then by the feature's own F1
     keys, latent = keys[order], latent[order]
     sums = torch.stack([met[order, 1], covers[keys % n_features], met[order, 2]])  # hits, covered, weight
     place = torch.arange(len(keys)) - torch.searchsorted(latent, latent)  # place in the latent's run
