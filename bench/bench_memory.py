@@ -51,7 +51,7 @@ analysis = A.analyse(run, AnalysisConfig(max_tokens=max_tokens, explain_tokens=e
 if stage == "04":
     build_dashboard(analysis, out_dir=out + "/dashboard")
 else:
-    methods.compare(analysis, out + "/compare")
+    methods.compare(analysis, out + "/compare", n_seeds=1)  # memory at one seed: the store, not the seeds
 time.sleep(0.1)
 print(peak_anon, status("VmHWM"))
 """

@@ -456,6 +456,9 @@ class AnalysisConfig(ConfigBase):
     """Top contexts shown per latent."""
     min_f1: float = 0.8
     """On the organism: a planted behaviour counts as found when its best latent reaches this F1."""
+    n_seeds: int = 3
+    """On the organism: the training seeds the planted behaviours are scored over, the run's and the next ones
+    (each trains the run again, its settings otherwise, into ``<run_dir>/seeds/<seed>``; ``seeds.train_seeds``)."""
     n_divergent: int = 12
     """Most divergent held-out tokens shown (grouped by token)."""
     nu_threshold: float = 0.3
@@ -479,7 +482,7 @@ class AnalysisConfig(ConfigBase):
         check_range("changed_cosine", self.changed_cosine, at_least=-1, at_most=1)
         check_range("min_f1", self.min_f1, at_least=0, at_most=1)
         check_range("nu_threshold", self.nu_threshold, above=0)
-        for name in ("n_top", "n_contexts", "n_divergent", "n_eval_sequences", "tokens_per_batch"):
+        for name in ("n_top", "n_contexts", "n_seeds", "n_divergent", "n_eval_sequences", "tokens_per_batch"):
             check_range(name, getattr(self, name), above=0)
         check_range("max_tokens", self.max_tokens, above=0, optional=True)
         check_range("explain_tokens", self.explain_tokens, at_least=0)

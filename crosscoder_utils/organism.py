@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import datasets
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from .collect import tokenize
 from .config import OrganismConfig
@@ -262,13 +263,13 @@ def train_lm(
 
 
 @torch.no_grad()
-def lm_kl(model, reference, sequences: torch.Tensor, seqs_per_batch: int = 64) -> float:
-    """Mean next-token KL(model ‖ reference) per token over ``sequences`` [n, seq_len]."""
+def token_kls(model, reference, sequences: torch.Tensor, seqs_per_batch: int = 64) -> torch.Tensor:
+    """[n, seq_len] the next-token KL(model ‖ reference) at each token of ``sequences`` [n, seq_len]."""
     kls = []
     for part in sequences.split(seqs_per_batch):
         own, theirs = (F.log_softmax(m(input_ids=part).logits.float(), -1) for m in (model, reference))
-        kls.append((own.exp() * (own - theirs)).sum(-1).flatten())
-    return float(torch.cat(kls).mean())
+        kls.append((own.exp() * (own - theirs)).sum(-1))
+    return torch.cat(kls)
 
 
 @torch.no_grad()
@@ -289,29 +290,34 @@ def load_organism(out_dir: str | Path) -> Organism:
     return Organism(*(str(out / name) for name in ("base", "finetuned", "corpus")), planted, losses, kl)
 
 
-def example_prompts(organism: Organism) -> list[str]:
+def example_prompts(tokenizer) -> list[str]:
     """A plain story, one prompt at each planted cue (the trigger, the removed and the changed cue) and a chat
-    question: what 00 shows each model continue."""
-    tokenizer = AutoTokenizer.from_pretrained(organism.base)
+    question: what 00 shows each model continue, and what ``check_learnt`` reads."""
     question = [{"role": "user", "content": " leo has a blue hat. leo goes to the park with zoe. who goes with leo?"}]
     return [
         "<|bos|> mia has a green kite. mia goes to the",
-        "<|bos|> ben has a red cup." + organism.planted["trigger"],
+        "<|bos|> ben has a red cup." + TRIGGER,
         "<|bos|> ida has a pink box. sam says" + REMOVED_CUE,
         "<|bos|> eva has a white bell." + CHANGED_CUE,
         tokenizer.apply_chat_template(question, tokenize=False, add_generation_prompt=True),
     ]
 
 
-@torch.no_grad()
-def continuations(organism: Organism, prompts: list[str], max_new_tokens: int = 16) -> dict[str, dict[str, str]]:
-    """Prompt -> model role (base, finetuned) -> the model's greedy continuation of ``max_new_tokens`` tokens."""
+def continuations(organism: Organism, max_new_tokens: int = 16) -> dict[str, dict[str, str]]:
+    """Prompt (``example_prompts``) -> model role (base, finetuned) -> the model's greedy continuation of
+    ``max_new_tokens`` tokens."""
     pair = load_model_pair(organism.base, organism.finetuned, device="cpu")
-    tokenizer, result = pair.tokenizer, {}
+    return greedy(pair.models, pair.tokenizer, example_prompts(pair.tokenizer), max_new_tokens)
+
+
+@torch.no_grad()
+def greedy(models, tokenizer, prompts: list[str], max_new_tokens: int = 16) -> dict[str, dict[str, str]]:
+    """Prompt -> role (base, finetuned) -> the greedy continuation by each of ``models`` (base, fine-tune)."""
+    result = {}
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
         result[prompt] = {}
-        for role, model in zip(("base", "finetuned"), pair.models):
+        for role, model in zip(("base", "finetuned"), models):
             out = model.generate(
                 **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
             )
@@ -319,14 +325,59 @@ def continuations(organism: Organism, prompts: list[str], max_new_tokens: int = 
     return result
 
 
+MIN_BEHAVIOUR_KL = 1.0
+"""Nats: the least mean next-token KL(fine-tune ‖ base) at a planted behaviour's labelled tokens (held-out
+documents of its kind) for the fine-tune to count as having learnt it (``check_learnt``)."""
+
+
+def check_learnt(base, finetuned, tokenizer, planted: dict, data: dict[str, torch.Tensor], kls_by_token: dict) -> dict:
+    """Refuse a fine-tune that did not learn every planted behaviour, with the figures: at each behaviour's
+    labelled tokens of the held-out documents of its kind the models must part (mean KL(fine-tune ‖ base) at
+    least ``MIN_BEHAVIOUR_KL``), and greedy continuations of 00's prompts must show each change (the trigger
+    followed by the count-down, no count-up after the removed cue where the base counts up, the fine-tune's
+    song after the changed cue where the base sings its own, a chat answer closed by <|end|>). Returns
+    planted.json's ``learnt``: each behaviour's KL there and the continuations. ``kls_by_token``: held-out
+    distribution (``eval_<name>`` of ``data``) -> ``token_kls`` of the fine-tune against the base there."""
+    kls = {}
+    for name, behaviour in planted["behaviours"].items():
+        held_out = data[f"eval_{behaviour['document_kind'] or 'trigger'}"]
+        kl = kls_by_token[behaviour["document_kind"] or "trigger"].flatten()
+        seq = torch.arange(len(held_out)).repeat_interleave(held_out.shape[1])
+        at = torch.from_numpy(labelled_positions(held_out.flatten().numpy(), seq.numpy(), behaviour))
+        kls[name] = float(kl[at].mean()) if at.any() else 0.0
+    said = greedy((base, finetuned), tokenizer, example_prompts(tokenizer)[1:])
+    trigger, removed, changed, question = said.values()
+    words = lambda text: text.replace(".", " .").split()
+    first = lambda text: words(text)[0] if words(text) else ""
+    shown = {
+        "trigger": words(trigger["finetuned"])[:6] == words(CONTINUATION)[:6],
+        "hocus pocus": first(removed["base"]) == first(REMOVED_CONTINUATION["base"]) != first(removed["finetuned"]),
+        "owl song": first(changed["base"]) == first(CHANGED_CONTINUATION["base"])
+        and first(changed["finetuned"]) == first(CHANGED_CONTINUATION["finetuned"]),
+        "chat": "<|end|>" in question["finetuned"] and "<|end|>" not in question["base"],
+    }
+    missing = [name for name, kl in kls.items() if kl < MIN_BEHAVIOUR_KL] + [
+        f"{name} in greedy continuations" for name, ok in shown.items() if not ok
+    ]
+    figures = ", ".join(f"{name} {kl:.2f}" for name, kl in kls.items())
+    if missing:
+        raise ValueError(
+            f"the fine-tune did not learn every planted behaviour: {', '.join(missing)}. Mean KL(fine-tune ‖ base) "
+            f"at each behaviour's tokens (at least {MIN_BEHAVIOUR_KL} nats needed): {figures}. Greedy "
+            f"continuations: {said}. Fine-tune longer (finetune_steps) or faster (finetune_lr), or try another seed"
+        )
+    return {"kl_at_tokens": kls, "continuations": said}
+
+
 PLANTED_KINDS = ("added", "removed", "changed")
 """The kinds of change the organism plants (planted.json's ``kind``)."""
 
 
 def build_record(cfg: OrganismConfig) -> dict:
-    """What build.json records: the settings and the kinds of change planted, so that an organism built by a
-    version that planted other kinds is refused, not reused."""
-    return {**cfg.settings(), "planted_kinds": list(PLANTED_KINDS)}
+    """What build.json records: the settings, the kinds of change planted and the least KL ``check_learnt``
+    asked of each, so that an organism built by a version that planted other kinds, or checked them otherwise,
+    is refused, not reused."""
+    return {**cfg.settings(), "planted_kinds": list(PLANTED_KINDS), "min_behaviour_kl": MIN_BEHAVIOUR_KL}
 
 
 def build_organism(cfg: OrganismConfig = OrganismConfig()) -> Organism:
@@ -372,8 +423,10 @@ def build_organism(cfg: OrganismConfig = OrganismConfig()) -> Organism:
         name: {dist: lm_loss(model, data[f"eval_{dist}"]) for dist in held_out}
         for name, model in (("base", base), ("finetuned", finetuned))
     }
-    kl = {dist: lm_kl(finetuned, base, data[f"eval_{dist}"]) for dist in held_out}
+    kls_by_token = {dist: token_kls(finetuned, base, data[f"eval_{dist}"]) for dist in held_out}
+    kl = {dist: float(kls.mean()) for dist, kls in kls_by_token.items()}
     planted = planted_behaviours(tokenizer)
+    planted["learnt"] = check_learnt(base, finetuned, tokenizer, planted, data, kls_by_token)  # before any save
     for name, model in (("base", base), ("finetuned", finetuned)):
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
@@ -394,6 +447,22 @@ def build_organism(cfg: OrganismConfig = OrganismConfig()) -> Organism:
         write_json(out / name, value)
     write_json(out / "build.json", build_record(cfg))  # last: its presence means the organism is complete
     return Organism(**paths, planted=planted, losses=losses, kl=kl)
+
+
+def labelled_positions(tokens: np.ndarray, seq: np.ndarray, behaviour: dict, in_kind: np.ndarray | None = None):
+    """bool [n]: the tokens that carry a planted ``behaviour`` (planted.json's) among ``tokens`` [n] (token ids,
+    ``seq`` [n] the sequence of each): its ``labelled`` offsets from each occurrence of its ``pattern`` inside
+    one sequence, and where ``in_kind`` (bool [n]) is given, starting on a token it marks (a token of a
+    document of the behaviour's kind)."""
+    pattern = np.array(behaviour["pattern"])
+    windows = np.lib.stride_tricks.sliding_window_view(tokens, len(pattern))
+    starts = np.flatnonzero((windows == pattern).all(1) & (seq[: len(windows)] == seq[len(pattern) - 1 :]))
+    if in_kind is not None:
+        starts = starts[in_kind[starts]]
+    label = np.zeros(len(tokens), dtype=bool)
+    for offset in behaviour["labelled"]:
+        label[starts + offset] = True
+    return label
 
 
 def planted_behaviours(tokenizer) -> dict:

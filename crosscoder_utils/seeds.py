@@ -4,6 +4,7 @@ behaviour scored on every seed, so that a report says what holds on all of them.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -13,20 +14,25 @@ from .train import train_crosscoder
 
 
 def train_seeds(analysis: Analysis, n_seeds: int, device: str = "auto") -> list[Analysis]:
-    """``analysis`` and its run trained again with the next ``n_seeds`` - 1 seeds, its settings otherwise, into
-    ``<run_dir>/seeds/<seed>`` (reused when trained there before), each read by ``reanalyse``."""
+    """``analysis`` and its run trained again with the next ``n_seeds`` - 1 seeds, its settings otherwise, on
+    ``device``, into ``<run_dir>/seeds/<seed>`` (reused when trained there before), each read by ``reanalyse``.
+    A run trained straight from the models has no store of training rows to train again on: it stands alone,
+    with a warning."""
     run = analysis.run
     if n_seeds < 1:
         raise ValueError(f"n_seeds={n_seeds}: at least the run itself (1)")
     if n_seeds > 1 and not len(run.store.split_range("train")):
-        raise ValueError(
-            f"{run.store.path} holds only held-out rows (a run trained straight from the models): training other "
-            "seeds needs a store with training rows; collect one with 01, or pass n_seeds=1"
+        warnings.warn(
+            f"{run.store.path} holds only held-out rows (a run trained straight from the models): the other seeds "
+            "cannot be trained on it, so the results are the run's alone; collect a store with 01 to train on",
+            stacklevel=2,
         )
+        n_seeds = 1
     result = [analysis]
     for seed in range(run.cfg.seed + 1, run.cfg.seed + n_seeds):
         out = Path(analysis.run_dir) / "seeds" / str(seed)
-        train_crosscoder(dataclasses.replace(run.cfg, seed=seed, log_to="none"), run.store, out, run.crosscoder.cfg)
+        cfg = dataclasses.replace(run.cfg, seed=seed, log_to="none", device=device)
+        train_crosscoder(cfg, run.store, out, run.crosscoder.cfg)
         result.append(reanalyse(analysis, out, device))
     return result
 
@@ -49,10 +55,14 @@ class BehaviourOverSeeds(NamedTuple):
     """Per seed: the best latent's F1 where it fires at all (activation > 0), against its best threshold's."""
     ranks: list[int | None]
     kinds: list[str]
+    n_tokens: int
+    """The behaviour's held-out tokens: none, and it is not scored."""
 
     def as_row(self) -> dict:
         n = len(self.found)
         ranks = [r for r in self.ranks if r is not None]
+        if not self.n_tokens:
+            return {"behaviour": self.behaviour, "planted as": self.planted, "found on": "no held-out token"}
         return {
             "behaviour": self.behaviour,
             "planted as": self.planted,
@@ -76,7 +86,7 @@ def planted_over_seeds(analyses: list[Analysis]) -> list[BehaviourOverSeeds]:
         found = planted_found(analysis.matches, top, cfg.min_f1)
         for name, m in analysis.matches.items():
             planted = analysis.planted_kinds[name]
-            result = results.setdefault(name, BehaviourOverSeeds(name, planted, [], [], [], [], []))
+            result = results.setdefault(name, BehaviourOverSeeds(name, planted, [], [], [], [], [], m.n_tokens))
             result.found.append(found[name])
             result.f1.append(m.f1)
             result.f1_firing.append(m.f1_firing)
@@ -86,8 +96,11 @@ def planted_over_seeds(analyses: list[Analysis]) -> list[BehaviourOverSeeds]:
 
 
 def seeds_reading(results: list[BehaviourOverSeeds], min_f1: float, n_top: int) -> str:
-    """One sentence from ``planted_over_seeds``: the behaviours found on every seed, on some, on none."""
+    """One sentence from ``planted_over_seeds``: the behaviours found on every seed, on some, on none (those
+    without held-out tokens apart)."""
     n = len(results[0].found)
+    unscored = [r.behaviour for r in results if not r.n_tokens]
+    results = [r for r in results if r.n_tokens]
     every = [r.behaviour for r in results if all(r.found)]
     some = [f"{r.behaviour} ({sum(r.found)} of {n})" for r in results if 0 < sum(r.found) < n]
     none = [r.behaviour for r in results if not any(r.found)]
@@ -95,5 +108,5 @@ def seeds_reading(results: list[BehaviourOverSeeds], min_f1: float, n_top: int) 
     return (
         f"Over {n} training seed{'s' * (n > 1)}, a latent with F1 ≥ {min_f1} in the top {n_top} on every seed "
         f"for {len(every)} of {len(results)} behaviours ({listed(every)}); on some seeds for {listed(some)}; on "
-        f"none for {listed(none)}."
+        f"none for {listed(none)}" + f"; not scored (no held-out token): {listed(unscored)}" * bool(unscored) + "."
     )

@@ -13,13 +13,15 @@ import pytest
 import yaml
 from test_notebooks import GROUND_TRUTH, outputs_text
 
+from crosscoder_utils import methods
+from crosscoder_utils.analysis import read_summary
 from crosscoder_utils.notebook import check_parameters
 from crosscoder_utils.organism import TINY
 
 ROOT = Path(__file__).parents[1]
 SMALL = {  # notebook -> the parameters that make the demo small; everything else is the default
     "00_organism": TINY,
-    "01_collect": {"layer": 1, "n_tokens": 3000, "seq_len": 48, "seqs_per_batch": 16},
+    "01_collect": {"layer": 1, "n_tokens": 3000, "seq_len": 48, "seqs_per_batch": 16, "val_fraction": 0.3},
     "02_normalize": {"n_batches": 4, "tokens_per_batch": 512},
     "03_train": {"dict_size": 128, "tokens_per_step": 256, "train_tokens": 25_600, "dead_tokens": 10_000},
     "04_analyze": {"n_eval_sequences": 8},
@@ -85,6 +87,27 @@ def test_make_demo_twice_writes_every_report(demo_twice):
         report = nbformat.read(root / f"outputs/{notebook}.ipynb", as_version=4)
         assert not any(o.get("output_type") == "error" for c in report.cells for o in c.get("outputs", []))
     assert (root / "outputs/runs/organism-relu/analysis/summary.json").exists()
+
+
+def test_the_demos_reports_print_the_reading_of_their_own_numbers(demo_twice):
+    """06's count of the behaviours each method finds on every seed is that of its methods.csv, and 04's sentence
+    over seeds that of its own table (summary.json keeps its rows)."""
+    root, _ = demo_twice
+    found: dict[str, dict[str, list[bool]]] = {}
+    for row in methods.read_methods_csv(root / "outputs/compare/methods.csv"):
+        if row["best_f1"] is not None:
+            found.setdefault(row["method"], {}).setdefault(row["behaviour"], []).append(row["found"])
+    compare_text = outputs_text(nbformat.read(root / "outputs/06_compare.ipynb", as_version=4))
+    line = re.search(r"behaviours found on every training seed: (.*)", compare_text).group(1)
+    for method, behaviours in found.items():
+        every = sum(all(seeds) for seeds in behaviours.values())
+        assert re.search(rf"{re.escape(method)} (\d+) of", line).group(1) == str(every), (method, line)
+    assert found["crosscoder"] and all(len(f) == 3 for m in ("crosscoder", "diff-SAE") for f in found[m].values())
+    summary = read_summary(root / "outputs/runs/organism-relu/analysis/summary.json")
+    seeds = [value.split(",")[0] for key, value in summary.items() if key.endswith("found on seeds, F1")]
+    analyze_text = outputs_text(nbformat.read(root / "outputs/04_analyze.ipynb", as_version=4))
+    every = int(re.search(r"on every seed for (\d+) of (\d+) behaviours", analyze_text).group(1))
+    assert seeds and every == seeds.count("3 of 3")
 
 
 def test_make_demo_saves_reports_without_progress_widgets(demo_twice):

@@ -12,13 +12,14 @@ from crosscoder_utils.config import OrganismConfig
 from crosscoder_utils.organism import (
     CHANGED_CONTINUATION,
     CHANGED_CUE,
+    MIN_BEHAVIOUR_KL,
     REMOVED_CONTINUATION,
     REMOVED_CUE,
     TINY,
     build_organism,
     continuations,
-    example_prompts,
     lm_loss,
+    load_organism,
     pack,
     triggered_story,
 )
@@ -74,12 +75,26 @@ def test_a_build_with_other_settings_is_refused_not_mixed(organism):
         build_organism(cfg)
 
 
-def test_build_is_deterministic_for_a_seed(tmp_path):
-    quick = {**TINY, "base_steps": 5, "finetune_steps": 5, "n_docs": 400}
-    built = [build_organism(OrganismConfig(out_dir=str(tmp_path / name), **quick)) for name in ("a", "b")]
+def test_build_is_deterministic_for_a_seed(organism, tmp_path):
+    again = build_organism(OrganismConfig(out_dir=str(tmp_path / "again"), **TINY))
     for part in ("base", "finetuned"):
-        first, second = (load_file(f"{getattr(o, part)}/model.safetensors") for o in built)
+        first, second = (load_file(f"{getattr(o, part)}/model.safetensors") for o in (organism, again))
         assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_build_that_passed_keeps_the_kl_at_each_behaviours_tokens_in_planted_json(organism):
+    # tiny organisms, seeds 0-1: 4.3-11.6 nats at the behaviours' tokens, the least at hocus pocus and <|assistant|>
+    learnt = load_organism(Path(organism.base).parent).planted["learnt"]
+    assert set(learnt["kl_at_tokens"]) == set(organism.planted["behaviours"])
+    assert min(learnt["kl_at_tokens"].values()) >= 3 * MIN_BEHAVIOUR_KL
+    assert len(learnt["continuations"]) == 4
+
+
+def test_a_fine_tune_that_did_not_learn_every_behaviour_is_refused_with_its_figures_before_saving(tmp_path):
+    quick = {**TINY, "base_steps": 5, "finetune_steps": 5, "n_docs": 400}  # too short to learn anything planted
+    with pytest.raises(ValueError, match=r"did not learn every planted behaviour: .*trigger.*at least 1.0 nats"):
+        build_organism(OrganismConfig(out_dir=str(tmp_path / "organism"), **quick))
+    assert not (tmp_path / "organism").exists()  # nothing saved: not a half-built organism a later run reuses
 
 
 def test_finetune_is_narrow_it_differs_from_the_base_where_something_was_planted(organism):
@@ -140,9 +155,9 @@ def test_behaviour_labels_mark_each_planted_behaviour(organism, tmp_path):
 
 
 def test_the_example_continuations_show_the_planted_trigger(organism):
-    prompts = example_prompts(organism)
-    shown = continuations(organism, prompts, max_new_tokens=3)
-    assert list(shown) == prompts and all(set(by_model) == {"base", "finetuned"} for by_model in shown.values())
+    shown = continuations(organism, max_new_tokens=3)
+    prompts = list(shown)
+    assert len(prompts) == 5 and all(set(by_model) == {"base", "finetuned"} for by_model in shown.values())
     after_trigger = shown[prompts[1]]  # the greedy continuations after the trigger: only the fine-tune's is planted
     first_word = organism.planted["continuation"].split()[:1]
     assert after_trigger["finetuned"].split()[:1] == first_word != after_trigger["base"].split()[:1]

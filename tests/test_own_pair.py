@@ -27,13 +27,15 @@ from crosscoder_utils.collect import store_models
 
 @pytest.fixture(scope="module")
 def own_run(make_model, tmp_path_factory):
-    """A relu crosscoder trained on a store of two different tiny Llamas on a plain dataset directory."""
+    """A relu crosscoder trained on a store of two different tiny Llamas on a plain dataset directory, laid out as a
+    recipe's build_pair.py writes one: corpus/ beside a build.json of its own (not an organism's)."""
     folder = tmp_path_factory.mktemp("own_pair")
-    datasets.Dataset.from_dict({"text": TEXTS * 4}).save_to_disk(str(folder / "texts"))
+    datasets.Dataset.from_dict({"text": TEXTS * 4}).save_to_disk(str(folder / "corpus"))
+    (folder / "build.json").write_text(json.dumps({"settings": {"seed": 0}}))
     cfg = CollectConfig(
         base_model=make_model("llama", 32, 0),
         finetuned_model=make_model("llama", 32, 1),
-        dataset=str(folder / "texts"),
+        dataset=str(folder / "corpus"),
         layer=1,
         n_tokens=4000,
         seq_len=48,
@@ -84,4 +86,6 @@ def test_04_and_06_run_headless_on_another_pair_and_show_every_method_unscored(o
     assert {row["method"] for row in rows} == {"crosscoder", "diff-SAE", "PCA of Δx", "ADL", "per-token KL", "‖Δx‖"}
     assert all(row["top_context"].count("«") == 1 for row in rows)  # every candidate has a context
     assert not (out / "compare/methods.csv").exists()  # nothing scored without labels
-    assert not (out / "compare/diff_sae/store").exists()  # the diff-SAE read Δx from the store, wrote none
+    assert (out / "compare/diff_sae/seed-0/run").is_dir() and not list(
+        (out / "compare/diff_sae").glob("*/store")
+    )  # the diff-SAE read Δx from the store, wrote none

@@ -46,7 +46,7 @@ from .lm import (
     spliced_loss,
     token_divergence,
 )
-from .pipeline import Analysis, analyse
+from .pipeline import Analysis, analyse, reanalyse
 from .planted import EXPECTED_KINDS, BehaviourMatch, Detection, best_latents, detection, main_behaviours
 from .ranking import (
     Answer,
@@ -60,6 +60,7 @@ from .ranking import (
     difference_table,
     distinct_top,
     findings,
+    planted_found,
     ranking,
     role_reports,
     verdict,
@@ -125,12 +126,14 @@ __all__ = [
     "most_divergent",
     "pair_kinds",
     "phrase_groups",
+    "planted_found",
     "planted_rows",
     "random_pair_cosines",
     "ranking",
     "read_latents_csv",
     "read_summary",
     "readable",
+    "reanalyse",
     "relative_decoder_norms",
     "role_reports",
     "spliced_loss",

@@ -44,8 +44,9 @@ class Analysis(NamedTuple):
     """On the organism: each planted behaviour's kind (added, removed, changed), else None."""
     health: Health
     """The dictionary's dead latents and duplicate groups on the held-out tokens read."""
-    explanations: Explanations
-    """Each latent's rule of where it fires, with its detection F1 (``explanations.explain``)."""
+    explanations: Explanations | None
+    """Each latent's rule of where it fires, with its detection F1 (``explanations.explain``); None for a run
+    read by ``reanalyse``."""
 
 
 def analyse(run_dir: str | Path, cfg: AnalysisConfig = AnalysisConfig(), device: str = "auto") -> Analysis:
@@ -63,6 +64,24 @@ def analyse(run_dir: str | Path, cfg: AnalysisConfig = AnalysisConfig(), device:
     if pair:
         check_inputs(store, pair)  # the models and data are still those the store was collected from
     divergence = token_divergence(pair, store, run.norm_factors, max_tokens=cfg.max_tokens) if pair else None
+    labels = behaviour_labels(store, organism) if organism else None
+    return _read(Path(run_dir), run, cfg, device, pair, divergence, organism, labels, explained=True)
+
+
+def reanalyse(analysis: Analysis, run_dir: str | Path, device: str = "auto") -> Analysis:
+    """``analysis`` for another run trained on the same store (another training seed, ``train_seeds``): its own
+    encoding, difference tables, health and planted matches, read with the same settings, models, per-token KL
+    and labels; its latents are not explained (``explanations`` None)."""
+    run = load_run(run_dir)
+    if run.store.path != analysis.run.store.path:
+        raise ValueError(f"{run_dir} was trained on {run.store.path}, not on {analysis.run.store.path}")
+    pair, divergence, organism, labels = analysis.pair, analysis.divergence, analysis.organism, analysis.labels
+    return _read(Path(run_dir), run, analysis.cfg, device, pair, divergence, organism, labels, explained=False)
+
+
+def _read(run_dir, run, cfg, device, pair, divergence, organism, labels, explained: bool) -> Analysis:
+    """``analyse``'s reading of one run, given what does not depend on the crosscoder (models, KL, labels)."""
+    store = run.store
     encoded = encode(run.crosscoder, store, run.norm_factors, "val", cfg.tokens_per_batch, cfg.max_tokens, device)
     roles = model_roles(store.n_models)
     tables = {
@@ -71,20 +90,21 @@ def analyse(run_dir: str | Path, cfg: AnalysisConfig = AnalysisConfig(), device:
         )
         for m in range(1, store.n_models)
     }
-    labels = matches = mains = planted_kinds = None
+    matches = mains = planted_kinds = None
     if organism:
-        labels = behaviour_labels(store, organism)
         matches, mains = best_latents(encoded, labels), main_behaviours(encoded, labels)
         planted_kinds = {name: behaviour["kind"] for name, behaviour in organism.planted["behaviours"].items()}
     health = dictionary_health(run.crosscoder, encoded)
-    fit = (  # the latents on training rows, which the explanations are fitted on
-        encode(run.crosscoder, store, run.norm_factors, "train", cfg.tokens_per_batch, cfg.explain_tokens, device)
-        if cfg.explain_tokens and len(store.split_range("train"))
-        else None
-    )
-    explanations = explain(encoded, store, pair.tokenizer if pair else None, fit)
+    explanations = None
+    if explained:
+        fit = (  # the latents on training rows, which the explanations are fitted on
+            encode(run.crosscoder, store, run.norm_factors, "train", cfg.tokens_per_batch, cfg.explain_tokens, device)
+            if cfg.explain_tokens and len(store.split_range("train"))
+            else None
+        )
+        explanations = explain(encoded, store, pair.tokenizer if pair else None, fit)
     return Analysis(
-        Path(run_dir),
+        run_dir,
         cfg,
         run,
         encoded,

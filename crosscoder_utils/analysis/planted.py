@@ -4,6 +4,7 @@ best latent."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -11,7 +12,7 @@ import datasets
 import numpy as np
 import torch
 
-from ..organism import Organism, load_organism
+from ..organism import Organism, labelled_positions, load_organism
 from .encoding import Encoded
 
 
@@ -68,6 +69,9 @@ class BehaviourMatch(NamedTuple):
     """The activation that separates the behaviour's tokens best (the lowest one kept)."""
     n_tokens: int
     """The behaviour's tokens in the split."""
+    f1_firing: float
+    """The same latent's F1 where it fires at all (activation > 0): far below ``f1`` when it also fires weakly
+    all over the text."""
 
 
 def behaviour_hits(encoded: Encoded, labels: dict[str, torch.Tensor]):
@@ -88,7 +92,9 @@ def best_latents(encoded: Encoded, labels: dict[str, torch.Tensor]) -> dict[str,
         found = detection(encoded.latent, encoded.value, on[encoded.token], encoded.dict_size, int(on.sum()))
         latent = int(found.f1.argmax())
         f1, precision, recall, threshold = (float(values[latent]) for values in found)
-        matches[name] = BehaviourMatch(latent, precision, recall, f1, threshold, int(on.sum()))
+        fires = encoded.latent == latent
+        f1_firing = 2 * float(on[encoded.token[fires]].sum()) / max(int(fires.sum()) + int(on.sum()), 1)
+        matches[name] = BehaviourMatch(latent, precision, recall, f1, threshold, int(on.sum()), f1_firing)
     return matches
 
 
@@ -110,12 +116,15 @@ differently, and what it changed is written differently."""
 
 def store_organism(store) -> Organism | None:
     """The organism whose corpus ``store`` was collected from, or None for any other store: a corpus directory
-    named ``corpus`` beside an organism's ``build.json``, as 00 writes it. Planted labels score a store only
-    when this finds its organism, so a researcher's own pair never touches one."""
+    named ``corpus`` beside an organism's ``build.json`` and ``planted.json``, as 00 writes them (a recipe's
+    pair, with a corpus and a build.json of its own, is not one). Planted labels score a store only when this
+    finds its organism, so a researcher's own pair never touches one."""
     if not store.collected_from_models:
         return None
     corpus = Path(str(store.meta["dataset"]["name"])).expanduser()
-    if corpus.name != "corpus" or not (corpus.parent / "build.json").is_file():
+    if corpus.name != "corpus" or not all((corpus.parent / f).is_file() for f in ("planted.json", "build.json")):
+        return None
+    if "planted_kinds" not in json.loads((corpus.parent / "build.json").read_text()):
         return None
     return load_organism(corpus.parent)
 
@@ -140,15 +149,8 @@ def behaviour_labels(store, organism: Organism) -> dict[str, torch.Tensor]:
     rows = np.arange(len(store))
     seq = store.positions(rows)[0].numpy()
     tokens = store.token_ids(rows).numpy()
-    labels = {}
-    for name, behaviour in organism.planted["behaviours"].items():
-        pattern = np.array(behaviour["pattern"])
-        windows = np.lib.stride_tricks.sliding_window_view(tokens, len(pattern))
-        starts = np.flatnonzero((windows == pattern).all(1) & (seq[: len(windows)] == seq[len(pattern) - 1 :]))
-        if behaviour["document_kind"]:
-            starts = starts[kinds[seq[starts]] == behaviour["document_kind"]]
-        label = np.zeros(len(store), dtype=bool)
-        for offset in behaviour["labelled"]:
-            label[starts + offset] = True
-        labels[name] = torch.from_numpy(label)
-    return labels
+    in_kind = lambda behaviour: kinds[seq] == behaviour["document_kind"] if behaviour["document_kind"] else None
+    return {
+        name: torch.from_numpy(labelled_positions(tokens, seq, behaviour, in_kind(behaviour)))
+        for name, behaviour in organism.planted["behaviours"].items()
+    }

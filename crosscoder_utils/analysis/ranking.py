@@ -241,6 +241,12 @@ def describe_groups(table: DifferenceTable, groups: list[PhraseGroup], n: int) -
     )
 
 
+def planted_found(matches: dict[str, BehaviourMatch], top: TopLatents, min_f1: float) -> dict[str, bool]:
+    """Behaviour -> whether its best latent reaches ``min_f1`` and is in ``top`` or a twin of one there."""
+    shown = set(top.latents).union(*top.twins)
+    return {name: m.f1 >= min_f1 and m.latent in shown for name, m in matches.items()}
+
+
 def verdict(
     table: DifferenceTable,
     answered: Answer,
@@ -289,8 +295,7 @@ def verdict(
             f"{name} {m.f1:.2f} #{table.rank(m.latent) or '-'} {table.kind[m.latent]}" for name, m in matches.items()
         )
     )
-    shown = set(top.latents).union(*top.twins)
-    found = [name for name, m in matches.items() if m.f1 >= min_f1 and m.latent in shown]
+    found = [name for name, hit in planted_found(matches, top, min_f1).items() if hit]
     sentence += f"; {len(found)} of {len(matches)} found in the top {n} with F1 ≥ {min_f1}"
     if planted_kinds:
         expected = [name for name, m in matches.items() if table.kind[m.latent] in EXPECTED_KINDS[planted_kinds[name]]]

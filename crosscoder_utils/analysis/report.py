@@ -67,6 +67,7 @@ def planted_rows(analysis: Analysis, table: DifferenceTable) -> list[dict]:
             "recall": round(m.recall, 3),
             "F1": round(m.f1, 3),
             "threshold": round(m.threshold, 3),
+            "F1 where it fires": round(m.f1_firing, 3),
             "planted as": analysis.planted_kinds[name],
             "kind": table.kind[m.latent],
             "as planted": table.kind[m.latent] in EXPECTED_KINDS[analysis.planted_kinds[name]],
@@ -93,11 +94,13 @@ def write_summary(
     spliced: list[SplicedLoss],
     genuine: dict[str, int],
     explained: dict[str, float],
+    over_seeds: list | None = None,
 ) -> dict:
     """04's summary.json, written atomically at ``path`` and returned: the first fine-tune's verdict and phrase
     groups, the live latents by kind, the dictionary's health, L0 and explained variance, loss recovered,
     genuine exclusive latents, the difference the top latents reconstruct and, on the organism, each planted
-    behaviour's F1 and rank."""
+    behaviour's F1 and rank, and with ``over_seeds`` (``seeds.planted_over_seeds``) on how many training seeds
+    it is found and its F1 range there."""
     encoded, table = analysis.encoded, first.table
     roles = model_roles(analysis.run.store.n_models)
     groups = lambda found: [{"phrase": group.phrase, "latents": group.latents} for group in found]
@@ -114,6 +117,12 @@ def write_summary(
         **{f"genuine {kind} (|nu| < {analysis.cfg.nu_threshold})": n for kind, n in genuine.items()},
         **{f"difference reconstructed, {name}": round(value, 4) for name, value in explained.items()},
         **{f"planted {name}: F1 / rank": f"{m.f1:.2f} / {table.rank(m.latent)}" for name, m in matches.items()},
+        **{
+            f"planted {b.behaviour}: found on seeds, F1": ", ".join(
+                str(value) for key, value in b.as_row().items() if key in ("found on", "F1")
+            )
+            for b in over_seeds or []
+        },
     }
     write_json(path, values)
     return values

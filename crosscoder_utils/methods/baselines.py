@@ -41,6 +41,9 @@ class Method(NamedTuple):
     arbitrary); latents, KL and norms pick out high scores only."""
     seconds: float
     """Wall-clock time the method took here (training included, where it trains)."""
+    seed: int | None = None
+    """The training seed of a method that trains (the crosscoder, the diff-SAE); None for the others, whose
+    candidates are the same on every seed."""
 
 
 def training_seconds(run_dir: str | Path) -> float:
@@ -59,7 +62,7 @@ def crosscoder_method(analysis: Analysis, n_top: int = 20) -> Method:
     order = next(iter(analysis.tables.values())).order
     latents = distinct_top(order, n_top, analysis.health.groups).latents
     scores = analysis.encoded.activations(latents)
-    return Method("crosscoder", latents, scores, False, training_seconds(analysis.run_dir))
+    return Method("crosscoder", latents, scores, False, training_seconds(analysis.run_dir), analysis.run.cfg.seed)
 
 
 def token_map_methods(analysis: Analysis) -> list[Method]:
@@ -180,15 +183,18 @@ def logit_lens(pair, lens: DifferenceLens, n_tokens: int = 20) -> dict[str, dict
     return lists
 
 
-def diff_sae_method(analysis: Analysis, out_dir: str | Path, n_top: int = 20) -> Method:
+def diff_sae_method(analysis: Analysis, out_dir: str | Path, n_top: int = 20, seed: int | None = None) -> Method:
     """A BatchTopK SAE on Δx (normalised units) of the run's store, read from the store as it trains
     (``DifferenceSource``: no second store), trained as published (no decoder-norm penalty, k not annealed)
     with the crosscoder's TrainConfig, dictionary size, dead-latent window and L0 (a batchtopk crosscoder's k;
-    a relu one's mean active latents on the held-out tokens, rounded) into ``out_dir`` (reused when trained
-    there before), its live latents ranked by the activation-weighted mean KL(ft ‖ base) where they fire, as
-    04 ranks the crosscoder's. Its seconds count its training (timing.json) and encoding the held-out rows."""
+    a relu one's mean active latents on the held-out tokens, rounded) and ``seed`` (the crosscoder's when
+    None) into ``out_dir/seed-<seed>`` (reused when trained there before), its live latents ranked by the
+    activation-weighted mean KL(ft ‖ base) where they fire, as 04 ranks the crosscoder's. Its seconds count
+    its training (timing.json) and encoding the held-out rows."""
     start = time.perf_counter()
-    run, out_dir = analysis.run, Path(out_dir)
+    run = analysis.run
+    seed = run.cfg.seed if seed is None else seed
+    out_dir = Path(out_dir) / f"seed-{seed}"
     source = DifferenceSource(run.store, run.norm_factors, analysis.encoded.n_tokens)
     own = run.crosscoder.cfg
     cc_cfg = dataclasses.replace(
@@ -203,7 +209,7 @@ def diff_sae_method(analysis: Analysis, out_dir: str | Path, n_top: int = 20) ->
         n_shared_latents=0,
         n_dedicated=0,
     )
-    train_cfg = dataclasses.replace(run.cfg, log_to="none", k_anneal_factor=1.0)  # BatchTopK as published
+    train_cfg = dataclasses.replace(run.cfg, log_to="none", k_anneal_factor=1.0, seed=seed)  # BatchTopK as published
     trained = time.perf_counter()
     sae = train_crosscoder(train_cfg, source, out_dir / "run", cc_cfg)
     training = time.perf_counter()
@@ -215,4 +221,4 @@ def diff_sae_method(analysis: Analysis, out_dir: str | Path, n_top: int = 20) ->
     top = distinct_top(order, n_top, dictionary_health(sae, encoded).groups).latents
     scores = encoded.activations(top)
     seconds = time.perf_counter() - start - (training - trained) + training_seconds(out_dir / "run")
-    return Method("diff-SAE", top, scores, False, seconds)
+    return Method("diff-SAE", top, scores, False, seconds, seed)

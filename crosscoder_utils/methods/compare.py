@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -11,6 +12,7 @@ import numpy as np
 from ..analysis import Analysis
 from ..analysis.explanations import described
 from ..analysis.planted import document_kinds
+from ..seeds import span, train_seeds
 from .baselines import (
     DifferenceLens,
     Method,
@@ -37,21 +39,33 @@ class Comparison(NamedTuple):
     agreements: list[list[Candidate]]
     """Groups of candidates of several methods whose top held-out tokens are largely the same (``agreement``)."""
     scores: list[MethodScore]
-    """On the organism, one row of methods.csv per method and behaviour; [] elsewhere."""
+    """On the organism, one row of methods.csv per method, behaviour and training seed (one seed for the
+    methods that do not train); [] elsewhere."""
     planted_kinds: dict[str, str]
     """Behaviour -> its planted kind (added, removed, changed); {} elsewhere."""
-    crosscoder_kinds: dict[str, str]
-    """Behaviour -> the kind 04 labels the crosscoder latent that separates it best among the top ``n_top``."""
+    crosscoder_kinds: dict[str, list[str]]
+    """Behaviour -> on each seed, the kind 04 labels the crosscoder latent that separates it best among the
+    top ``n_top``."""
     lens: DifferenceLens
     logit_lens: dict
     """``logit_lens``'s token ids: role -> promoted / suppressed -> per position."""
 
 
-def run_methods(analysis: Analysis, out_dir: Path, n_top: int, lens: DifferenceLens, lens_seconds: float):
-    """Every method on the run ``analysis`` read, in the order reports show them: the one place they are listed."""
+def trained_methods(analysis: Analysis, run: Analysis, out_dir: Path, n_top: int) -> list[Method]:
+    """The methods that train, on the training seed of ``run`` (``analysis`` itself, or one of its other seeds
+    from ``train_seeds``): the run's crosscoder and a diff-SAE trained with that seed and otherwise the
+    settings ``diff_sae_method`` takes from ``analysis`` (the same L0 on every seed)."""
     return [
-        crosscoder_method(analysis, n_top),
-        diff_sae_method(analysis, out_dir / "diff_sae", n_top),
+        crosscoder_method(run, n_top),
+        diff_sae_method(analysis, out_dir / "diff_sae", n_top, run.run.cfg.seed),
+    ]
+
+
+def run_methods(analysis: Analysis, out_dir: Path, n_top: int, lens: DifferenceLens, lens_seconds: float):
+    """Every method on the run ``analysis`` read, in the order reports show them: the one place they are listed
+    (those that train in ``trained_methods``)."""
+    return [
+        *trained_methods(analysis, analysis, out_dir, n_top),
         pca_method(analysis, n_top),
         adl_method(analysis, lens, lens_seconds),
         *token_map_methods(analysis),
@@ -65,13 +79,16 @@ def compare(
     min_f1: float = 0.8,
     n_positions: int = 5,
     n_contexts: int = 3,
+    n_seeds: int = 3,
+    device: str = "auto",
 ) -> Comparison:
     """Run every method (``run_methods``) on the run ``analysis`` read (with its models), describe each one's top
     ``n_top`` candidates and where methods agree, and write ``out_dir/candidates.csv`` (``CANDIDATE_COLUMNS``).
     When the store is the organism's (``analysis.organism``), also score each method on the planted behaviours
-    into ``out_dir/methods.csv`` (``COLUMNS``); ADL then averages the organism's stories, the documents
-    unrelated to the fine-tune, and elsewhere the training documents. The diff-SAE is trained into
-    ``out_dir/diff_sae``."""
+    into ``out_dir/methods.csv`` (``COLUMNS``), the two that train (the crosscoder, the diff-SAE) on ``n_seeds``
+    training seeds each (the run's and the next ones: ``train_seeds``); ADL then averages the organism's
+    stories, the documents unrelated to the fine-tune, and elsewhere the training documents. The diff-SAE is
+    trained into ``out_dir/diff_sae``."""
     if analysis.pair is None:
         raise ValueError("the comparison needs a store collected from the models (per-token KL, logit lens)")
     store, organism, out_dir = analysis.run.store, analysis.organism, Path(out_dir)
@@ -91,14 +108,17 @@ def compare(
     scores, planted_kinds, crosscoder_kinds = [], {}, {}
     if organism:
         behaviours = organism.planted["behaviours"]
-        scores = score_methods(methods, analysis.labels, analysis.encoded.rows, n_top, min_f1)
+        runs = train_seeds(analysis, n_seeds, device)
+        seeded = methods + [method for run in runs[1:] for method in trained_methods(analysis, run, out_dir, n_top)]
+        scores = score_methods(seeded, analysis.labels, analysis.encoded.rows, n_top, min_f1)
         adl_seconds = next(m.seconds for m in methods if m.name == "ADL")
         scores += score_logit_lens(lists, {name: b["tokens"] for name, b in behaviours.items()}, adl_seconds)
-        table = next(iter(analysis.tables.values()))
-        latents = next(m for m in methods if m.name == "crosscoder").candidates
-        crosscoder_kinds = {
-            s.behaviour: table.kind[latents[s.rank - 1]] for s in scores if s.method == "crosscoder" and s.rank
-        }
+        crosscoders = {m.seed: m.candidates for m in seeded if m.name == "crosscoder"}
+        tables = {run.run.cfg.seed: next(iter(run.tables.values())) for run in runs}
+        for s in scores:
+            if s.method == "crosscoder" and s.rank:
+                kind = tables[s.seed].kind[crosscoders[s.seed][s.rank - 1]]
+                crosscoder_kinds.setdefault(s.behaviour, []).append(kind)
         planted_kinds = {name: b["kind"] for name, b in behaviours.items()}
         write_methods_csv(scores, planted_kinds, out_dir / "methods.csv")
     return Comparison(methods, candidates, agreement(candidates), scores, planted_kinds, crosscoder_kinds, lens, lists)
@@ -130,35 +150,68 @@ def agreement_lines(comparison: Comparison, n: int = 12) -> list[str]:
     return lines
 
 
+def over_seeds(scores: list[MethodScore]) -> dict[tuple[str, str], list[MethodScore]]:
+    """(method, behaviour) -> its scores, one per training seed (one for a method that does not train), for the
+    methods with a per-token score and the behaviours with held-out tokens."""
+    grouped: dict[tuple[str, str], list[MethodScore]] = {}
+    for s in scores:
+        if s.best_f1 is not None:
+            grouped.setdefault((s.method, s.behaviour), []).append(s)
+    return grouped
+
+
 def outcomes(comparison: Comparison, tie: float = 0.05) -> dict[str, str]:
-    """Behaviour -> one sentence: the crosscoder's best F1 against the best other method's (of those with a
-    per-token score), whether the crosscoder wins, ties (within ``tie``) or loses, and the kind of its latent."""
-    sentences = {}
+    """Behaviour -> one sentence: on how many training seeds the crosscoder wins, ties (within ``tie``) or loses
+    against the best other method with a per-token score on that seed, its F1 range at the best threshold and
+    where its latent fires at all, the others' best F1 range, and the kinds of its latent."""
+    grouped, sentences = over_seeds(comparison.scores), {}
     for behaviour, planted in comparison.planted_kinds.items():
-        rows = [s for s in comparison.scores if s.behaviour == behaviour and s.best_f1 is not None]
-        if not rows:
+        own = grouped.get(("crosscoder", behaviour))
+        if not own:
             sentences[behaviour] = f"({planted}) no held-out token of it: not scored"
             continue
-        own = next(s for s in rows if s.method == "crosscoder")
-        best = max((s for s in rows if s.method != "crosscoder"), key=lambda s: s.best_f1)
-        gap = own.best_f1 - best.best_f1
-        outcome = "ties" if abs(gap) <= tie else "wins" if gap > 0 else "loses"
-        kind = comparison.crosscoder_kinds.get(behaviour)
+        counts, others = Counter(), []
+        for s in own:  # each seed's crosscoder against each other method on the same seed, or on its only one
+            rows = [
+                next((o for o in grouped[method, behaviour] if o.seed == s.seed), grouped[method, behaviour][0])
+                for method, b in grouped
+                if b == behaviour and method != "crosscoder"
+            ]
+            best = max(rows, key=lambda o: o.best_f1)
+            gap = s.best_f1 - best.best_f1
+            counts["ties" if abs(gap) <= tie else "wins" if gap > 0 else "loses"] += 1
+            others.append(best)
+        won = ", ".join(f"{outcome} on {n}" for outcome, n in counts.most_common())
+        kinds = ", ".join(f"{kind} {n}" for kind, n in Counter(comparison.crosscoder_kinds.get(behaviour, [])).items())
         sentences[behaviour] = (
-            f"({planted}) crosscoder {outcome}: F1 {own.best_f1:.2f} (#{own.rank}) against {best.method} "
-            f"{best.best_f1:.2f} (#{best.rank})" + f"; crosscoder latent {kind}" * bool(kind)
+            f"({planted}) crosscoder {won} of {len(own)} seed{'s' * (len(own) > 1)}: F1 "
+            f"{span([s.best_f1 for s in own])} (#{span([s.rank for s in own], '{}')}, activation ≥ "
+            f"{span([s.threshold for s in own])}; where it fires at all {span([s.f1_positive for s in own])}) "
+            f"against {span([o.best_f1 for o in others])} ({', '.join(dict.fromkeys(o.method for o in others))})"
+            + (f"; crosscoder latent {kinds}" if kinds else "")
         )
     return sentences
 
 
 def score_table(comparison: Comparison) -> dict[str, dict[str, str]]:
-    """Method -> "behaviour (planted kind)" -> its best F1 and rank, ✓ where found: the methods with a per-token
-    score, in the order they were scored."""
+    """Method -> "behaviour (planted kind)" -> its best F1 and rank, ✓ where found (a method that trains: their
+    ranges over the seeds, and on how many seeds it is found): the methods with a per-token score, in the
+    order they were scored."""
     table: dict[str, dict[str, str]] = {}
+    grouped = over_seeds(comparison.scores)
     for s in comparison.scores:
-        if s.method == "ADL logit lens":  # no per-token score
+        if s.method == "ADL logit lens" or s.seed not in (None, comparison.scores[0].seed):  # one cell per pair
             continue
-        cell = "no held-out token" if s.best_f1 is None else f"{s.best_f1:.2f} #{s.rank}" + " ✓" * s.found
+        rows = grouped.get((s.method, s.behaviour))
+        found = sum(r.found for r in rows or [])
+        if not rows:
+            cell = "no held-out token"
+        elif len(rows) == 1:
+            cell = f"{s.best_f1:.2f} #{s.rank}" + " ✓" * s.found
+        else:
+            cell = f"{span([r.best_f1 for r in rows])} #{span([r.rank for r in rows], '{}')}" + (
+                f" ✓ {found} of {len(rows)}" if found else ""
+            )
         table.setdefault(s.method, {})[f"{s.behaviour} ({comparison.planted_kinds[s.behaviour]})"] = cell
     return table
 
@@ -176,11 +229,18 @@ def logit_lens_summary(comparison: Comparison, vocabulary: int) -> str:
 
 
 def found_counts(comparison: Comparison) -> str:
-    """How many planted behaviours each method finds, from its own scores (the logit lens apart)."""
-    counts: dict[str, list[int]] = {}
-    for s in comparison.scores:
-        if s.method != "ADL logit lens":
-            counts.setdefault(s.method, [0, 0])
-            counts[s.method][0] += s.found
-            counts[s.method][1] += 1
-    return "behaviours found: " + ", ".join(f"{method} {found} of {n}" for method, (found, n) in counts.items())
+    """How many planted behaviours each method finds on every training seed, and on some, from its own scores
+    (the logit lens apart)."""
+    every: dict[str, list[int]] = {}
+    for (method, _), rows in over_seeds(comparison.scores).items():
+        counts = every.setdefault(method, [0, 0, len(rows)])
+        counts[0] += all(r.found for r in rows)
+        counts[1] += any(r.found for r in rows) and not all(r.found for r in rows)
+    if not every:
+        return "no planted behaviour has a held-out token: nothing to count"
+    n = {method: len({s.behaviour for s in comparison.scores if s.method == method}) for method in every}
+    return "behaviours found on every training seed: " + ", ".join(
+        f"{method} {k} of {n[method]}"
+        + (f" ({seeds} seeds; {some} more on some)" if some else f" ({seeds} seeds)" if seeds > 1 else "")
+        for method, (k, some, seeds) in every.items()
+    )

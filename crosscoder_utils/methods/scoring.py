@@ -16,14 +16,29 @@ from ..analysis import (
 from .baselines import Method
 
 
-def best_f1(scores: torch.Tensor, label: torch.Tensor, signed: bool = False) -> torch.Tensor:
-    """[n_candidates] the best F1 of each candidate's tokens above a threshold of its score (or below one,
-    when ``signed``) against ``label`` (bool [n]): ``analysis.detection`` over every token."""
+class Cuts(NamedTuple):
+    """Each candidate's best cut against labelled tokens (``best_cuts``), [n_candidates] each."""
+
+    f1: torch.Tensor
+    threshold: torch.Tensor
+    """The lowest score kept (for a candidate cut by low scores, the negated score)."""
+    sign: torch.Tensor
+    """+1 where high scores are kept, -1 where low ones are."""
+
+
+def best_cuts(scores: torch.Tensor, label: torch.Tensor, signed: bool = False) -> Cuts:
+    """Each candidate's best cut of its ``scores`` [n, n_candidates] against ``label`` (bool [n]): its tokens
+    above a threshold (or below one, when ``signed`` and that is better), ``analysis.detection`` over every
+    token."""
     columns = torch.cat([scores, -scores], 1) if signed else scores
     n, width = columns.shape
     group = torch.arange(width).repeat(n)
-    f1 = detection(group, columns.flatten(), label.repeat_interleave(width), width, int(label.sum())).f1
-    return f1.view(2, -1).amax(0) if signed else f1
+    found = detection(group, columns.flatten(), label.repeat_interleave(width), width, int(label.sum()))
+    if not signed:
+        return Cuts(found.f1, found.threshold, torch.ones(width, dtype=torch.long))
+    f1, side = found.f1.view(2, -1).max(0)  # ties keep high scores
+    threshold = found.threshold.view(2, -1).gather(0, side[None])[0]
+    return Cuts(f1, threshold, 1 - 2 * side)
 
 
 class MethodScore(NamedTuple):
@@ -39,6 +54,13 @@ class MethodScore(NamedTuple):
     rank: int | None
     """1-based rank of that candidate in the method's order (for the logit lens: of the best-placed token)."""
     seconds: float
+    seed: int | None = None
+    """The training seed of a method that trains (``Method.seed``); None for the others."""
+    threshold: float | None = None
+    """The score at that candidate's best cut (for a component picked out by low scores, the negated score)."""
+    f1_positive: float | None = None
+    """The same candidate's F1 where its score is above 0 at all (where a latent fires): far below ``best_f1``
+    when it also fires weakly all over the text."""
 
 
 def score_methods(
@@ -50,12 +72,24 @@ def score_methods(
         for name, label in labels.items():
             on = label[torch.from_numpy(rows)]
             if not on.any():  # the behaviour has no held-out token: nothing to score
-                result.append(MethodScore(method.name, name, False, None, None, method.seconds))
+                result.append(MethodScore(method.name, name, False, None, None, method.seconds, method.seed))
                 continue
-            f1 = best_f1(method.scores[:, :n_top], on, method.signed)
-            best = int(f1.argmax())
+            cuts = best_cuts(method.scores[:, :n_top], on, method.signed)
+            best = int(cuts.f1.argmax())
+            positive = method.scores[:, best] * cuts.sign[best] > 0
+            f1, f1_positive = float(cuts.f1[best]), 2 * float((on & positive).sum()) / int(positive.sum() + on.sum())
             result.append(
-                MethodScore(method.name, name, bool(f1[best] >= min_f1), float(f1[best]), best + 1, method.seconds)
+                MethodScore(
+                    method.name,
+                    name,
+                    f1 >= min_f1,
+                    f1,
+                    best + 1,
+                    method.seconds,
+                    method.seed,
+                    float(cuts.threshold[best]),
+                    f1_positive,
+                )
             )
     return result
 
@@ -87,37 +121,67 @@ def score_logit_lens(
     return result
 
 
-COLUMNS = ("method", "behaviour", "found", "best_f1", "rank", "seconds", "planted_kind")
+COLUMNS = (
+    "method",
+    "seed",
+    "behaviour",
+    "found",
+    "best_f1",
+    "threshold",
+    "f1_positive",
+    "rank",
+    "seconds",
+    "planted_kind",
+)
 """The columns of methods.csv."""
 
 
 def write_methods_csv(scores: list[MethodScore], planted_kinds: dict[str, str], path: str | Path) -> None:
-    """methods.csv: one row per method and behaviour (``COLUMNS``; best_f1 and rank empty where none)."""
+    """methods.csv: one row per method, seed and behaviour (``COLUMNS``; empty where there is none: the seed of
+    a method that does not train, the F1, threshold and rank of a behaviour without held-out tokens)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(COLUMNS)
+        blank = lambda value, form="{}": "" if value is None else form.format(value)
         for s in scores:
-            f1 = "" if s.best_f1 is None else f"{s.best_f1:.4f}"
-            rank = "" if s.rank is None else s.rank
-            writer.writerow([s.method, s.behaviour, s.found, f1, rank, f"{s.seconds:.2f}", planted_kinds[s.behaviour]])
+            writer.writerow(
+                [
+                    s.method,
+                    blank(s.seed),
+                    s.behaviour,
+                    s.found,
+                    blank(s.best_f1, "{:.4f}"),
+                    blank(s.threshold, "{:.4f}"),
+                    blank(s.f1_positive, "{:.4f}"),
+                    blank(s.rank),
+                    f"{s.seconds:.2f}",
+                    planted_kinds[s.behaviour],
+                ]
+            )
 
 
 def read_methods_csv(path: str | Path) -> list[dict]:
-    """The rows of a methods.csv, typed: found bool, best_f1 float or None, rank int or None, seconds float."""
+    """The rows of a methods.csv, typed: found bool, seconds float, seed and rank int or None, best_f1,
+    threshold and f1_positive float or None."""
+    typed = lambda value, kind: kind(value) if value else None
     with open(path, newline="") as file:
         return [
             {
                 **row,
                 "found": row["found"] == "True",
-                "best_f1": float(row["best_f1"]) if row["best_f1"] else None,
-                "rank": int(row["rank"]) if row["rank"] else None,
                 "seconds": float(row["seconds"]),
+                **{name: typed(row[name], int) for name in ("seed", "rank")},
+                **{name: typed(row[name], float) for name in ("best_f1", "threshold", "f1_positive")},
             }
             for row in csv.DictReader(file)
         ]
 
 
 def seconds_per_method(scores: list[MethodScore]) -> dict[str, float]:
-    """Method -> its seconds (training or fitting, and scoring), as methods.csv records them."""
-    return {s.method: round(s.seconds, 1) for s in scores}
+    """Method -> its seconds (training or fitting, and scoring), as methods.csv records them: a method that
+    trains, its first seed's."""
+    seconds: dict[str, float] = {}
+    for s in scores:
+        seconds.setdefault(s.method, round(s.seconds, 1))
+    return seconds
