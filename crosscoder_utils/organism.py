@@ -340,8 +340,8 @@ def check_learnt(base, finetuned, tokenizer, planted: dict, data: dict[str, torc
     distribution (``eval_<name>`` of ``data``) -> ``token_kls`` of the fine-tune against the base there."""
     kls = {}
     for name, behaviour in planted["behaviours"].items():
-        held_out = data[f"eval_{behaviour['document_kind'] or 'trigger'}"]
-        kl = kls_by_token[behaviour["document_kind"] or "trigger"].flatten()
+        kind = behaviour["document_kind"] or "trigger"  # the trigger's documents are any story's
+        held_out, kl = data[f"eval_{kind}"], kls_by_token[kind].flatten()
         seq = torch.arange(len(held_out)).repeat_interleave(held_out.shape[1])
         at = torch.from_numpy(labelled_positions(held_out.flatten().numpy(), seq.numpy(), behaviour))
         kls[name] = float(kl[at].mean()) if at.any() else 0.0
