@@ -158,9 +158,10 @@ class CrossCoder(nn.Module):
     @torch.no_grad()  # the selection takes no gradient, on the sparse path or the dense one
     def _batch_topk(self, pre: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """BatchTopK's training selection on pre [batch, dict_size]: each row's top-m candidate columns
-        [batch, m] by score f_i·Σ_m ‖W_dec[i, m]‖, and which of them are kept (bool [batch, m]): the positive
-        scores at or above the k·B-th largest of the global batch (all ranks together, B rows in all). Updates
-        the threshold EMA with the smallest kept score. Designated shared latents score 0, so it never keeps them.
+        [batch, m] (m from max(2k, 32)) by score f_i·Σ_models ‖W_dec[i, model]‖, and which of them are kept
+        (bool [batch, m]): the positive scores at or above the k·B-th largest of the global batch (all ranks
+        together, B rows in all). Updates the threshold EMA with the smallest kept score. Designated shared
+        latents score 0, so it never keeps them.
 
         The k·B-th score comes from the candidates (all ranks' gathered), much cheaper than a top-k over
         B·dict_size; exact unless some row had all m candidates positive and at or above it (also when the
@@ -170,7 +171,7 @@ class CrossCoder(nn.Module):
         k = k or self.cfg.k
         weights, n_latents = self.selection_weights(), pre.shape[1]
         k_total = k * len(pre) * distributed.world_size()
-        m = min(n_latents, 2 * k)
+        m = min(n_latents, max(2 * k, 32))  # at small k, rows holding over 2k kept scores are common: a pass each
         while True:
             tops = [(chunk * weights).topk(m, dim=1) for chunk in pre.split(len(pre) if pre.is_cuda else 256)]
             candidates, columns = torch.cat([t.values for t in tops]), torch.cat([t.indices for t in tops])
