@@ -107,11 +107,15 @@ def encode(
             x_hat = crosscoder.decode(f)
         f, x_hat = f.float(), x_hat.float()
         token, latent = (f > 0).nonzero(as_tuple=True)
+        value = f[token, latent]
         tokens.append((token + start - span.start).cpu())
         latents.append(latent.cpu())
-        values.append(f[token, latent].cpu())
-        f_x += (f.T @ x.flatten(1)).double()
-        f_x_hat += (f.T @ x_hat.flatten(1)).double()
+        values.append(value.cpu())
+        # f.T as a sparse matrix: the sums cost its firings, not batch × dict_size (a dense f.T @ x took most
+        # of the pass at dict 2,000)
+        f_t = torch.sparse_coo_tensor(torch.stack([latent, token]), value, (len(f.T), len(f)))
+        f_x += torch.sparse.mm(f_t, x.flatten(1)).double()
+        f_x_hat += torch.sparse.mm(f_t, x_hat.flatten(1)).double()
         f_squared += f.pow(2).sum(0).double()
         error = (x - x_hat).double()
         moments += torch.stack([error.sum(0), error.pow(2).sum(0), x.double().sum(0), x.double().pow(2).sum(0)])
