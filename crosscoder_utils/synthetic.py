@@ -149,7 +149,8 @@ def generate(cfg: SyntheticConfig, chunk: int = 65536) -> Synthetic:
         fires = torch.rand(size, len(truth.kinds), generator=g) < truth.rates
         draw = torch.rand(size, len(children), generator=g)
         fires[:, children] = torch.where(fires[:, parents], draw < with_parent, draw < alone)
-        code = fires * torch.empty(fires.shape).exponential_(generator=g)
+        code = torch.zeros(fires.shape)  # magnitudes drawn only where a feature fires (1-3 % of the entries)
+        code[fires] = torch.empty(int(fires.sum())).exponential_(generator=g)
         xs.append(einsum(code, truth.decoders, "t f, f m d -> t m d"))
         codes.append(code.to_sparse())
     x = torch.cat(xs)
