@@ -13,7 +13,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from einops import einsum
 
 from .analysis import kind_name, latent_kinds
 from .analysis.encoding import Encoded
@@ -134,25 +133,56 @@ def dictionary(cfg: SyntheticConfig, g: torch.Generator) -> GroundTruth:
     return GroundTruth(decoders, kinds, rates, parents)
 
 
+def _firings(size: int, rates: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token, column) of every firing when column j fires on each of ``size`` tokens independently with
+    probability rates[j]: the gaps between firings are geometric, so the draws cost the firings (about 1 % of
+    size × columns here), not one uniform draw per entry."""
+    top = float(rates.max()) if len(rates) else 0.0
+    per_column = int(size * top + 6 * (size * top) ** 0.5) + 16  # gaps to draw, doubled if short
+    log_silent = torch.log1p(-rates.double()).clamp(max=-1e-300)[:, None]  # a zero rate: gaps past the end
+    while True:
+        uniform = 1 - torch.rand(len(rates), per_column, generator=g, dtype=torch.float64)  # in (0, 1]
+        gaps = (uniform.log() / log_silent).floor().clamp(max=size).long() + 1
+        positions = gaps.cumsum(1) - 1
+        if (positions[:, -1] >= size).all():
+            break
+        per_column *= 2
+    column, slot = (positions < size).nonzero(as_tuple=True)
+    return positions[column, slot], column
+
+
 def generate(cfg: SyntheticConfig, chunk: int = 65536) -> Synthetic:
     """Activations x_m = Σ_i a_i · decoders[i, m] + noise, with a_i ~ Exponential(1) when feature i fires."""
     g = torch.Generator().manual_seed(cfg.seed)
     truth = dictionary(cfg, g)
+    n_features = len(truth.kinds)
     children = (truth.parents >= 0).nonzero().squeeze(1)
     parents = truth.parents[children]
+    independent = torch.ones(n_features, dtype=torch.bool)
+    independent[children] = False
     # a child fires with its parent (probability chosen so P(parent | child) = parent_cofire), or rarely alone
     with_parent = (cfg.parent_cofire * truth.rates[children] / truth.rates[parents]).clamp(max=1)
     alone = (1 - cfg.parent_cofire) * truth.rates[children]
+    decoders = truth.decoders.flatten(1)
     xs, codes = [], []
     for start in range(0, cfg.n_tokens, chunk):
         size = min(chunk, cfg.n_tokens - start)
-        fires = torch.rand(size, len(truth.kinds), generator=g) < truth.rates
-        draw = torch.rand(size, len(children), generator=g)
-        fires[:, children] = torch.where(fires[:, parents], draw < with_parent, draw < alone)
-        code = torch.zeros(fires.shape)  # magnitudes drawn only where a feature fires (1-3 % of the entries)
-        code[fires] = torch.empty(int(fires.sum())).exponential_(generator=g)
-        xs.append(einsum(code, truth.decoders, "t f, f m d -> t m d"))
-        codes.append(code.to_sparse())
+        fires = torch.zeros(size, n_features, dtype=torch.bool)
+        token, column = _firings(size, truth.rates[independent], g)
+        fires[token, independent.nonzero().squeeze(1)[column]] = True
+        token, j = fires[:, parents].nonzero(as_tuple=True)  # the parents' firings: the child joins some
+        keep = torch.rand(len(token), generator=g) < with_parent[j]
+        fires[token[keep], children[j[keep]]] = True
+        token, j = _firings(size, alone, g)  # the child alone, where its parent is silent
+        keep = ~fires[token, parents[j]]
+        fires[token[keep], children[j[keep]]] = True
+        token, feature = fires.nonzero(as_tuple=True)
+        magnitude = torch.empty(len(token)).exponential_(generator=g)
+        code = torch.sparse_coo_tensor(
+            torch.stack([token, feature]), magnitude, (size, n_features), check_invariants=False, is_coalesced=True
+        )  # nonzero's indices: valid, sorted and distinct
+        xs.append(torch.sparse.mm(code, decoders).view(size, *truth.decoders.shape[1:]))
+        codes.append(code)
     x = torch.cat(xs)
     x += cfg.noise * x.norm(dim=-1).mean(0)[None, :, None] / cfg.d_model**0.5 * torch.randn(x.shape, generator=g)
     return Synthetic(x.float(), truth, torch.cat(codes).to_sparse_csr())

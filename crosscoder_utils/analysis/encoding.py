@@ -113,7 +113,7 @@ def encode(
         values.append(value.cpu())
         # f.T as a sparse matrix: the sums cost its firings, not batch × dict_size (a dense f.T @ x took most
         # of the pass at dict 2,000)
-        f_t = torch.sparse_coo_tensor(torch.stack([latent, token]), value, (len(f.T), len(f)))
+        f_t = torch.sparse_coo_tensor(torch.stack([latent, token]), value, (len(f.T), len(f)), check_invariants=False)
         f_x += torch.sparse.mm(f_t, x.flatten(1)).double()
         f_x_hat += torch.sparse.mm(f_t, x_hat.flatten(1)).double()
         f_squared += f.pow(2).sum(0).double()
