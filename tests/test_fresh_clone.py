@@ -24,9 +24,9 @@ SMALL = {  # notebook -> the parameters that make the demo small; everything els
     "01_collect": {"layer": 1, "n_tokens": 3000, "seq_len": 48, "seqs_per_batch": 16, "val_fraction": 0.3},
     "02_normalize": {"n_batches": 4, "tokens_per_batch": 512},
     "03_train": {"dict_size": 128, "tokens_per_step": 256, "train_tokens": 25_600, "dead_tokens": 10_000},
-    "04_analyze": {"n_eval_sequences": 8},
+    "04_analyze": {"n_eval_sequences": 8, "n_seeds": 2},
     "05_ground_truth": GROUND_TRUTH,
-    "06_compare": {},
+    "06_compare": {"n_seeds": 2},
 }
 EXAMPLE_SIZE = {  # appended to the README's examples, by notebook
     "01_collect": {"n_tokens": 3000},
@@ -102,12 +102,12 @@ def test_the_demos_reports_print_the_reading_of_their_own_numbers(demo_twice):
     for method, behaviours in found.items():
         every = sum(all(seeds) for seeds in behaviours.values())
         assert re.search(rf"{re.escape(method)} (\d+) of", line).group(1) == str(every), (method, line)
-    assert found["crosscoder"] and all(len(f) == 3 for m in ("crosscoder", "diff-SAE") for f in found[m].values())
+    assert found["crosscoder"] and all(len(f) == 2 for m in ("crosscoder", "diff-SAE") for f in found[m].values())
     summary = read_summary(root / "outputs/runs/organism-relu/analysis/summary.json")
     seeds = [value.split(",")[0] for key, value in summary.items() if key.endswith("found on seeds, F1")]
     analyze_text = outputs_text(nbformat.read(root / "outputs/04_analyze.ipynb", as_version=4))
     every = int(re.search(r"on every seed for (\d+) of (\d+) behaviours", analyze_text).group(1))
-    assert seeds and every == seeds.count("3 of 3")
+    assert seeds and every == seeds.count("2 of 2")
 
 
 def test_make_demo_saves_reports_without_progress_widgets(demo_twice):
