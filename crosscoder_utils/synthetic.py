@@ -158,8 +158,8 @@ def generate(cfg: SyntheticConfig, chunk: int = 65536) -> Synthetic:
     n_features = len(truth.kinds)
     children = (truth.parents >= 0).nonzero().squeeze(1)
     parents = truth.parents[children]
-    independent = torch.ones(n_features, dtype=torch.bool)
-    independent[children] = False
+    independent = (truth.parents < 0).nonzero().squeeze(1)
+    independent_rates = truth.rates[independent]
     # a child fires with its parent (probability chosen so P(parent | child) = parent_cofire), or rarely alone
     with_parent = (cfg.parent_cofire * truth.rates[children] / truth.rates[parents]).clamp(max=1)
     alone = (1 - cfg.parent_cofire) * truth.rates[children]
@@ -168,8 +168,8 @@ def generate(cfg: SyntheticConfig, chunk: int = 65536) -> Synthetic:
     for start in range(0, cfg.n_tokens, chunk):
         size = min(chunk, cfg.n_tokens - start)
         fires = torch.zeros(size, n_features, dtype=torch.bool)
-        token, column = _firings(size, truth.rates[independent], g)
-        fires[token, independent.nonzero().squeeze(1)[column]] = True
+        token, column = _firings(size, independent_rates, g)
+        fires[token, independent[column]] = True
         token, j = fires[:, parents].nonzero(as_tuple=True)  # the parents' firings: the child joins some
         keep = torch.rand(len(token), generator=g) < with_parent[j]
         fires[token[keep], children[j[keep]]] = True
