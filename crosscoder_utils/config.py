@@ -475,6 +475,15 @@ class AnalysisConfig(ConfigBase):
     """Held-out tokens read, the first of the val split (None: all of it): what bounds 04's, 06's and the
     dashboard's memory and time, whatever the store's size (at Gemma-2-2B's width a million tokens' firings
     and sums take a few GB)."""
+    n_patched: int = 20
+    """The first latents of the verdict's top patched and steered (``analysis.causal``; 0: none), and a quarter
+    of it (at least 1) of its base-side top."""
+    patch_documents: int = 32
+    """Held-out documents the patching runs on (the first of those read, and each patched latent's top one)."""
+    min_closed: float = 0.5
+    """A patched latent is causal when it closes this share of the KL where it fires, more than its controls."""
+    steer_tokens: int = 8
+    """Tokens each steered model generates."""
 
     def __post_init__(self):
         self.check_types()
@@ -486,3 +495,7 @@ class AnalysisConfig(ConfigBase):
             check_range(name, getattr(self, name), above=0)
         check_range("max_tokens", self.max_tokens, above=0, optional=True)
         check_range("explain_tokens", self.explain_tokens, at_least=0)
+        check_range("n_patched", self.n_patched, at_least=0)
+        check_range("patch_documents", self.patch_documents, above=0)
+        check_range("min_closed", self.min_closed, above=0, at_most=1)
+        check_range("steer_tokens", self.steer_tokens, above=0)

@@ -5,6 +5,7 @@
 - ``kinds``: the one kind rule (decoder norms, Latent Scaling, decoder cosine);
 - ``ranking``: the difference ranking, its distinct top, the findings and the verdict;
 - ``lm``: per-token KL, the difference explained, the spliced-in loss;
+- ``causal``: is a latent what changed the model? patching (the KL it closes) and steering;
 - ``explanations``: a rule for every latent with its detection F1, and phrase groups;
 - ``contexts``: contexts and activation samples of latents;
 - ``planted``: scoring against the organism's planted behaviours;
@@ -16,6 +17,18 @@ trained in), on the store's held-out ``val`` split unless said otherwise. The na
 public surface; notebooks import ``crosscoder_utils.analysis as A``.
 """
 
+from .causal import (
+    Closed,
+    LatentPatch,
+    Patching,
+    Steering,
+    causal_sentence,
+    causal_tests,
+    evidence,
+    patch,
+    steer,
+    with_causal,
+)
 from .contexts import LatentSamples, context, latent_samples
 from .encoding import Encoded, encode
 from .explanations import Explanations, PhraseGroup, explain, phrase_groups
@@ -66,6 +79,7 @@ from .ranking import (
     verdict,
 )
 from .report import (
+    PATCH_COLUMNS,
     map_labels,
     planted_rows,
     read_latents_csv,
@@ -80,6 +94,7 @@ __all__ = [
     "Analysis",
     "Answer",
     "BehaviourMatch",
+    "Closed",
     "Detection",
     "DifferenceTable",
     "EXPECTED_KINDS",
@@ -88,16 +103,22 @@ __all__ = [
     "Finding",
     "Health",
     "KINDS",
+    "LatentPatch",
     "LatentSamples",
     "LatentScaling",
+    "PATCH_COLUMNS",
+    "Patching",
     "PhraseGroup",
     "RoleReport",
     "SplicedLoss",
+    "Steering",
     "TokenDivergence",
     "TopLatents",
     "analyse",
     "answer",
     "best_latents",
+    "causal_sentence",
+    "causal_tests",
     "context",
     "decoder_cosines",
     "describe_groups",
@@ -110,6 +131,7 @@ __all__ = [
     "distinct_top",
     "divergent_tokens",
     "encode",
+    "evidence",
     "exclusive_latent_scaling",
     "explain",
     "findings",
@@ -125,6 +147,7 @@ __all__ = [
     "model_shares",
     "most_divergent",
     "pair_kinds",
+    "patch",
     "phrase_groups",
     "planted_found",
     "planted_rows",
@@ -137,8 +160,10 @@ __all__ = [
     "relative_decoder_norms",
     "role_reports",
     "spliced_loss",
+    "steer",
     "token_divergence",
     "verdict",
+    "with_causal",
     "write_latents_csv",
     "write_latents_csvs",
     "write_summary",

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from ..config import model_roles
 from ..files import read_json, write_json
+from .causal import Patching
 from .explanations import Explanations
 from .kinds import LatentScaling, exclusive_latent_scaling
 from .lm import SplicedLoss
@@ -18,12 +19,36 @@ if TYPE_CHECKING:
     from .pipeline import Analysis
 
 
+PATCH_COLUMNS = [
+    f"{name}_{side}"
+    for side in ("finetuned", "base")
+    for name in ("kl_closed_where_fires", "kl_closed", "random_directions_where_fires", "random_latents_where_fires")
+]
+"""latents.csv's patching columns (``causal.patch``): the share of the KL each side's patch closes where the latent
+fires and on all tokens, and its controls where it fires; empty for a latent not patched on that side."""
+
+
+def patch_values(patchings: list[Patching]) -> dict[int, dict[str, str]]:
+    """Latent -> its ``PATCH_COLUMNS`` values, from each side's patching."""
+    values: dict[int, dict[str, str]] = {}
+    for patching in patchings:
+        for p in patching.latents:
+            shares = (p.closed.where, p.closed.everywhere, p.random_directions.where, p.random_latents.where)
+            names = PATCH_COLUMNS[:4] if patching.model == "finetuned" else PATCH_COLUMNS[4:]
+            values.setdefault(p.latents[0], {}).update({n: f"{v:.4g}" for n, v in zip(names, shares)})
+    return values
+
+
 def write_latents_csv(
-    table: DifferenceTable, scalings: dict[str, LatentScaling], explanations: Explanations, path: str | Path
+    table: DifferenceTable,
+    scalings: dict[str, LatentScaling],
+    explanations: Explanations,
+    path: str | Path,
+    patchings: list[Patching] = (),
 ) -> None:
     """The live latents by difference_score, then the dead ones: latent, kind, frequency, relative_norm,
     decoder_cosine, difference_score, nu_error, nu_reconstruction (ν empty where not exclusive), explanation,
-    explanation_f1 (its detection F1; empty for a dead latent)."""
+    explanation_f1 (its detection F1; empty for a dead latent), and the ``PATCH_COLUMNS`` of ``patchings``."""
     nu = {}
     for scaling in scalings.values():
         for latent, error, reconstruction in zip(
@@ -34,12 +59,14 @@ def write_latents_csv(
     columns = ["latent", "kind", "frequency", "relative_norm", "decoder_cosine", "difference_score"]
     with open(path, "w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(columns + ["nu_error", "nu_reconstruction", "explanation", "explanation_f1"])
+        writer.writerow(columns + ["nu_error", "nu_reconstruction", "explanation", "explanation_f1"] + PATCH_COLUMNS)
+        patched = patch_values(patchings)
         for i in table.order.tolist() + dead:
             values = (table.frequency[i], table.relative_norm[i], table.decoder_cosine[i], table.difference_score[i])
             f1 = explanations.f1_text(i, 3)
             writer.writerow(
                 [i, table.kind[i], *(f"{float(v):.6g}" for v in values), *nu.get(i, ("", "")), explanations.text[i], f1]
+                + [patched.get(i, {}).get(name, "") for name in PATCH_COLUMNS]
             )
 
 
@@ -49,12 +76,13 @@ def read_latents_csv(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
-def write_latents_csvs(analysis: Analysis, out: Path) -> None:
-    """latents.csv (with several fine-tunes, latents_<role>.csv for each) into ``out``."""
-    for role, table in analysis.tables.items():
+def write_latents_csvs(analysis: Analysis, out: Path, patchings: list[Patching] = ()) -> None:
+    """latents.csv (with several fine-tunes, latents_<role>.csv for each) into ``out``; the first fine-tune's
+    with ``patchings`` (``causal.causal_tests``)."""
+    for index, (role, table) in enumerate(analysis.tables.items()):
         name = "latents.csv" if len(analysis.tables) == 1 else f"latents_{role}.csv"
         scalings = exclusive_latent_scaling(analysis.run.crosscoder, analysis.encoded, table)
-        write_latents_csv(table, scalings, analysis.explanations, out / name)
+        write_latents_csv(table, scalings, analysis.explanations, out / name, patchings if index == 0 else ())
 
 
 def planted_rows(analysis: Analysis, table: DifferenceTable) -> list[dict]:
@@ -95,12 +123,15 @@ def write_summary(
     genuine: dict[str, int],
     explained: dict[str, float],
     over_seeds: list | None = None,
+    patchings: list[Patching] = (),
 ) -> dict:
     """04's summary.json, written atomically at ``path`` and returned: the first fine-tune's verdict and phrase
     groups, the live latents by kind, the dictionary's health, L0 and explained variance, loss recovered,
     genuine exclusive latents, the difference the top latents reconstruct and, on the organism, each planted
     behaviour's F1 and rank, and with ``over_seeds`` (``seeds.planted_over_seeds``) on how many training seeds
-    it is found and its F1 range there."""
+    it is found and its F1 range there; with ``patchings`` (``causal.causal_tests``), the share of the KL each
+    patched latent closes where it fires against its controls, each top-k set's on all tokens, and the
+    ceilings."""
     encoded, table = analysis.encoded, first.table
     roles = model_roles(analysis.run.store.n_models)
     groups = lambda found: [{"phrase": group.phrase, "latents": group.latents} for group in found]
@@ -124,6 +155,17 @@ def write_summary(
             for b in over_seeds or []
         },
     }
+    percent = lambda value: "-" if value != value else f"{value:.1%}"
+    for patching in patchings:
+        side = f"{patching.model}'s layers on the {patching.other}'s activation"
+        for p in patching.latents + patching.sets[1:]:
+            values[f"KL closed by {p.name} ({side}): where it fires / on all tokens"] = (
+                f"{percent(p.closed.where)} / {percent(p.closed.everywhere)} (random latents"
+                f" {percent(p.random_latents.where)} / {percent(p.random_latents.everywhere)}, random directions"
+                f" {percent(p.random_directions.where)} / {percent(p.random_directions.everywhere)})"
+            )
+        values[f"KL closed by every latent ({side})"] = percent(patching.all_latents)
+        values[f"KL closed by the error term ({side})"] = percent(patching.error_term)
     write_json(path, values)
     return values
 
