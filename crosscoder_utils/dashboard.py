@@ -193,6 +193,7 @@ def build_dashboard(
     n_logits: int = 8,
     latents_per_shard: int = 256,
     tokens_per_batch: int = 4096,
+    evidence: dict[int, dict] | None = None,
 ) -> Path:
     """Write the dashboard of an analysed run (``analysis.analyse``; default ``<run_dir>/dashboard``);
     returns its folder.
@@ -201,14 +202,16 @@ def build_dashboard(
     (the first fine-tune's ``difference_table``), Latent Scaling, the planted behaviour each latent fires on
     (on the organism), and each latent's ``n_top`` top contexts and ``n_sample`` contexts drawn uniformly
     from its firings (``analysis.latent_samples``, shown by activation quantile), ``width`` tokens either
-    side (``gather``); then one index row and one page per live latent, written as data files."""
+    side (``gather``); then one index row and one page per live latent, written as data files. ``evidence``
+    (``analysis.evidence``) adds the patching and steering of the latents tested to their pages."""
     gathered = gather(analysis, n_top, n_sample, width, n_logits, tokens_per_batch)
     table, store, pair = next(iter(analysis.tables.values())), analysis.run.store, analysis.pair
     live = table.order.tolist()
     index = [index_row(analysis, gathered, latent, rank) for rank, latent in enumerate(live, start=1)]
     shards: dict[int, dict] = {}
     for row in index:
-        shards.setdefault(row["latent"] // latents_per_shard, {})[row["latent"]] = latent_page(gathered, row, live)
+        page = latent_page(gathered, row, live) | (evidence or {}).get(row["latent"], {})
+        shards.setdefault(row["latent"] // latents_per_shard, {})[row["latent"]] = page
     vocab_ids = set(gathered.token_of.values())
     for up, down in gathered.logits.values():
         vocab_ids |= set(up.indices.flatten().tolist()) | set(down.indices.flatten().tolist())

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .analysis import DifferenceTable, kind_name, random_pair_cosines, relative_decoder_norms
+from .analysis import DifferenceTable, Patching, kind_name, random_pair_cosines, relative_decoder_norms
 from .config import EXCLUSIVE_SHARE, model_roles
 from .crosscoder import CrossCoder
 from .methods import over_seeds
@@ -305,5 +305,43 @@ def method_comparison(scores: list, planted_kinds: dict[str, str], min_f1: float
         f"(colour: the lowest; framed: F1 ≥ {min_f1} on every seed; #rank)"
     )
     fig.colorbar(image, ax=ax, label="F1")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def patching(patching: Patching, path=None):
+    """Left: the share of the KL each patched latent closes where it fires, beside its two controls there.
+    Right: the share the top-k sets close on all tokens against k, with random latents and random directions,
+    and the ceilings (every latent, the error term alone)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    rows = patching.latents
+    series = {
+        "the latent": [p.closed.where for p in rows],
+        "random directions, same norms": [p.random_directions.where for p in rows],
+        "random live latents": [p.random_latents.where for p in rows],
+    }
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        positions = np.arange(len(rows)) + (i - 1) * width
+        left.bar(positions, values, width=width, label=name, color=["tab:red", "0.6", "0.8"][i])
+    left.axhline(0, color="k", lw=0.5)
+    left.set(
+        xticks=range(len(rows)),
+        xticklabels=[str(p.latents[0]) for p in rows],
+        xlabel="latent, in ranking order",
+        ylabel="share of the KL closed where it fires",
+        title=f"each latent patched into the {patching.model}'s layers on the {patching.other}'s activation",
+    )
+    left.legend(fontsize=8)
+    k = [len(p.latents) for p in patching.sets]
+    right.plot(k, [p.closed.everywhere for p in patching.sets], "o-", color="tab:red", label="top k")
+    right.plot(k, [p.random_latents.everywhere for p in patching.sets], "o-", color="0.7", label="k random latents")
+    right.plot(
+        k, [p.random_directions.everywhere for p in patching.sets], "o--", color="0.5", label="random directions"
+    )
+    right.axhline(patching.all_latents, color="k", ls="--", label="every latent")
+    right.axhline(patching.error_term, color="k", ls=":", label="the error term alone")
+    right.set(xscale="log", xlabel="k", ylabel="share of the KL closed, all tokens", title="the top-k sets")
+    right.legend(fontsize=8)
     fig.tight_layout()
     return save(fig, path)

@@ -93,6 +93,29 @@ function renderLatent(page) {
     ["promoted", "suppressed"].map(way => `<table><tr><th colspan="2">${role}: ${way}</th></tr>`
       + effect[way].map(([token, value]) => `<tr><td>${escapeHtml(VOCAB[token])}</td><td>${value.toFixed(2)}</td></tr>`).join("")
       + "</table>").join("")).join("") || "<p>the store was not collected from models: no unembedding</p>";
+  document.getElementById("causal").innerHTML = causalHtml(page);
+}
+
+// What patching and steering showed of a latent of the top (04's causal tests), where it was tested.
+function causalHtml(page) {
+  let out = "";
+  for (const [model, row] of Object.entries(page.patching || {})) {
+    out += `<h2>Patching <span class="hint">(the ${model}'s layers run on the other model's activation plus this `
+      + "latent's share of the difference: the KL it closes, against random controls)</span></h2><table class=\"stats\">"
+      + Object.entries(row).map(([k, v]) => `<tr><td>${escapeHtml(k)}</td><td>${escapeHtml(String(v))}</td></tr>`).join("")
+      + "</table>";
+  }
+  if (page.steering) {
+    out += "<h2>Steering <span class=\"hint\">(greedy continuations with α · its largest activation · its decoder "
+      + "difference added at its token, where it fired; the model then runs on its own)</span></h2>";
+    for (const s of page.steering) {
+      const rows = s.alphas.map((alpha, i) => [`${s.model}, α = ${alpha}`, s.continuations[i]])
+        .concat([[`${s.other}, its own`, s.other_continuation]]);
+      out += `<table class="steering"><tr><th colspan="2">${escapeHtml(s.prompt)}</th></tr>`
+        + rows.map(([k, v]) => `<tr><td>${escapeHtml(k)}</td><td>${escapeHtml(v)}</td></tr>`).join("") + "</table>";
+    }
+  }
+  return out;
 }
 
 function loadLatent() {
