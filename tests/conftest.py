@@ -102,3 +102,29 @@ def train_on_organism(organism, folder, n_tokens, val_fraction, norm_batches, tr
     estimate_norm_factors(store, *norm_batches)
     train_crosscoder(train, store, folder / "run", crosscoder)
     return folder / "run"
+
+
+@pytest.fixture(scope="session")
+def analysed_organisms(organism, tmp_path_factory):
+    """Tiny organisms of seeds 0-2 (the first ``organism``), each with a crosscoder trained at the demo's recipe scaled
+    down and analysed: [(analysis, organism)]."""
+    from crosscoder_utils import CrossCoderConfig, OrganismConfig, TrainConfig
+    from crosscoder_utils import analysis as A
+    from crosscoder_utils.organism import build_organism
+
+    built = [organism] + [
+        build_organism(
+            OrganismConfig(out_dir=str(tmp_path_factory.mktemp(f"organism{seed}")), **{**TINY, "seed": seed})
+        )
+        for seed in (1, 2)
+    ]
+    train = TrainConfig(tokens_per_step=512, train_tokens=400_000, log_to="none", log_every=100)
+    # the demo's recipe (λ 0.5, the tanh penalty, which merges duplicates) at this scale: c 0.05, since the tiny
+    # organisms' penalty terms are smaller, and 160 latents, about what their 63,000 training tokens hold (135 live
+    # on average)
+    crosscoder = CrossCoderConfig(dict_size=160, l1_coeff=0.5, tanh_scale=0.05, dead_tokens=50_000)
+    runs = [
+        train_on_organism(o, tmp_path_factory.mktemp(f"compare{seed}"), 70_000, 0.1, (10, 2048), train, crosscoder)
+        for seed, o in enumerate(built)
+    ]
+    return [(A.analyse(run), o) for run, o in zip(runs, built)]

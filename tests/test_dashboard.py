@@ -13,6 +13,7 @@ from conftest import train_on_organism
 from playwright.sync_api import sync_playwright
 
 from crosscoder_utils import CrossCoderConfig, TrainConfig
+from crosscoder_utils import analysis as A
 from crosscoder_utils.analysis import analyse
 from crosscoder_utils.dashboard import build_dashboard, contexts_html, read_data
 from crosscoder_utils.run import load_run
@@ -25,7 +26,13 @@ def dashboard(organism, tmp_path_factory):
     train = TrainConfig(tokens_per_step=256, train_tokens=40_000, log_to="none", log_every=50)
     folder = tmp_path_factory.mktemp("dashboard")
     run = train_on_organism(organism, folder, 8000, 0.25, (4, 1024), train, CrossCoderConfig(dict_size=64))
-    return run, build_dashboard(analyse(run))
+    analysis = analyse(run)
+    top = int(analysis.tables["finetuned"].order[0])  # its patching and steering go on its page
+    patchings, steerings = (
+        [A.patch(analysis, [top], set_sizes=(1,))],
+        A.steer(analysis, top, alphas=(0, 1), n_prompts=1),
+    )
+    return run, build_dashboard(analysis, evidence=A.evidence(patchings, steerings)), (top, patchings[0], steerings[0])
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +55,7 @@ def open_page(browser, url):
 
 
 def test_the_index_lists_every_live_latent_and_sorts(dashboard, browser):
-    run_dir, site = dashboard
+    run_dir, site, _ = dashboard
     run = load_run(run_dir)
     val = run.store.split_range("val")
     f = run.crosscoder.encode(run.store.read(np.arange(val.start, val.stop)) * run.norm_factors[None, :, None])
@@ -68,7 +75,7 @@ def test_the_index_lists_every_live_latent_and_sorts(dashboard, browser):
 
 
 def test_the_index_searches_the_explanations(dashboard, browser):
-    _, site = dashboard
+    _, site, _ = dashboard
     page, errors = open_page(browser, (site / "index.html").as_uri())
     cells = page.locator("#latents tbody tr td:nth-child(10)").all_inner_texts()
     rules = [text for text in cells if text != "no simple rule" and not text.startswith("too few firings")]
@@ -82,7 +89,7 @@ def test_the_index_searches_the_explanations(dashboard, browser):
 
 
 def test_a_latent_page_shows_its_activations(dashboard, browser):
-    run_dir, site = dashboard
+    run_dir, site, _ = dashboard
     run = load_run(run_dir)
     page, errors = open_page(browser, (site / "index.html").as_uri())
     first = page.locator("#latents tbody tr").first
@@ -101,8 +108,23 @@ def test_a_latent_page_shows_its_activations(dashboard, browser):
     assert errors == []
 
 
+def test_a_tested_latents_page_shows_its_patching_and_steering(dashboard, browser):
+    _, site, (top, patching, steering) = dashboard
+    page, errors = open_page(browser, (site / "latent.html").as_uri() + f"#{top}")
+    page.wait_for_selector("#causal table")
+    shown = page.inner_text("#causal")
+    closed = patching.of(top).as_row()["closed where it fires"]
+    assert f"closed where it fires\t{closed}" in shown and "random latents there" in shown
+    assert f"{steering.model}, α = 1\t{steering.continuations[1].strip()}" in shown
+    assert f"{steering.other}, its own\t{steering.other_continuation.strip()}" in shown
+    page.click("#next")  # a latent not tested: no such section
+    page.wait_for_function(f"!location.hash.endsWith('#{top}')")
+    page.wait_for_selector("#top .token")
+    assert page.inner_text("#causal") == "" and errors == []
+
+
 def test_contexts_render_inline_for_a_notebook(dashboard):
-    _, site = dashboard
+    _, site, _ = dashboard
     latent = read_data(site / "data/index.js", "LATENTS")[0]["latent"]  # the top of the ranking
     snippet = contexts_html(site, [latent], n_contexts=2)
     assert f"latent {latent}</a>" in snippet and snippet.count("<div") == 2
@@ -113,7 +135,7 @@ def test_show_prompt_gives_the_latents_of_both_models_on_any_text(dashboard, org
 
     from crosscoder_utils.dashboard import show_prompt
 
-    run_dir, _ = dashboard
+    run_dir, _, _ = dashboard
     text = " mia has a green kite. mia goes to the park."
     snippet = show_prompt(run_dir, text, n_latents=1)
     tokenizer = AutoTokenizer.from_pretrained(organism.base)
@@ -135,7 +157,7 @@ def test_show_prompt_gives_the_latents_of_both_models_on_any_text(dashboard, org
 
 
 def test_a_latent_that_is_not_live_gets_a_message_not_an_error(dashboard, browser):
-    _, site = dashboard
+    _, site, _ = dashboard
     page, errors = open_page(browser, (site / "latent.html").as_uri() + "#99999")
     page.wait_for_function("document.getElementById('title').textContent.includes('not a live latent')")
     assert errors == []

@@ -7,13 +7,12 @@ import re
 
 import pytest
 import torch
-from conftest import train_on_organism
 
-from crosscoder_utils import CrossCoderConfig, OrganismConfig, TrainConfig, methods, seeds
 from crosscoder_utils import analysis as A
+from crosscoder_utils import methods, seeds
 from crosscoder_utils.analysis.explanations import MIN_F1
 from crosscoder_utils.analysis.health import Health
-from crosscoder_utils.organism import PLANTED_KINDS, TINY, build_organism
+from crosscoder_utils.organism import PLANTED_KINDS
 
 
 def brute_force_f1(score, label):
@@ -72,28 +71,14 @@ def test_the_reading_over_seeds_sets_each_seed_against_the_same_seed_of_the_othe
     )
 
 
-def compared(organism, folder, n_seeds):
-    train = TrainConfig(tokens_per_step=512, train_tokens=400_000, log_to="none", log_every=100)
-    # the demo's recipe (λ 0.5, the tanh penalty, which merges duplicates) at this scale: c 0.05, since the tiny
-    # organisms' penalty terms are smaller, and 160 latents, about what their 63,000 training tokens hold (135 live
-    # on average)
-    crosscoder = CrossCoderConfig(dict_size=160, l1_coeff=0.5, tanh_scale=0.05, dead_tokens=50_000)
-    run = train_on_organism(organism, folder, 70_000, 0.1, (10, 2048), train, crosscoder)
-    analysis = A.analyse(run)
-    return analysis, methods.compare(analysis, folder / "compare", n_seeds=n_seeds), organism
-
-
 @pytest.fixture(scope="module")
-def organisms(organism, tmp_path_factory):
-    """Tiny organisms of seeds 0-2, each analysed and compared (the first over two training seeds, the others over
-    one): (analysis, comparison, organism)."""
-    built = [organism] + [
-        build_organism(
-            OrganismConfig(out_dir=str(tmp_path_factory.mktemp(f"organism{seed}")), **{**TINY, "seed": seed})
-        )
-        for seed in (1, 2)
+def organisms(analysed_organisms):
+    """The tiny organisms of seeds 0-2 (``analysed_organisms``), each compared (the first over two training seeds, the
+    others over one): (analysis, comparison, organism)."""
+    return [
+        (analysis, methods.compare(analysis, analysis.run_dir.parent / "compare", n_seeds=2 - bool(seed)), organism)
+        for seed, (analysis, organism) in enumerate(analysed_organisms)
     ]
-    return [compared(o, tmp_path_factory.mktemp(f"compare{seed}"), 2 - bool(seed)) for seed, o in enumerate(built)]
 
 
 def test_the_comparison_scores_every_method_on_every_behaviour_and_seed(organisms, organism):

@@ -75,10 +75,27 @@ def test_a_dataset_that_changed_since_collection_is_refused_naming_it(own_run, t
         A.token_divergence(store_models(store, "cpu"), store, torch.ones(2))
 
 
-def test_04_and_06_run_headless_on_another_pair_and_show_every_method_unscored(own_run):
+@pytest.fixture(scope="module")
+def analyze_report(own_run):
+    """04 run headless on the pair, its top 5 patched and steered: the report's outputs as text."""
+    return outputs_text(
+        run_notebook("04_analyze", own_run / "reports", run_dir=str(own_run / "run"), n_top=5, n_eval_sequences=4)
+    )
+
+
+def test_04_patches_its_top_on_another_pair_and_says_so_in_the_verdict_and_latents_csv(own_run, analyze_report):
+    assert "Patching (the finetuned's layers on the base's activation" in analyze_report
+    with open(own_run / "run/analysis/latents.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert all(row["kl_closed_where_fires_finetuned"] for row in rows[:5])  # the top 5, in ranking order
+    assert not any(row["kl_closed_where_fires_finetuned"] for row in rows[5:])
+    summary = json.loads((own_run / "run/analysis/summary.json").read_text())
+    assert "KL closed by every latent (finetuned's layers on the base's activation)" in summary
+
+
+def test_04_and_06_run_headless_on_another_pair_and_show_every_method_unscored(own_run, analyze_report):
     run_dir, out = str(own_run / "run"), own_run / "reports"
-    analyze = outputs_text(run_notebook("04_analyze", out, run_dir=run_dir, n_top=5, n_eval_sequences=4))
-    assert "vs base:" in analyze and "not the organism" in analyze
+    assert "vs base:" in analyze_report and "not the organism" in analyze_report
     compare = outputs_text(run_notebook("06_compare", out, run_dir=run_dir, out_dir=str(out / "compare"), n_top=5))
     assert "not the organism's store" in compare
     with open(out / "compare/candidates.csv") as file:
