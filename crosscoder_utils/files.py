@@ -89,17 +89,26 @@ def take_lock(lock: Path) -> None:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            holder = int(lock.read_text() or 0)
-            if holder not in (0, os.getpid()) and alive(holder):
-                raise RuntimeError(
-                    f"{lock.parent} is being written by process {holder} (lock file {lock}); wait for it to "
-                    "finish, or delete the lock file if that process no longer writes there"
-                ) from None
+            refuse_if_held(lock)
             lock.unlink(missing_ok=True)
             continue
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
         return
+
+
+def refuse_if_held(lock: Path) -> None:
+    """Refuse when another live process holds ``lock``; take nothing (a call that may still be refused for
+    another reason checks this, so that it leaves the lock as it found it)."""
+    try:
+        holder = int(lock.read_text() or 0)
+    except FileNotFoundError:
+        return
+    if holder not in (0, os.getpid()) and alive(holder):
+        raise RuntimeError(
+            f"{lock.parent} is being written by process {holder} (lock file {lock}); wait for it to "
+            "finish, or delete the lock file if that process no longer writes there"
+        )
 
 
 def alive(pid: int) -> bool:

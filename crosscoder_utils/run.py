@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from . import distributed
 from .config import CrossCoderConfig, TrainConfig, explained_variance_metric, model_roles
 from .crosscoder import CrossCoder, finite
-from .files import check_same_settings, portable, read_json, resolve, take_lock, write_json
+from .files import check_same_settings, portable, read_json, refuse_if_held, resolve, take_lock, write_json
 from .models import resolve_device
 from .normalize import load_norm_factors
 from .source import ModelSource
@@ -109,8 +109,7 @@ def prepare_run(
 ) -> tuple[CrossCoderConfig, dict]:
     """Fill the crosscoder's shape from the source and check the run against it and ``run_dir`` before
     anything is written: returns the config and the identity run.json records (``write_run``)."""
-    if (run_dir / "train.lock").exists():
-        take_lock(run_dir / "train.lock")  # refused while another process trains this run
+    refuse_if_held(run_dir / "train.lock")  # another process trains this run; taken once every check has passed
     for name in ("d_model", "n_models"):
         given = getattr(cc_cfg, name)
         if given is not None and given != store.meta[name]:

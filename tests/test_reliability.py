@@ -387,6 +387,21 @@ def test_a_second_trainer_of_an_unfinished_run_is_refused_naming_the_first(store
         train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 20 * 256}, resume=True), store, tmp_path / "run", CC)
 
 
+def test_a_refused_resume_of_a_dead_run_leaves_its_lock_as_it_was(store, tmp_path):
+    cfg = {**CFG, "train_tokens": 20 * 256}
+    train_crosscoder(TrainConfig(**cfg), store, tmp_path / "run", CC)
+    (tmp_path / "run/crosscoder.safetensors").unlink()  # unfinished: killed after its checkpoint
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])  # the run's trainer, gone since
+    gone.wait()
+    (tmp_path / "run/train.lock").write_text(str(gone.pid))
+    before = tree(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"differing: \['train.lr'\]"):
+        train_crosscoder(TrainConfig(**cfg, resume=True, lr=1e-3), store, tmp_path / "run", CC)
+    assert tree(tmp_path / "run") == before  # the dead run's lock, not this process's: another may resume it
+    train_crosscoder(TrainConfig(**cfg, resume=True), store, tmp_path / "run", CC)
+    assert not (tmp_path / "run/train.lock").exists()
+
+
 def test_an_owner_name_whose_owner_is_a_local_folder_is_not_sent_to_the_hub(make_model, tmp_path, monkeypatch):
     from crosscoder_utils import load_model_pair
 
