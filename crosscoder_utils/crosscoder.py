@@ -348,6 +348,29 @@ class CrossCoder(nn.Module):
         )
         self.cfg.save(directory / "cfg.json")
 
+    def _check_cfg(self, directory: Path) -> None:
+        """Refuse a cfg.json that does not describe the weights loaded (edited by hand, or another run's), naming
+        the field: the variant against the BatchTopK threshold (set only by batchtopk training), the dedicated
+        latents against the decoder rows of exactly zero (only theirs, in the other models), the designated shared
+        latents against the decoder rows equal in every model (in normalised units)."""
+        cfg, W = self.cfg, self.W_dec.detach() * self.norm_factors[None, :, None]
+        mismatch = lambda field, found: ValueError(
+            f"{directory / 'cfg.json'} does not match {directory / 'crosscoder.safetensors'}: {field} is "
+            f"{getattr(cfg, field)!r} there, but the weights {found}; restore cfg.json (or load the run it came from)"
+        )
+        learnt = bool(self.threshold >= 0)
+        if learnt != (cfg.variant == "batchtopk"):
+            raise mismatch("variant", "hold a BatchTopK threshold" if learnt else "hold no BatchTopK threshold")
+        zero = (W == 0).all(-1)  # [latent, model]
+        if not torch.equal(zero, self.decoder_mask[..., 0] == 0):
+            owned = int((zero.sum(1) == cfg.n_models - 1).sum()) // cfg.n_models
+            raise mismatch("n_dedicated", f"have {owned} latents per model whose decoder is zero in every other model")
+        tied = torch.isclose(W, W[:, :1], rtol=1e-5, atol=0).all(-1).all(-1) & ~zero.any(1)
+        if cfg.n_models > 1 and not torch.equal(tied, self.tied):
+            raise mismatch(
+                "n_shared_latents", f"have {int(tied.sum())} latents with one decoder vector for every model"
+            )
+
     @classmethod
     def load(cls, directory_or_hub_id: str | Path, device: str = "cpu") -> "CrossCoder":
         """Read what ``save`` wrote, from a local directory or a Hub model repository (see
@@ -371,6 +394,7 @@ class CrossCoder(nn.Module):
             ) from error
         if not finite(weights):
             raise ValueError(f"{directory / 'crosscoder.safetensors'} holds non-finite weights (NaN or inf)")
+        model._check_cfg(directory)
         card = directory / "README.md"
         if card.exists():
             model.provenance = yaml.safe_load(card.read_text().split("---\n", 2)[1]).get("crosscoder")

@@ -402,6 +402,30 @@ def test_a_refused_resume_of_a_dead_run_leaves_its_lock_as_it_was(store, tmp_pat
     assert not (tmp_path / "run/train.lock").exists()
 
 
+@pytest.mark.parametrize(
+    "trained, edited, field",
+    [
+        ({"n_dedicated": 3}, {"n_dedicated": 0}, "n_dedicated is 0 there, but the weights have 3 latents per model"),
+        ({}, {"n_dedicated": 3}, "n_dedicated is 3 there, but the weights have 0 latents per model"),
+        ({"n_shared_latents": 4}, {"n_shared_latents": 2}, "n_shared_latents is 2 there, but the weights have 4"),
+        ({}, {"variant": "batchtopk"}, "variant is 'batchtopk' there, but the weights hold no BatchTopK threshold"),
+        ({"variant": "batchtopk"}, {"variant": "relu"}, "variant is 'relu' there, but the weights hold a BatchTopK"),
+    ],
+)
+def test_a_cfg_json_that_does_not_match_the_weights_is_refused_naming_the_field(tmp_path, trained, edited, field):
+    from crosscoder_utils import CrossCoder
+
+    torch.manual_seed(0)
+    cc = CrossCoder(CrossCoderConfig(d_model=8, n_models=2, dict_size=32, k=4, **trained)).train()
+    cc.encode(torch.randn(64, 2, 8))  # a batchtopk crosscoder learns its inference threshold in training
+    cc.fold_norm_factors(torch.tensor([2.0, 0.5])).save(tmp_path)  # an export, in raw units
+    CrossCoder.load(tmp_path)  # as saved: read
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, **edited}))
+    with pytest.raises(ValueError, match=re.escape(field)):
+        CrossCoder.load(tmp_path)
+
+
 def test_an_owner_name_whose_owner_is_a_local_folder_is_not_sent_to_the_hub(make_model, tmp_path, monkeypatch):
     from crosscoder_utils import load_model_pair
 
