@@ -73,6 +73,58 @@ def test_a_corrupt_shard_is_caught_by_its_checksum(store):
     assert tree(store.path) == before
 
 
+def edit_shard(store, shard: str, edit) -> None:
+    """Shard ``shard``'s data file written again with ``edit`` (table -> table) applied, as a hand or a tool would."""
+    data = next(Path(store.path, "shards", shard).glob("*.arrow"))
+    table = edit(pa.ipc.open_stream(pa.py_buffer(data.read_bytes())).read_all())
+    with pa.OSFile(str(data), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def edit_meta(store, edit) -> None:
+    meta = json.loads(Path(store.path, "meta.json").read_text())
+    edit(meta)
+    Path(store.path, "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_meta_json_dtype_that_is_not_the_shards_is_refused_on_opening_naming_the_shard(store):
+    edit_meta(store, lambda meta: meta.update(dtype="float16"))
+    with pytest.raises(ValueError, match=r"shard shard_00000 of .* holds float values, but meta.json's dtype float16"):
+        ActivationStore(store.path)
+
+
+def test_a_row_count_raised_in_meta_json_and_the_shard_is_refused_on_opening_naming_the_shard(store):
+    def raise_count(meta):
+        meta["shards"][3][1] += 10
+        meta["n_tokens"] += 10
+
+    edit_meta(store, raise_count)
+    with pytest.raises(ValueError, match=r"shard shard_00003 of .* holds 1000 rows, but meta.json lists 1010"):
+        ActivationStore(store.path, verify=True)
+
+
+def test_two_shards_swapped_by_name_are_refused_at_their_first_read(store):
+    shards = Path(store.path, "shards")
+    os.rename(shards / "shard_00001", shards / "swap")
+    os.rename(shards / "shard_00002", shards / "shard_00001")
+    os.rename(shards / "swap", shards / "shard_00002")
+    swapped = ActivationStore(store.path)  # of equal size: their headers agree with meta.json
+    with pytest.raises(ValueError, match=r"shard shard_00001 of .* is corrupt .*another shard's files under its name"):
+        swapped.read(np.arange(1000, 1010))
+
+
+def test_a_fresh_run_on_a_shard_with_corrupted_positions_is_refused_naming_it(store, tmp_path):
+    def corrupt(table):  # 64 bytes: 16 int32 positions
+        pos = table.column("pos").to_numpy().copy()
+        pos[:16] += 7
+        return table.set_column(table.schema.get_field_index("pos"), "pos", pa.array(pos))
+
+    edit_shard(store, "shard_00002", corrupt)
+    with pytest.raises(ValueError, match=r"shard shard_00002 of the store at .* is corrupt"):
+        train_crosscoder(TrainConfig(**CFG), ActivationStore(store.path), tmp_path / "run", CC)
+    assert not (tmp_path / "run/crosscoder.safetensors").exists()
+
+
 @pytest.mark.parametrize("factors", [[float("nan"), 1.0], [0.0, 1.0], [-1.0, 1.0], [1.0]])
 def test_bad_norm_factors_are_refused_naming_norm_json(store, tmp_path, factors):
     store.write_json("norm.json", {"norm_factors": factors})

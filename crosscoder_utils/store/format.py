@@ -24,8 +24,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 from datasets.filesystems import is_remote_filesystem
-from datasets.table import InMemoryTable, MemoryMappedTable
 from einops import rearrange
+
+STORAGE_TYPES = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.int16()}
+"""The arrow type each activation dtype is stored as."""
 
 
 def to_storage(activations: torch.Tensor, dtype: str) -> np.ndarray:
@@ -61,30 +63,29 @@ def data_files(fs: fsspec.AbstractFileSystem, directory: str) -> list[str]:
     return [f"{directory}/{f['filename']}" for f in json.loads(fs.cat_file(f"{directory}/state.json"))["_data_files"]]
 
 
-def open_shard(fs: fsspec.AbstractFileSystem, directory: str) -> pa.Table:
-    """The table of a shard written by ``save_to_disk``: memory-mapped when local, downloaded when remote."""
+def shard_buffers(fs: fsspec.AbstractFileSystem, directory: str) -> list[pa.Buffer]:
+    """The data files of a shard written by ``save_to_disk``: memory-mapped when local, downloaded when remote."""
     files = data_files(fs, directory)
     if is_remote_filesystem(fs):
-        tables = [InMemoryTable.from_buffer(pa.py_buffer(fs.cat_file(f))) for f in files]
-    else:
-        tables = [MemoryMappedTable.from_file(f) for f in files]
-    return pa.concat_tables([t.table for t in tables])
+        return [pa.py_buffer(fs.cat_file(f)) for f in files]
+    return [pa.memory_map(f).read_buffer() for f in files]
 
 
-def shard_checksum(fs: fsspec.AbstractFileSystem, directory: str) -> str:
-    """sha256 over the data files of a shard, in order."""
+def open_shard(buffers: list[pa.Buffer]) -> pa.Table:
+    """The table of a shard's data files (``shard_buffers``), zero-copy."""
+    return pa.concat_tables([pa.ipc.open_stream(buffer).read_all() for buffer in buffers])
+
+
+def checksum(buffers: list[pa.Buffer]) -> str:
+    """sha256 over a shard's data files (``shard_buffers``), in order."""
     digest = hashlib.sha256()
-    for path in data_files(fs, directory):
-        with fs.open(path, "rb") as file:
-            while chunk := file.read(1 << 24):
-                digest.update(chunk)
+    for buffer in buffers:
+        digest.update(memoryview(buffer))
     return digest.hexdigest()
 
 
 def shard_rows(directory: Path) -> list[list]:
     """[[name, n_rows, sha256], ...] of the complete shards under a local ``directory``, in order."""
     fs = fsspec.filesystem("file")
-    return [
-        [shard.name, open_shard(fs, str(shard)).num_rows, shard_checksum(fs, str(shard))]
-        for shard in sorted(directory.glob("shard_*"))
-    ]
+    shards = [(shard.name, shard_buffers(fs, str(shard))) for shard in sorted(directory.glob("shard_*"))]
+    return [[name, open_shard(buffers).num_rows, checksum(buffers)] for name, buffers in shards]

@@ -16,7 +16,7 @@ from datasets.filesystems import is_remote_filesystem
 
 from ..files import parse_json, write_json
 from ..notebook import progress
-from .format import from_storage, open_shard, shard_checksum
+from .format import STORAGE_TYPES, checksum, from_storage, open_shard, shard_buffers
 from .rows import groups, index_batches, rank_share
 from .writer import write_arrays
 
@@ -43,7 +43,10 @@ class ActivationStore:
     val_fraction, per-model ``mean`` [n_models][d_model] and ``mean_norm`` [n_models], settings,
     shards ([name, n_rows, sha256] of each).
 
-    ``verify=True`` checks every shard against its checksum on opening (``verify``), which reads the whole store.
+    Opening a local store checks each shard's header (its activations' storage type and width, its row count)
+    against meta.json; each shard's first read checks its data files against their sha256 in meta.json (bytes the
+    read pulls in anyway: bench/RESULTS.md, "Shard checks"). ``verify=True`` checks every shard's checksum on
+    opening (``verify``), which reads the whole store.
     """
 
     def __init__(self, path: str | Path, window_rows: int = 2**16, verify: bool = False):
@@ -76,17 +79,62 @@ class ActivationStore:
         self.pending: dict[int, Future] = {}
         """Shards being downloaded in the background (remote stores)."""
         self.downloads = ThreadPoolExecutor(4, thread_name_prefix="store-download")
+        self.checked: set[int] = set()
+        """Shards whose data files matched their checksum (each shard's first read checks it)."""
+        if not self.remote:  # a remote shard's header would cost its download: checked when it is read
+            for s in range(len(names)):
+                self.check_header(s, self.open(s)[0])
         if verify:
             self.verify()
 
     def verify(self) -> None:
-        """Check every shard's data files against the sha256 that meta.json records for it."""
-        for name, checksum in zip(progress(self.shard_names, desc="verifying shards"), self.checksums):
-            if shard_checksum(self.fs, f"{self.root}/shards/{name}") != checksum:
-                raise ValueError(
-                    f"shard {name} of the store at {self.path} is corrupt (its sha256 differs from meta.json's); "
-                    "collect or copy the store again"
-                )
+        """Check every shard's data files against the sha256 that meta.json records for it, now (those read
+        before too: a file may have changed since)."""
+        self.checked.clear()
+        for s in progress(range(len(self.shard_names)), desc="verifying shards"):
+            self.check_checksum(s, self.open(s)[1])
+
+    def open(self, s: int) -> tuple:
+        """Shard ``s``'s table and data files (``format.shard_buffers``), or an error naming it."""
+        name = self.shard_names[s]
+        try:
+            buffers = shard_buffers(self.fs, f"{self.root}/shards/{name}")
+            return open_shard(buffers), buffers
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"shard {name} of the store at {self.path} is missing") from error
+        except (OSError, ValueError) as error:  # pyarrow's errors on a truncated or damaged file
+            raise ValueError(
+                f"shard {name} of the store at {self.path} cannot be read ({error}); collect or copy the store again"
+            ) from error
+
+    def check_header(self, s: int, table) -> None:
+        """Refuse shard ``s`` when its activations' storage type or width or its row count is not meta.json's."""
+        acts, dtype = table.schema.field("acts").type, self.meta["dtype"]
+        found = []
+        if acts.list_size != self.n_models * self.d_model:
+            found.append(
+                f"rows of {acts.list_size} values, but meta.json says n_models {self.n_models} × d_model {self.d_model}"
+            )
+        if acts.value_type != STORAGE_TYPES[dtype]:
+            found.append(f"{acts.value_type} values, but meta.json's dtype {dtype} is stored as {STORAGE_TYPES[dtype]}")
+        if table.num_rows != self.shard_sizes[s]:
+            found.append(f"{table.num_rows} rows, but meta.json lists {self.shard_sizes[s]}")
+        if found:
+            raise ValueError(
+                f"shard {self.shard_names[s]} of the store at {self.path} holds {'; '.join(found)}: meta.json or the "
+                "shard is damaged; collect or copy the store again"
+            )
+
+    def check_checksum(self, s: int, buffers) -> None:
+        """Refuse shard ``s`` when its data files' sha256 is not the one meta.json records (once per shard)."""
+        if s in self.checked:
+            return
+        if checksum(buffers) != self.checksums[s]:
+            raise ValueError(
+                f"shard {self.shard_names[s]} of the store at {self.path} is corrupt (its sha256 differs from "
+                "meta.json's: damaged, or another shard's files under its name); collect or copy the store again"
+            )
+        self.checked.add(s)
 
     @classmethod
     def from_arrays(cls, path: str | Path, activations, token_ids=None, **options) -> "ActivationStore":
@@ -110,22 +158,11 @@ class ActivationStore:
             write_json(Path(self.root) / name, value)
 
     def load_shard(self, s: int) -> Shard:
-        """Shard ``s`` read (locally: memory-mapped) or downloaded (remote)."""
-        try:
-            table = open_shard(self.fs, f"{self.root}/shards/{self.shard_names[s]}")
-        except FileNotFoundError as error:
-            raise FileNotFoundError(f"shard {self.shard_names[s]} of the store at {self.path} is missing") from error
-        except (OSError, ValueError) as error:  # pyarrow's errors on a truncated or damaged file
-            raise ValueError(
-                f"shard {self.shard_names[s]} of the store at {self.path} cannot be read ({error}); "
-                "collect or copy the store again"
-            ) from error
-        width = table.schema.field("acts").type.list_size
-        if width != self.n_models * self.d_model:
-            raise ValueError(
-                f"shard {self.shard_names[s]} of the store at {self.path} holds rows of {width} values, but meta.json "
-                f"says n_models {self.n_models} × d_model {self.d_model}: meta.json or the shard is damaged"
-            )
+        """Shard ``s`` read (locally: memory-mapped) or downloaded (remote), its header and, on its first read, its
+        checksum checked."""
+        table, buffers = self.open(s)
+        self.check_header(s, table)
+        self.check_checksum(s, buffers)
         batches = table.to_batches()
         columns = {
             name: [
