@@ -17,7 +17,7 @@ from nnsight import NNsight
 
 from . import distributed
 from .config import CollectConfig
-from .files import differing_keys, fingerprint
+from .files import differing_keys, fingerprint, read_json
 from .models import PROBE_TEXT, ModelPair, load_model_pair, local_or_hub, resolve_site
 from .notebook import progress
 from .store import ActivationStore, StoreWriter, local_path
@@ -43,8 +43,11 @@ def load_texts(dataset: str | list, split: str, text_column: str, tokenizer) -> 
     """
     if isinstance(dataset, (list, tuple)):
         return list(dataset)
-    path = Path(local_or_hub(dataset))
+    path = Path(local_or_hub(dataset, "dataset"))
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        saved = path / split if (path / "dataset_dict.json").exists() else path
+        if (saved / "state.json").exists() and not read_json(saved / "state.json")["_data_files"]:
+            return []  # saved with no rows: datasets cannot load it back (an IndexError inside it)
         data = datasets.load_from_disk(str(path))
         data = data[split] if isinstance(data, datasets.DatasetDict) else data
     else:
@@ -240,7 +243,7 @@ def input_identity(cfg: CollectConfig, pair: ModelPair) -> dict:
             fingerprint(source) if isinstance(source, Path) else {"commit": getattr(model.config, "_commit_hash", None)}
         )
     if isinstance(cfg.dataset, str):
-        source = local_or_hub(cfg.dataset)
+        source = local_or_hub(cfg.dataset, "dataset")
         identity["dataset"] = fingerprint(source) if isinstance(source, Path) else {"id": source, "split": cfg.split}
     else:
         identity["dataset"] = {"texts": hashlib.sha256("\0".join(cfg.dataset).encode()).hexdigest()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -115,13 +116,14 @@ class Site(NamedTuple):
     """Read the module's input (``resid_pre``) rather than its output."""
 
 
-def local_or_hub(name: str | Path) -> str | Path:
+def local_or_hub(name: str | Path, repo_type: str = "model") -> str | Path:
     """Where ``name`` is read from: a local Path, or the name itself as a Hub id.
 
     A Path, a name that exists on disk, or one that looks like a path (starts with ``.``, ``/`` or ``~``, or
     holds more than one ``/``) is local, and a missing one raises FileNotFoundError here: sent to the Hub it
     would cost retries and end in an error about an invalid repository id. Only ``owner/name`` or a bare
-    ``name`` that is not on disk is a Hub id."""
+    ``name`` that is not on disk is a Hub id, and when the Hub cannot be reached (``hub_unreachable``) only one
+    in the local Hub cache (of ``repo_type``) is: any other is refused at once, naming it."""
     path = Path(name).expanduser()
     if path.exists():
         return path
@@ -132,7 +134,42 @@ def local_or_hub(name: str | Path) -> str | Path:
         raise FileNotFoundError(
             f"no such directory: {text} (its folder {text.split('/')[0]}/ is here; not sent to the Hub)"
         )
+    why = hub_unreachable()
+    if why and not in_hub_cache(text, repo_type):
+        raise FileNotFoundError(
+            f"{text} is neither a local directory (there is none at {path.resolve()}) nor a Hub {repo_type} this "
+            f"machine can reach ({why}), and the Hub cache does not hold it: give the directory's path, or reach "
+            "the Hub"
+        )
     return text
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached from this process (offline mode, or no answer from its endpoint within 5 s),
+    or None; asked once per process."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)
+    except Exception as error:  # whatever the HTTP client raises: a name, a connection or a timeout failure
+        return f"{constants.ENDPOINT} does not answer: {error}"
+    return None
+
+
+def in_hub_cache(repo_id: str, repo_type: str) -> bool:
+    """Whether the local Hub cache holds a snapshot of ``repo_id`` (what an offline load would read)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot_download(repo_id, repo_type=repo_type, local_files_only=True)
+    except (LocalEntryNotFoundError, ValueError):
+        return False
+    return True
 
 
 def resolve_device(device: str) -> str:

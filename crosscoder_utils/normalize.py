@@ -22,9 +22,17 @@ def estimate_norm_factors(
     check_range("n_batches", n_batches, above=0)
     check_range("tokens_per_batch", tokens_per_batch, above=0)
     norms = []
-    batches = store.batches(min(tokens_per_batch, len(store.split_range("train"))), seed=seed)
-    for batch, _ in zip(batches, progress(range(n_batches), desc="norm factors")):
-        norms.append(batch.norm(dim=-1).mean(0))
+    batches = store.batch_rows(min(tokens_per_batch, len(store.split_range("train"))), seed=seed)
+    for rows, _ in zip(batches, progress(range(n_batches), desc="norm factors")):
+        norms.append(store.read(rows).norm(dim=-1).mean(0))
+        if not torch.isfinite(norms[-1]).all():  # estimating again would read the same rows: name the first
+            row = store.first_nonfinite(rows)
+            raise ValueError(
+                f"the store holds a value that is not finite (NaN or inf) at {store.locate(row)}: no norm factors "
+                "can be estimated from it. The writer refuses such values, so the shard changed after it was "
+                "written: ActivationStore(path, verify=True) names the shards that no longer match their "
+                "checksums; collect the store again"
+            )
     factors = factors_from_norms(
         torch.stack(norms).mean(0), store.d_model, f"the norm factors estimated from {store.path}"
     )

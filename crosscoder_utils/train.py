@@ -87,12 +87,6 @@ def step_rows(store: ActivationStore, cfg: TrainConfig, step: int, process: tupl
     return next(store.batch_rows(cfg.tokens_per_step, cfg.seed + epoch, start_batch=first, process=process))
 
 
-def nonfinite_row(store: ActivationStore, rows: np.ndarray) -> int | None:
-    """The first of the store's ``rows`` holding a value that is not finite, else None."""
-    bad = ~torch.isfinite(store.read(rows)).flatten(1).all(1)
-    return int(rows[bad.nonzero()[0, 0]]) if bad.any() else None
-
-
 def not_finite_in_store(store: ActivationStore, row: int, what: str) -> FloatingPointError:
     return FloatingPointError(
         f"{what} holds a value that is not finite, at {store.locate(row)}; nothing was exported. The store"
@@ -109,7 +103,7 @@ def refuse_nonfinite(first_bad: torch.Tensor, source, cfg: TrainConfig, run_dir:
         return
     process = (distributed.rank(), distributed.world_size())
     from_store = isinstance(source, ActivationStore)
-    row = nonfinite_row(source, step_rows(source, cfg, step, process)) if from_store else None
+    row = source.first_nonfinite(step_rows(source, cfg, step, process)) if from_store else None
     if row is None:
         raise FloatingPointError(diverged(run_dir, step + 1, "the loss is not finite"))
     raise not_finite_in_store(source, row, f"the training batch of step {step + 1}")
@@ -268,7 +262,7 @@ def initial_crosscoder(
         sample = source.sample(n_rows, seed=cfg.seed)
         if isinstance(source, ActivationStore) and not torch.isfinite(sample).all():
             rows = source.sample_rows(n_rows, seed=cfg.seed)
-            raise not_finite_in_store(source, nonfinite_row(source, rows), "the sample of the data init")
+            raise not_finite_in_store(source, source.first_nonfinite(rows), "the sample of the data init")
         data_init(crosscoder, (sample * factors[None, :, None]).to(device))
     crosscoder.sparse_path = use_sparse_path(crosscoder, cfg, cfg.tokens_per_step // distributed.world_size(), device)
     return crosscoder

@@ -205,6 +205,14 @@ def test_a_non_finite_row_written_after_the_store_was_checked_stops_the_run_at_i
     assert (tmp_path / "before/crosscoder.safetensors").exists()  # the steps before it are finite
 
 
+def test_norm_factors_of_a_store_with_a_non_finite_row_are_refused_naming_the_row(store):
+    poison(store, 1234)  # after the fixture's store read and checked every shard
+    before = tree(store.path)
+    with pytest.raises(ValueError, match=r"not finite .* row 1234 .*shard_00001, row 234 in it.*collect the store"):
+        estimate_norm_factors(store, n_batches=1, tokens_per_batch=3800)  # every training row
+    assert tree(store.path) == before  # norm.json kept
+
+
 def test_a_non_finite_row_in_the_data_init_sample_is_refused_naming_it(store, tmp_path):
     poison(store, 1234)  # the fixture's 3,800 training rows are all in the sample of 64 + 4,096
     with pytest.raises(FloatingPointError, match=r"sample of the data init holds .* row 1234 .*shard_00001"):

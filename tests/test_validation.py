@@ -7,15 +7,16 @@ import shutil
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 import transformers
 from tokenizers import models, normalizers
 from transformers.models.clvp.tokenization_clvp import ClvpTokenizer
 
-from crosscoder_utils import CrossCoder, load_model_pair
+from crosscoder_utils import CrossCoder, collect_activations, load_model_pair
 from crosscoder_utils.collect import load_texts
 from crosscoder_utils.config import CollectConfig, CrossCoderConfig, OrganismConfig, TrainConfig
-from crosscoder_utils.models import check_same_tokenizer, local_or_hub
+from crosscoder_utils.models import check_same_tokenizer, hub_unreachable, local_or_hub
 from crosscoder_utils.organism import TINY
 from crosscoder_utils.synthetic import PRESETS, SyntheticConfig, preset
 
@@ -100,15 +101,61 @@ def test_defaults_presets_and_none_for_automatic_values_are_valid():
     assert CrossCoderConfig.from_dict(filled.to_dict()) == filled and auto.aux_coeff == 0.0
 
 
-def test_hub_ids_and_local_paths_are_told_apart(tmp_path, monkeypatch):
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """The Hub unreachable (offline mode), with an empty Hub cache of the test's own: returns the cache."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    hub_unreachable.cache_clear()
+    yield Path(constants.HF_HUB_CACHE)
+    hub_unreachable.cache_clear()
+
+
+def cache_snapshot(cache: Path, repo_id: str, repo_type: str = "model") -> None:
+    """What a download leaves in the Hub cache: a snapshot of one commit, which refs/main names."""
+    folder = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    (folder / "snapshots/0a1b2c3d").mkdir(parents=True)
+    (folder / "snapshots/0a1b2c3d/config.json").write_text("{}")
+    (folder / "refs").mkdir()
+    (folder / "refs/main").write_text("0a1b2c3d")
+
+
+def test_hub_ids_and_local_paths_are_told_apart(tmp_path, monkeypatch, offline):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs/relu").mkdir(parents=True)
-    assert local_or_hub("owner/name") == "owner/name" and local_or_hub("gpt2") == "gpt2"
+    cache_snapshot(offline, "owner/name")
+    cache_snapshot(offline, "gpt2")
+    assert local_or_hub("owner/name") == "owner/name" and local_or_hub("gpt2") == "gpt2"  # cached: read offline
     assert local_or_hub("runs/relu") == Path("runs/relu")  # shaped like owner/name, but on disk: local
     assert local_or_hub(tmp_path / "runs") == tmp_path / "runs"
     for name in ("./missing", "../missing", "/no/such/dir", "~/no-such-dir-here", "a/b/c", Path("missing")):
         with pytest.raises(FileNotFoundError, match=re.escape(f"no such directory: {name}")):
             local_or_hub(name)
+
+
+def test_a_missing_relative_path_is_refused_at_once_when_the_hub_cannot_be_reached(make_model, offline, tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"nope/base is neither a local directory .*nor a Hub model this"):
+        load_model_pair("nope/base", make_model())
+    with pytest.raises(FileNotFoundError, match=r"nope/corpus is neither a local directory .*nor a Hub dataset"):
+        load_texts("nope/corpus", "train", "text", tokenizer=None)
+    assert time.perf_counter() - start < 1  # no retries
+
+
+def test_an_empty_local_dataset_yields_no_tokens(make_model, tmp_path):
+    datasets.Dataset.from_dict({"text": []}).save_to_disk(str(tmp_path / "empty"))
+    cfg = CollectConfig(
+        base_model=make_model(),
+        finetuned_model=make_model(seed=1),
+        dataset=str(tmp_path / "empty"),
+        n_tokens=100,
+        layer=1,
+    )
+    with pytest.raises(ValueError, match=r"dataset .*empty yields no tokens"):
+        collect_activations(cfg, tmp_path / "store")
+    assert not (tmp_path / "store").exists()
 
 
 @pytest.mark.parametrize("missing", ["./missing", "/no/such/model"])

@@ -208,6 +208,12 @@ class ActivationStore:
         """float32 [len(indices), n_models, d_model] in the order asked for."""
         return from_storage(self._take(indices, "acts"), self.meta["dtype"], self.n_models)
 
+    def first_nonfinite(self, indices) -> int | None:
+        """The first of rows ``indices`` holding a value that is not finite (NaN or inf), else None."""
+        indices = np.asarray(indices)
+        bad = ~torch.isfinite(self.read(indices)).flatten(1).all(1)
+        return int(indices[bad.nonzero()[0, 0]]) if bad.any() else None
+
     def token_ids(self, indices) -> torch.Tensor:
         """int64 [len(indices)]: the token each row was read at."""
         return torch.from_numpy(self._take(indices, "token_id"))
