@@ -313,7 +313,7 @@ def patching(patching: Patching, path=None):
     """Left: the share of the KL each patched latent closes where it fires, beside its two controls there.
     Right: the share the top-k sets close on all tokens against k, with random latents and random directions,
     and the ceilings (every latent, the error term alone)."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 3.8), gridspec_kw={"width_ratios": [2, 1]})
     rows = patching.latents
     series = {
         "the latent": [p.closed.where for p in rows],
@@ -332,7 +332,7 @@ def patching(patching: Patching, path=None):
         ylabel="share of the KL closed where it fires",
         title=f"each latent patched into the {patching.model}'s layers on the {patching.other}'s activation",
     )
-    left.legend(fontsize=8)
+    left.legend(fontsize=8, loc="best")
     k = [len(p.latents) for p in patching.sets]
     right.plot(k, [p.closed.everywhere for p in patching.sets], "o-", color="tab:red", label="top k")
     right.plot(k, [p.random_latents.everywhere for p in patching.sets], "o-", color="0.7", label="k random latents")
@@ -342,6 +342,8 @@ def patching(patching: Patching, path=None):
     right.axhline(patching.all_latents, color="k", ls="--", label="every latent")
     right.axhline(patching.error_term, color="k", ls=":", label="the error term alone")
     right.set(xscale="log", xlabel="k", ylabel="share of the KL closed, all tokens", title="the top-k sets")
-    right.legend(fontsize=8)
+    right.set_xticks(k, [str(size) for size in k])
+    right.minorticks_off()
+    right.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the axes: clear of the lines
     fig.tight_layout()
     return save(fig, path)

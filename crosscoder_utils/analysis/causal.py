@@ -37,6 +37,14 @@ SET_SIZES = (1, 2, 5, 10, 20)
 """The top-k sets patched together (the paper's curve of the KL closed against k)."""
 
 
+def percent(value: float, digits: int = 0) -> str:
+    """A share as a percentage ("-" for NaN: no token to measure it on; no sign on a share that rounds to 0)."""
+    if math.isnan(value):
+        return "-"
+    text = f"{value:.{digits}%}"
+    return text.lstrip("-") if float(text[:-1]) == 0 else text
+
+
 class Closed(NamedTuple):
     """The share of the KL a patch closes: 1 − Σ KL(P ‖ P patched) / Σ KL(P ‖ P on the other activation)."""
 
@@ -63,7 +71,6 @@ class LatentPatch(NamedTuple):
     """Mean KL per token before patching where the latents fire, nats."""
 
     def as_row(self) -> dict:
-        percent = lambda value: "-" if math.isnan(value) else f"{value:.0%}"
         return {
             "patched": self.name,
             "tokens where it fires": self.n_where,
@@ -139,7 +146,8 @@ def patch(
     """Patch each of ``latents`` (in ranking order), and their first k for each k of ``set_sizes``, into the
     layers of model ``model_index`` (1: the fine-tune, run on the base's activation; 0: the base, run on the
     fine-tune's), with the controls (module docstring), on the held-out documents ``_documents`` picks. One
-    forward of one model per patch and batch: (2 + 2·len(latents) + 2·(sets − 1) + n_random·sets + 2) per batch."""
+    forward of one model per patch and batch: per batch, 4 (the two models to the site, the clean logits, the
+    unpatched baseline) + 2·len(latents) + 2·(sets of k > 1) + n_random·(set sizes) + 2 (every latent, the error)."""
     if analysis.pair is None:
         raise ValueError("patching needs the models: a store collected from models (not from_arrays)")
     if not latents:
@@ -317,7 +325,7 @@ def steer(
     width: int = 12,
 ) -> list[Steering]:
     """Model ``model_index`` (0: the base, steered towards the fine-tune; 1: the fine-tune, towards the base)
-    continues each of ``latent``'s top ``n_prompts`` held-out contexts (one per document, up to its token)
+    continues each of ``latent``'s top ``n_prompts`` held-out contexts (distinct, up to its token)
     greedily for ``n_new`` tokens, with α · (the latent's largest held-out activation) · (d_other − d_model)
     added at the site (raw units) at the latent's token for each α, beside the other model's own continuation;
     the prompt shown as its last ``width`` tokens."""
@@ -332,13 +340,14 @@ def steer(
     largest = float(analysis.encoded.value[fired].max())
     vector = (raw.W_dec[latent, other] - raw.W_dec[latent, model_index]).detach() * largest
     traced = TracedPair(pair, cfg.site, cfg.layer)
-    rows = _top_rows(analysis, latent, n_prompts)
+    rows = _top_rows(analysis, latent, 4 * n_prompts)
     sequences, first = stored_documents(store, pair.tokenizer, np.array(rows))
+    seq, pos = (t.tolist() for t in store.positions(rows))
+    prompts = dict.fromkeys(tuple(sequences[d - first][: p + 1]) for d, p in zip(seq, pos))  # distinct, in order
     decode = lambda ids: pair.tokenizer.decode(_until_end(ids, pair.tokenizer.eos_token_id))
     steerings = []
-    for row in rows:
-        number, position = (int(t[0]) for t in store.positions([row]))
-        prompt = torch.tensor([sequences[number - first][: position + 1]], device=traced.device)
+    for tokens in list(prompts)[:n_prompts]:
+        prompt = torch.tensor([tokens], device=traced.device)
         scale = torch.tensor(alphas, dtype=torch.float32, device=traced.device)[:, None]
         steered = _generate(traced, model_index, prompt.expand(len(alphas), -1), scale * vector.to(scale), n_new)
         own = _generate(traced, other, prompt, torch.zeros_like(vector)[None], n_new)
@@ -361,7 +370,6 @@ def steer(
 def causal_sentence(patching: Patching, min_closed: float = 0.5) -> str:
     """Which patched latents are causal (``LatentPatch.causal``), each with the share it closes where it fires
     against the controls there, then the top-k sets and the ceilings, from ``patching``'s own numbers."""
-    percent = lambda value: "-" if math.isnan(value) else f"{value:.0%}"
     side = (
         f"the {patching.model}'s layers on the {patching.other}'s activation, {patching.n_documents} held-out "
         f"documents, {patching.kl:.3f} nats a token to close"

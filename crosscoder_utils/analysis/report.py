@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from ..config import model_roles
 from ..files import read_json, write_json
-from .causal import Patching
+from .causal import Patching, percent
 from .explanations import Explanations
 from .kinds import LatentScaling, exclusive_latent_scaling
 from .lm import SplicedLoss
@@ -155,17 +155,16 @@ def write_summary(
             for b in over_seeds or []
         },
     }
-    percent = lambda value: "-" if value != value else f"{value:.1%}"
     for patching in patchings:
         side = f"{patching.model}'s layers on the {patching.other}'s activation"
         for p in patching.latents + patching.sets[1:]:
+            shares = lambda closed: f"{percent(closed.where, 1)} / {percent(closed.everywhere, 1)}"
             values[f"KL closed by {p.name} ({side}): where it fires / on all tokens"] = (
-                f"{percent(p.closed.where)} / {percent(p.closed.everywhere)} (random latents"
-                f" {percent(p.random_latents.where)} / {percent(p.random_latents.everywhere)}, random directions"
-                f" {percent(p.random_directions.where)} / {percent(p.random_directions.everywhere)})"
+                f"{shares(p.closed)} (random latents {shares(p.random_latents)}, random directions"
+                f" {shares(p.random_directions)})"
             )
-        values[f"KL closed by every latent ({side})"] = percent(patching.all_latents)
-        values[f"KL closed by the error term ({side})"] = percent(patching.error_term)
+        values[f"KL closed by every latent ({side})"] = percent(patching.all_latents, 1)
+        values[f"KL closed by the error term ({side})"] = percent(patching.error_term, 1)
     write_json(path, values)
     return values
 
