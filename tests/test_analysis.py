@@ -147,12 +147,13 @@ def test_difference_table_kinds_scores_and_ranking(tmp_path):
     lines = csv_path.read_text().splitlines()
     assert lines[0] == (
         "latent,kind,frequency,relative_norm,decoder_cosine,difference_score,nu_error,nu_reconstruction,"
-        "explanation,explanation_f1"
-    )
+        "explanation,explanation_f1,"
+    ) + ",".join(A.PATCH_COLUMNS)
     assert [line.split(",")[0] for line in lines[1:]] == [str(i) for i in table.order.tolist()] + ["4"]
     by_latent = {line.split(",")[0]: line.split(",") for line in lines[1:]}
     assert by_latent["0"][6] != "" and by_latent["3"][6] == "" and by_latent["4"][1] == "dead"
-    assert by_latent["0"][8:] == ["no simple rule", "0.000"] and by_latent["4"][8:] == ["", ""]
+    assert by_latent["0"][8:10] == ["no simple rule", "0.000"] and by_latent["4"][8:10] == ["", ""]
+    assert by_latent["0"][10:] == [""] * len(A.PATCH_COLUMNS)  # nothing patched
     read = A.read_latents_csv(csv_path)  # the reader gives back the rows, by column
     assert [row["latent"] for row in read] == [line.split(",")[0] for line in lines[1:]]
     assert read[-1]["kind"] == "dead" and read[0]["explanation"] == "no simple rule"

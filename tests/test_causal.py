@@ -1,21 +1,11 @@
 """Is the latent what changed the model? Patching and steering on the tiny organisms of seeds 0-2 (thresholds from
-their measurements, in the comments), with the planted behaviours' best latents."""
+their measurements, in the comments), with the planted behaviours' best latents (seed 2's trigger has two at F1
+1.00: the changed one closes 88 % of the KL where it fires, its base-only twin, which also fires weakly elsewhere,
+1 %; ``best_latents`` takes the first)."""
 
 import pytest
-import torch
 
 from crosscoder_utils import analysis as A
-from crosscoder_utils.analysis.planted import detection
-
-
-def best_latent(analysis, name):
-    """The latent that best picks out behaviour ``name``; of latents tied at its best F1, the highest in the difference
-    ranking (seed 2's trigger has a base-only twin at F1 1.00 that fires on the same tokens and carries none of the
-    change: patched, it closes 1 % of the KL there)."""
-    encoded, table = analysis.encoded, analysis.tables["finetuned"]
-    on = analysis.labels[name][torch.from_numpy(encoded.rows)]
-    f1 = detection(encoded.latent, encoded.value, on[encoded.token], encoded.dict_size, int(on.sum())).f1
-    return max(torch.nonzero(f1 == f1.max()).squeeze(1).tolist(), key=lambda latent: table.difference_score[latent])
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +14,7 @@ def patched(analysed_organisms):
     changed behaviour's best latent, the base's side with the removed one's)."""
     out = []
     for analysis, _ in analysed_organisms:
-        best = {name: best_latent(analysis, name) for name in analysis.matches}
+        best = {name: match.latent for name, match in analysis.matches.items()}
         kinds = analysis.planted_kinds
         forward = list(dict.fromkeys(best[name] for name in best if kinds[name] != "removed"))
         removed = [best[name] for name in best if kinds[name] == "removed"]

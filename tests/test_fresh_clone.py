@@ -24,13 +24,14 @@ SMALL = {  # notebook -> the parameters that make the demo small; everything els
     "01_collect": {"layer": 1, "n_tokens": 3000, "seq_len": 48, "seqs_per_batch": 16, "val_fraction": 0.3},
     "02_normalize": {"n_batches": 4, "tokens_per_batch": 512},
     "03_train": {"dict_size": 128, "tokens_per_step": 256, "train_tokens": 25_600, "dead_tokens": 10_000},
-    "04_analyze": {"n_eval_sequences": 8, "n_seeds": 2},
+    "04_analyze": {"n_eval_sequences": 8, "n_seeds": 2, "n_patched": 4, "patch_documents": 8},
     "05_ground_truth": GROUND_TRUTH,
     "06_compare": {"n_seeds": 2},
 }
 EXAMPLE_SIZE = {  # appended to the README's examples, by notebook
     "01_collect": {"n_tokens": 3000},
     "03_train": {"n_tokens": 3000, **SMALL["03_train"]},
+    "04_analyze": {"n_patched": 4, "patch_documents": 8},
 }
 
 

@@ -85,16 +85,22 @@ def behaviour_hits(encoded: Encoded, labels: dict[str, torch.Tensor]):
 def best_latents(encoded: Encoded, labels: dict[str, torch.Tensor]) -> dict[str, BehaviourMatch]:
     """For each behaviour (``labels``: name -> bool [len(store)]), the latent whose activation, above its best
     threshold (``detection``), has the best F1 against the behaviour's tokens: a latent that also fires weakly
-    elsewhere still picks out the behaviour by its strong activations."""
+    elsewhere still picks out the behaviour by its strong activations. Of latents tied at that F1 (a perfect
+    detection often is), the one with the best F1 where it fires at all: a twin that also fires weakly all over
+    the text (a sparsity artifact, which patching shows carries none of the change) loses to the latent that
+    fires on the behaviour alone."""
     matches = {}
+    fires = torch.bincount(encoded.latent, minlength=encoded.dict_size).double()
     for name, label in labels.items():
         on = label[torch.from_numpy(encoded.rows)]
         found = detection(encoded.latent, encoded.value, on[encoded.token], encoded.dict_size, int(on.sum()))
-        latent = int(found.f1.argmax())
+        hits = torch.bincount(encoded.latent, on[encoded.token].double(), minlength=encoded.dict_size)
+        f1_firing = 2 * hits / (fires + on.sum()).clamp(min=1)
+        latent = int(torch.where(found.f1 == found.f1.max(), f1_firing, -1.0).argmax())
         f1, precision, recall, threshold = (float(values[latent]) for values in found)
-        fires = encoded.latent == latent
-        f1_firing = 2 * float(on[encoded.token[fires]].sum()) / max(int(fires.sum()) + int(on.sum()), 1)
-        matches[name] = BehaviourMatch(latent, precision, recall, f1, threshold, int(on.sum()), f1_firing)
+        matches[name] = BehaviourMatch(
+            latent, precision, recall, f1, threshold, int(on.sum()), float(f1_firing[latent])
+        )
     return matches
 
 
