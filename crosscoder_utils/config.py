@@ -482,6 +482,9 @@ class AnalysisConfig(ConfigBase):
     """Held-out documents the patching runs on (the first of those read, and each patched latent's top one)."""
     min_closed: float = 0.5
     """A patched latent is causal when it closes this share of the KL where it fires, more than its controls."""
+    n_steered: int = 5
+    """The first latents of each side's patched ones that also steer (each a few greedy generations per context:
+    most of the causal tests' time on a small model)."""
     steer_tokens: int = 8
     """Tokens each steered model generates."""
 
@@ -498,4 +501,5 @@ class AnalysisConfig(ConfigBase):
         check_range("n_patched", self.n_patched, at_least=0)
         check_range("patch_documents", self.patch_documents, above=0)
         check_range("min_closed", self.min_closed, above=0, at_most=1)
+        check_range("n_steered", self.n_steered, at_least=0)
         check_range("steer_tokens", self.steer_tokens, above=0)

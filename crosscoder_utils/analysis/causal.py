@@ -389,12 +389,16 @@ def causal_sentence(patching: Patching, min_closed: float = 0.5) -> str:
     if others:
         sentence += "; not: " + "; ".join(map(shown, others))
     largest = patching.sets[-1]
+    together = (
+        f"; the top {len(largest.latents)} together close {percent(largest.closed.everywhere)} of the KL on all tokens"
+        f" (random latents {percent(largest.random_latents.everywhere)}, random directions"
+        f" {percent(largest.random_directions.everywhere)})"
+    )
     return (
         sentence
-        + f". The top {len(largest.latents)} together close {percent(largest.closed.everywhere)} of the KL on all"
-        f" tokens (random latents {percent(largest.random_latents.everywhere)}, random directions"
-        f" {percent(largest.random_directions.everywhere)}); every latent {percent(patching.all_latents)}, the"
-        f" error term alone {percent(patching.error_term)}."
+        + together * (len(largest.latents) > 1)
+        + f". Every latent closes {percent(patching.all_latents)} of it, the error term alone"
+        f" {percent(patching.error_term)}."
     )
 
 
@@ -412,9 +416,9 @@ def evidence(patchings: list[Patching], steerings: list[Steering]) -> dict[int, 
 
 def causal_tests(analysis: Analysis, answered: Answer, table: DifferenceTable) -> tuple[list[Patching], list[Steering]]:
     """04's causal tests of the first fine-tune's ``answered`` top (``analysis.cfg``'s ``n_patched``,
-    ``patch_documents``, ``n_contexts``, ``steer_tokens``): its first ``n_patched`` latents patched into the
-    fine-tune and steering the base, and the first quarter (at least 1) of its base-side top patched into the
-    base and steering the fine-tune."""
+    ``patch_documents``, ``n_steered``, ``n_contexts``, ``steer_tokens``): its first ``n_patched`` latents patched
+    into the fine-tune, the first quarter (at least 1) of its base-side top patched into the base, and the first
+    ``n_steered`` of each steering the other model."""
     cfg = analysis.cfg
     if not cfg.n_patched:
         return [], []
@@ -427,7 +431,7 @@ def causal_tests(analysis: Analysis, answered: Answer, table: DifferenceTable) -
     steerings = [
         steering
         for model_index, chosen in ((0, latents), (1, base_side))
-        for latent in chosen
+        for latent in chosen[: cfg.n_steered]
         for steering in steer(analysis, latent, model_index, n_prompts=cfg.n_contexts, n_new=cfg.steer_tokens)
     ]
     return patchings, steerings
