@@ -346,9 +346,9 @@ def steer(
     prompts = dict.fromkeys(tuple(sequences[d - first][: p + 1]) for d, p in zip(seq, pos))  # distinct, in order
     decode = lambda ids: pair.tokenizer.decode(_until_end(ids, pair.tokenizer.eos_token_id))
     steerings = []
+    scale = torch.tensor(alphas, dtype=torch.float32, device=traced.device)[:, None]
     for tokens in list(prompts)[:n_prompts]:
         prompt = torch.tensor([tokens], device=traced.device)
-        scale = torch.tensor(alphas, dtype=torch.float32, device=traced.device)[:, None]
         steered = _generate(traced, model_index, prompt.expand(len(alphas), -1), scale * vector.to(scale), n_new)
         own = _generate(traced, other, prompt, torch.zeros_like(vector)[None], n_new)
         shown = prompt[0, -width:]

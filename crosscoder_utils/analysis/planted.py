@@ -90,12 +90,11 @@ def best_latents(encoded: Encoded, labels: dict[str, torch.Tensor]) -> dict[str,
     the text (a sparsity artifact, which patching shows carries none of the change) loses to the latent that
     fires on the behaviour alone."""
     matches = {}
-    fires = torch.bincount(encoded.latent, minlength=encoded.dict_size).double()
-    for name, label in labels.items():
+    hits, fires, counts = behaviour_hits(encoded, labels)
+    for (name, label), on_hits, n_on in zip(labels.items(), hits, counts):
         on = label[torch.from_numpy(encoded.rows)]
         found = detection(encoded.latent, encoded.value, on[encoded.token], encoded.dict_size, int(on.sum()))
-        hits = torch.bincount(encoded.latent, on[encoded.token].double(), minlength=encoded.dict_size)
-        f1_firing = 2 * hits / (fires + on.sum()).clamp(min=1)
+        f1_firing = 2 * on_hits / (fires + n_on).clamp(min=1)
         latent = int(torch.where(found.f1 == found.f1.max(), f1_firing, -1.0).argmax())
         f1, precision, recall, threshold = (float(values[latent]) for values in found)
         matches[name] = BehaviourMatch(

@@ -155,10 +155,10 @@ def write_summary(
             for b in over_seeds or []
         },
     }
+    shares = lambda closed: f"{percent(closed.where, 1)} / {percent(closed.everywhere, 1)}"
     for patching in patchings:
         side = f"{patching.model}'s layers on the {patching.other}'s activation"
         for p in patching.latents + patching.sets[1:]:
-            shares = lambda closed: f"{percent(closed.where, 1)} / {percent(closed.everywhere, 1)}"
             values[f"KL closed by {p.name} ({side}): where it fires / on all tokens"] = (
                 f"{shares(p.closed)} (random latents {shares(p.random_latents)}, random directions"
                 f" {shares(p.random_directions)})"
