@@ -24,9 +24,9 @@ lint: $(VENV)/installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
-# progress bars (ours and the Hub libraries') would be saved in the reports as widgets that static viewers show
+# progress bars (ours, the Hub's and datasets') would be saved in the reports as widgets that static viewers show
 # stuck at 0 %.
-PAPERMILL := TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 papermill --log-output
+PAPERMILL := TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 HF_DATASETS_DISABLE_PROGRESS_BARS=1 papermill --log-output
 
 # `make demo PARAMS=dir` gives each notebook the parameters in dir/<notebook>.yaml, where there is one.
 demo: $(VENV)/installed

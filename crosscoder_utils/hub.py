@@ -12,6 +12,7 @@ import yaml
 
 from .config import explained_variance_metric, model_roles
 from .crosscoder import CrossCoder
+from .files import resolve
 from .notebook import progress
 from .run import Run
 from .store import ActivationStore
@@ -23,7 +24,8 @@ def model_card(run: Run, repo_id: str) -> str:
     layer, data, tokens, the dictionary, final metrics, and how to load it."""
     meta, cc, last = run.store.meta, run.crosscoder.cfg, run.metrics[-1]
     dataset = meta.get("dataset") or {}
-    hub = lambda names: [name for name in names if name and not Path(name).expanduser().exists()]  # Hub ids only
+    # Hub ids only: not on disk as given, nor under the repository (where notebooks record relative paths from)
+    hub = lambda names: [n for n in names if n and not any(Path(p).expanduser().exists() for p in (n, resolve(n)))]
     front = {
         "library_name": "crosscoder_utils",
         "tags": ["crosscoder", "model-diffing", "sparse-autoencoder", "interpretability"],

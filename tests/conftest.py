@@ -1,8 +1,15 @@
-"""Real tiny transformers built from configs, saved with save_pretrained, loaded like Hub models."""
+"""Real tiny transformers built from configs, saved with save_pretrained, loaded like Hub models; the tiny organism;
+and a fresh clone with the demo run in it at small sizes."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
+import yaml
 
 from crosscoder_utils.organism import TINY, base_corpus, train_tokenizer
 
@@ -128,3 +135,70 @@ def analysed_organisms(organism, tmp_path_factory):
         for seed, o in enumerate(built)
     ]
     return [(A.analyse(run), o) for run, o in zip(runs, built)]
+
+
+ROOT = Path(__file__).parents[1]
+GROUND_TRUTH = dict(  # 05 at a small size
+    d_model=32,
+    n_shared=60,
+    n_exclusive=20,
+    n_tokens=40_000,
+    preset="relu",
+    overrides={"dict_size": 160, "tokens_per_step": 512},
+)
+SMALL = {  # notebook -> the parameters that make the demo small; everything else is the default
+    "00_organism": TINY,
+    "01_collect": {"layer": 1, "n_tokens": 3000, "seq_len": 48, "seqs_per_batch": 16, "val_fraction": 0.3},
+    "02_normalize": {"n_batches": 4, "tokens_per_batch": 512},
+    "03_train": {  # BatchTopK with shared and dedicated latents: the options a default run leaves out
+        "dict_size": 128,
+        "variant": "batchtopk",
+        "k": 8,
+        "tokens_per_step": 256,
+        "train_tokens": 25_600,
+        "dead_tokens": 10_000,
+        "log_every": 10,
+        "save_every": 50,
+        "n_shared_latents": 8,
+        "n_dedicated": 8,
+        "resample_every": 20,
+        "norm_penalty": 0.0,  # BatchTopK as published: k·B ordinary latents a batch (a penalty may keep fewer)
+    },
+    "04_analyze": {"n_top": 5, "n_eval_sequences": 8, "n_seeds": 2, "n_patched": 4, "patch_documents": 8},
+    "05_ground_truth": GROUND_TRUTH,
+    "06_compare": {"n_seeds": 2},
+}
+
+
+def run_in(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``command`` run in ``cwd`` with the package found there; its output in the assertion when it fails."""
+    env = {**os.environ, "PYTHONPATH": str(cwd)}  # the clone's package, not this checkout's
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def clone(tmp_path_factory):
+    """The tracked files, as a clone has them, with this checkout's .venv; the demo's parameters in params/."""
+    root = tmp_path_factory.mktemp("clone")
+    for name in subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split():
+        if (ROOT / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, root / name)
+    (root / ".venv").symlink_to(ROOT / ".venv")
+    params = tmp_path_factory.mktemp("params")
+    for notebook, values in SMALL.items():
+        (params / f"{notebook}.yaml").write_text(yaml.safe_dump(values))
+    return root, params
+
+
+@pytest.fixture(scope="session")
+def demo(clone):
+    """The clone after `make demo PARAMS=<SMALL>`: every notebook's report in outputs/ (test_fresh_clone and
+    test_notebooks read them)."""
+    root, params = clone
+    run_in(["make", "-o", ".venv/installed", "demo", f"PARAMS={params}"], root)  # -o: the .venv is this checkout's
+    return root

@@ -1,36 +1,29 @@
-"""A newcomer's first steps on a fresh clone: `make demo` twice (small settings, `PARAMS`), then every
-papermill example of the README, as written, after it."""
+"""A newcomer's first steps on a fresh clone: `make demo` (small settings, `PARAMS`), then every papermill example
+of the README, as written, after it. Each step's reuse of what it built before is tested where the step is
+(test_organism, test_notebooks, test_train, test_methods)."""
 
-import os
 import re
 import shlex
-import shutil
-import subprocess
 from pathlib import Path
 
 import nbformat
-import pytest
 import yaml
-from test_notebooks import GROUND_TRUTH, outputs_text
+from conftest import SMALL, run_in
+from test_notebooks import outputs_text
 
 from crosscoder_utils import methods
 from crosscoder_utils.analysis import read_summary
 from crosscoder_utils.notebook import check_parameters
-from crosscoder_utils.organism import TINY
 
-ROOT = Path(__file__).parents[1]
-SMALL = {  # notebook -> the parameters that make the demo small; everything else is the default
-    "00_organism": TINY,
-    "01_collect": {"layer": 1, "n_tokens": 3000, "seq_len": 48, "seqs_per_batch": 16, "val_fraction": 0.3},
-    "02_normalize": {"n_batches": 4, "tokens_per_batch": 512},
-    "03_train": {"dict_size": 128, "tokens_per_step": 256, "train_tokens": 25_600, "dead_tokens": 10_000},
-    "04_analyze": {"n_eval_sequences": 8, "n_seeds": 2, "n_patched": 4, "patch_documents": 8},
-    "05_ground_truth": GROUND_TRUTH,
-    "06_compare": {"n_seeds": 2},
-}
 EXAMPLE_SIZE = {  # appended to the README's examples, by notebook
     "01_collect": {"n_tokens": 3000},
-    "03_train": {"n_tokens": 3000, **SMALL["03_train"]},
+    "03_train": {
+        "n_tokens": 3000,
+        "dict_size": 128,
+        "tokens_per_step": 256,
+        "train_tokens": 25_600,
+        "dead_tokens": 10_000,
+    },
     "04_analyze": {"n_patched": 4, "patch_documents": 8},
 }
 
@@ -41,59 +34,18 @@ def readme_examples(readme: str) -> list[list[str]]:
     return [shlex.split(command.replace("\\\n", " ")) for command in commands]
 
 
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory):
-    """The tracked files, as a clone has them, with this checkout's .venv; the demo's parameters in params/."""
-    root = tmp_path_factory.mktemp("clone")
-    for name in subprocess.run(
-        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split():
-        if (ROOT / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, root / name)
-    (root / ".venv").symlink_to(ROOT / ".venv")
-    params = tmp_path_factory.mktemp("params")
-    for notebook, values in SMALL.items():
-        (params / f"{notebook}.yaml").write_text(yaml.safe_dump(values))
-    return root, params
-
-
-def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(cwd)}  # the clone's package, not this checkout's
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-@pytest.fixture(scope="module")
-def demo_twice(clone):
-    root, params = clone
-    make = ["make", "-o", ".venv/installed", "demo", f"PARAMS={params}"]  # -o: the .venv is this checkout's
-    run(make, root)
-    first = {p: p.stat().st_mtime_ns for p in (root / "outputs").rglob("*.safetensors")}
-    run(make, root)
-    return root, first
-
-
-def test_make_demo_twice_reuses_what_the_first_built(demo_twice):
-    root, first = demo_twice
-    assert {p: p.stat().st_mtime_ns for p in (root / "outputs").rglob("*.safetensors")} == first
-    train = outputs_text(nbformat.read(root / "outputs/03_train.ipynb", as_version=4))
-    assert "read back, not trained again" in train
-
-
-def test_make_demo_twice_writes_every_report(demo_twice):
-    root, _ = demo_twice
+def test_make_demo_writes_every_report(demo):
+    root = demo
     for notebook in SMALL:
         report = nbformat.read(root / f"outputs/{notebook}.ipynb", as_version=4)
         assert not any(o.get("output_type") == "error" for c in report.cells for o in c.get("outputs", []))
     assert (root / "outputs/runs/organism-relu/analysis/summary.json").exists()
 
 
-def test_the_demos_reports_print_the_reading_of_their_own_numbers(demo_twice):
+def test_the_demos_reports_print_the_reading_of_their_own_numbers(demo):
     """06's count of the behaviours each method finds on every seed is that of its methods.csv, and 04's sentence
     over seeds that of its own table (summary.json keeps its rows)."""
-    root, _ = demo_twice
+    root = demo
     found: dict[str, dict[str, list[bool]]] = {}
     for row in methods.read_methods_csv(root / "outputs/compare/methods.csv"):
         if row["best_f1"] is not None:
@@ -111,24 +63,24 @@ def test_the_demos_reports_print_the_reading_of_their_own_numbers(demo_twice):
     assert seeds and every == seeds.count("2 of 2")
 
 
-def test_make_demo_saves_reports_without_progress_widgets(demo_twice):
+def test_make_demo_saves_reports_without_progress_widgets(demo):
     """A widget saved in a report shows a bar stuck at 0 % outside Jupyter."""
-    root, _ = demo_twice
+    root = demo
     for notebook in SMALL:
         report = nbformat.read(root / f"outputs/{notebook}.ipynb", as_version=4)
         outputs = [o for c in report.cells for o in c.get("outputs", [])]
         assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs), notebook
 
 
-def test_every_readme_example_runs_as_written_after_the_demo(demo_twice):
-    root, _ = demo_twice
+def test_every_readme_example_runs_as_written_after_the_demo(demo):
+    root = demo
     examples = readme_examples((root / "README.md").read_text())
     hub = lambda args: any("/" in a and not a.startswith(("notebooks/", "outputs/")) for a in args[1:])  # Hub ids
     local = [args for args in examples if not hub(args)]
     assert local, "the README has no example that runs offline"
     for args in local:
         sizes = EXAMPLE_SIZE.get(Path(args[1]).stem, {})
-        run(args + [word for name, value in sizes.items() for word in ("-p", name, str(value))], root)
+        run_in(args + [word for name, value in sizes.items() for word in ("-p", name, str(value))], root)
         assert (root / args[2]).exists() and args[2] != f"outputs/{Path(args[1]).name}"  # a report of its own
 
 

@@ -9,13 +9,13 @@ import nbformat
 import papermill
 import pytest
 import yaml
+from conftest import SMALL
 
 from crosscoder_utils import ActivationStore, CollectConfig, CrossCoder, CrossCoderConfig, OrganismConfig, TrainConfig
 from crosscoder_utils import analysis as A
 from crosscoder_utils.config import AnalysisConfig
 from crosscoder_utils.hub import model_card
 from crosscoder_utils.notebook import check_parameters, declared
-from crosscoder_utils.organism import TINY
 from crosscoder_utils.run import load_run
 from crosscoder_utils.synthetic import SyntheticConfig, read_summary
 
@@ -23,14 +23,15 @@ NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
 INFERRED = {"d_model", "n_models"}  # CrossCoderConfig's shape comes from the store
 
 
-def run_notebook(name, folder, **parameters):
+def run_notebook(name, folder, cwd=NOTEBOOKS.parent, **parameters):
+    """Notebook ``name`` of the repository at ``cwd`` run with ``parameters``, its report into ``folder``."""
     output = Path(folder) / f"{name}.ipynb"
     output.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(
-        str(NOTEBOOKS / f"{name}.ipynb"),
+        str(Path(cwd) / "notebooks" / f"{name}.ipynb"),
         str(output),
         parameters=parameters,
-        cwd=str(NOTEBOOKS.parent),
+        cwd=str(cwd),
         progress_bar=False,
     )
     return nbformat.read(output, as_version=4)
@@ -52,65 +53,26 @@ def test_notebooks_are_committed_without_outputs():
         assert all(not c.get("outputs") for c in notebook.cells if c.cell_type == "code"), path
 
 
-@pytest.fixture(scope="module")
-def collected(organism, tmp_path_factory):
-    out = tmp_path_factory.mktemp("notebooks")
-    organism_nb = run_notebook("00_organism", out, out_dir=str(Path(organism.base).parent), **TINY)
-    collect_nb = run_notebook(
-        "01_collect",
-        out,
-        base_model=organism.base,
-        finetuned_model=organism.finetuned,
-        dataset=organism.corpus,
-        layer=1,
-        n_tokens=3000,
-        seq_len=48,
-        seqs_per_batch=16,
-        store_dir=str(out / "store"),
+RUN = "outputs/runs/organism-relu"  # the demo's run (03's default run_dir), BatchTopK at SMALL's settings
+
+
+def report(root: Path, name: str):
+    return nbformat.read(root / f"outputs/{name}.ipynb", as_version=4)
+
+
+def test_organism_and_collect_notebooks(demo):
+    assert "finetuned" in outputs_text(report(demo, "00_organism")) and "PROMPT" in outputs_text(
+        report(demo, "00_organism")
     )
-    return out, organism_nb, collect_nb
-
-
-def test_organism_and_collect_notebooks(collected):
-    out, organism_nb, collect_nb = collected
-    assert "finetuned" in outputs_text(organism_nb) and "PROMPT" in outputs_text(organism_nb)
-    store = ActivationStore(out / "store")
+    store = ActivationStore(demo / "outputs/activations/organism")
     assert len(store) == 3000 and store.meta["layer"] == 1
-    assert "3,000 tokens of 2 models" in outputs_text(collect_nb)
-    assert (out / "store/norms.png").stat().st_size > 10_000
+    assert "3,000 tokens of 2 models" in outputs_text(report(demo, "01_collect"))
+    assert (demo / "outputs/activations/organism/norms.png").stat().st_size > 10_000
 
 
-def train_parameters(out):
-    return dict(
-        store_dir=str(out / "store"),
-        run_dir=str(out / "run"),
-        dict_size=128,
-        variant="batchtopk",
-        k=8,
-        tokens_per_step=256,
-        train_tokens=25_600,
-        log_every=10,
-        save_every=50,
-        log_to="offline",
-        n_shared_latents=8,
-        n_dedicated=8,
-        resample_every=20,
-        norm_penalty=0.0,  # BatchTopK as published: k·B ordinary latents a batch (a penalty may keep fewer)
-    )
-
-
-@pytest.fixture(scope="module")
-def trained(collected):
-    out = collected[0]
-    normalize_nb = run_notebook("02_normalize", out, store_dir=str(out / "store"), n_batches=4, tokens_per_batch=512)
-    train_nb = run_notebook("03_train", out, **train_parameters(out))
-    return out, normalize_nb, train_nb
-
-
-def test_normalize_and_train_notebooks(trained):
-    out, normalize_nb, _ = trained
-    assert "-> factor" in outputs_text(normalize_nb)
-    run_dir = out / "run"
+def test_normalize_and_train_notebooks(demo):
+    assert "-> factor" in outputs_text(report(demo, "02_normalize"))
+    run_dir = demo / RUN
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 10 and metrics[-1]["l0_loss"] >= 8 and "threshold" in metrics[-1]  # 8 + active shared
     assert (run_dir / "crosscoder.safetensors").exists() and (run_dir / "raw/crosscoder.safetensors").exists()
@@ -118,16 +80,8 @@ def test_normalize_and_train_notebooks(trained):
     assert list((run_dir / "wandb").glob("offline-run-*"))
 
 
-def test_analyze_notebook_leads_with_the_verdict(trained, organism):
-    out = trained[0]
-    analyze_nb = run_notebook(
-        "04_analyze",
-        out,
-        run_dir=str(out / "run"),
-        n_top=5,
-        n_eval_sequences=8,
-    )
-    analysis = out / "run/analysis"
+def test_analyze_notebook_leads_with_the_verdict(demo):
+    analysis = demo / RUN / "analysis"
     for figure in ("difference_map", "relative_norms", "decoder_cosines", "frequencies"):
         assert (analysis / f"{figure}.png").stat().st_size > 10_000
     rows = (analysis / "latents.csv").read_text().splitlines()
@@ -149,12 +103,19 @@ def test_analyze_notebook_leads_with_the_verdict(trained, organism):
     assert summary["verdict"].startswith("The fine-tune's predictions differ most inside ")
     assert " The top 5 latents of the ranking are " in summary["verdict"]
     assert 0 < summary["loss recovered, base"] <= 1.01 and 0 < summary["loss recovered, finetuned"] <= 1.01
-    text = outputs_text(analyze_nb)
+    text = outputs_text(report(demo, "04_analyze"))
     assert text.index("predictions differ most") < text.index("precision")  # the verdict comes first
 
 
-def test_the_model_card_says_what_the_crosscoder_reads(trained):
-    card = model_card(load_run(trained[0] / "run"), "owner/name")
+@pytest.fixture
+def demo_run(demo, monkeypatch):
+    """The demo's run, its relative paths read as the clone's (they are recorded relative to the repository)."""
+    monkeypatch.setattr("crosscoder_utils.files.REPO", demo)
+    return load_run(demo / RUN)
+
+
+def test_the_model_card_says_what_the_crosscoder_reads(demo_run):
+    card = model_card(demo_run, "owner/name")
     _, front, body = card.split("---\n", 2)
     metadata = yaml.safe_load(front)
     assert metadata["library_name"] == "crosscoder_utils" and "crosscoder" in metadata["tags"]
@@ -166,55 +127,41 @@ def test_the_model_card_says_what_the_crosscoder_reads(trained):
     assert all(f"`{name}`" in body for name in ("explained_variance_A", "explained_variance_B", "l0_loss", "loss"))
 
 
-def test_a_crosscoder_loaded_with_its_card_knows_what_it_reads(trained, tmp_path):
-    run = load_run(trained[0] / "run")
-    run.raw.save(tmp_path)
-    (tmp_path / "README.md").write_text(model_card(run, "owner/name"))
+def test_a_crosscoder_loaded_with_its_card_knows_what_it_reads(demo_run, tmp_path):
+    demo_run.raw.save(tmp_path)
+    (tmp_path / "README.md").write_text(model_card(demo_run, "owner/name"))
     provenance = CrossCoder.load(tmp_path).provenance
-    meta = run.store.meta
+    meta = demo_run.store.meta
     assert provenance["models"] == meta["models"] and (provenance["site"], provenance["layer"]) == ("resid_post", 1)
     assert provenance["d_model"] == 64 and provenance["units"] == "raw"
 
 
-def test_running_train_again_reuses_the_finished_run(trained):
-    out = trained[0]
-    written = (out / "run/crosscoder.safetensors").stat().st_mtime_ns
-    again = run_notebook("03_train", out / "again", **train_parameters(out))
-    assert (out / "run/crosscoder.safetensors").stat().st_mtime_ns == written
+def run_again(demo: Path, name: str, folder: Path):
+    """The demo's notebook ``name`` run again in the clone, with the demo's parameters, its report into ``folder``."""
+    return run_notebook(name, folder, cwd=demo, **SMALL[name])
+
+
+def test_running_train_again_reuses_the_finished_run(demo, tmp_path):
+    written = (demo / RUN / "crosscoder.safetensors").stat().st_mtime_ns
+    again = run_again(demo, "03_train", tmp_path)
+    assert (demo / RUN / "crosscoder.safetensors").stat().st_mtime_ns == written
     assert "final: step 100" in outputs_text(again)
 
 
-GROUND_TRUTH = dict(
-    d_model=32,
-    n_shared=60,
-    n_exclusive=20,
-    n_tokens=40_000,
-    preset="relu",
-    overrides={"dict_size": 160, "tokens_per_step": 512},
-)
+def test_running_ground_truth_again_reuses_its_store_and_run(demo, tmp_path):
+    run_dir = demo / "outputs/ground_truth/relu"  # 05's default run_dir
+    written = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.safetensors")}
+    run_again(demo, "05_ground_truth", tmp_path)
+    assert written and {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.safetensors")} == written
 
 
-@pytest.fixture(scope="module")
-def ground_truth_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ground_truth")
-    return out, run_notebook("05_ground_truth", out, run_dir=str(out / "gt"), **GROUND_TRUTH)
-
-
-def test_running_ground_truth_again_reuses_its_store_and_run(ground_truth_run):
-    out = ground_truth_run[0]
-    written = {p: p.stat().st_mtime_ns for p in (out / "gt").rglob("*.safetensors")}
-    run_notebook("05_ground_truth", out / "again", run_dir=str(out / "gt"), **GROUND_TRUTH)
-    assert written and {p: p.stat().st_mtime_ns for p in (out / "gt").rglob("*.safetensors")} == written
-
-
-def test_ground_truth_notebook(ground_truth_run):
-    out, notebook = ground_truth_run
-    run_dir = out / "gt"
+def test_ground_truth_notebook(demo):
+    run_dir = demo / "outputs/ground_truth/relu"
     summary = read_summary(run_dir / "summary.json")
     assert set(summary["recovered"]) == {"shared", "base-only", "finetuned-only"}
     assert all(0 <= v <= 1 for v in summary["classified"].values())
     assert (run_dir / "relative_norms_by_truth.png").stat().st_size > 10_000
-    assert "false exclusives" in outputs_text(notebook)
+    assert "false exclusives" in outputs_text(report(demo, "05_ground_truth"))
 
 
 def test_a_misspelt_parameter_is_refused_with_the_names_it_may_mean(tmp_path):
@@ -223,10 +170,13 @@ def test_a_misspelt_parameter_is_refused_with_the_names_it_may_mean(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_parameter_of_the_wrong_type_is_refused_naming_it(tmp_path):
-    with pytest.raises(papermill.PapermillExecutionError, match=r"parameter dict_size must be int, got 'abc'"):
-        run_notebook("03_train", tmp_path, dict_size="abc", run_dir=str(tmp_path / "run"))
-    assert not (tmp_path / "run").exists()
+def test_a_parameter_of_the_wrong_type_is_refused_naming_it():
+    namespace = {  # as papermill leaves it after -p dict_size abc (refused in the notebook like a misspelt name)
+        "In": ["", "dict_size: int = 192\n", "# Parameters\ndict_size = 'abc'\n"],
+        "dict_size": "abc",
+    }
+    with pytest.raises(TypeError, match=r"parameter dict_size must be int, got 'abc'"):
+        check_parameters(namespace)
 
 
 def test_parameters_are_coerced_to_their_declared_types():
