@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..collect import TracedPair, collection_settings, keep_mask, stored_documents
+from ..collect import TracedPair, collection_settings, keep_mask
 from ..config import model_roles
 from ..notebook import progress
 
@@ -112,7 +112,7 @@ class Patching(NamedTuple):
 
 def _documents(analysis: Analysis, latents: list[int], n_documents: int) -> tuple[list[list[int]], list[int]]:
     """The patched documents: the first ``n_documents`` of the held-out rows read, and each latent's top document
-    (so that every latent fires somewhere), tokenised again (checked against the store), with their numbers."""
+    (so that every latent fires somewhere), as the KL pass tokenised them, with their numbers."""
     store, encoded = analysis.run.store, analysis.encoded
     seq = store.positions(encoded.rows)[0].numpy()
     chosen = list(dict.fromkeys(seq.tolist()))[:n_documents]
@@ -121,9 +121,7 @@ def _documents(analysis: Analysis, latents: list[int], n_documents: int) -> tupl
         if len(fired):
             chosen.append(int(seq[encoded.token[fired[encoded.value[fired].argmax()]]]))
     chosen = sorted(set(chosen))
-    first_rows = [int(encoded.rows[np.searchsorted(seq, number)]) for number in chosen]
-    sequences, first = stored_documents(store, analysis.pair.tokenizer, np.array(first_rows))
-    return [sequences[number - first] for number in chosen], chosen
+    return [analysis.divergence.document(number) for number in chosen], chosen
 
 
 def _random_directions(deltas: torch.Tensor, seed: int) -> torch.Tensor:
@@ -340,10 +338,8 @@ def steer(
     largest = float(analysis.encoded.value[fired].max())
     vector = (raw.W_dec[latent, other] - raw.W_dec[latent, model_index]).detach() * largest
     traced = TracedPair(pair, cfg.site, cfg.layer)
-    rows = _top_rows(analysis, latent, 4 * n_prompts)
-    sequences, first = stored_documents(store, pair.tokenizer, np.array(rows))
-    seq, pos = (t.tolist() for t in store.positions(rows))
-    prompts = dict.fromkeys(tuple(sequences[d - first][: p + 1]) for d, p in zip(seq, pos))  # distinct, in order
+    seq, pos = (t.tolist() for t in store.positions(_top_rows(analysis, latent, 4 * n_prompts)))
+    prompts = dict.fromkeys(tuple(analysis.divergence.document(d)[: p + 1]) for d, p in zip(seq, pos))  # distinct
     decode = lambda ids: pair.tokenizer.decode(_until_end(ids, pair.tokenizer.eos_token_id))
     steerings = []
     scale = torch.tensor(alphas, dtype=torch.float32, device=traced.device)[:, None]

@@ -27,6 +27,15 @@ class TokenDivergence(NamedTuple):
     """[n] KL(finetuned ‖ base) of the next-token distributions at each row, nats."""
     activation_difference: torch.Tensor
     """[n] ‖x_finetuned − x_base‖ at the site, normalised units."""
+    documents: list[list[int]]
+    """The token ids of the documents ``rows`` come from, tokenised again and checked against the store (the
+    patching and steering run on them without tokenising the dataset again)."""
+    first_document: int
+    """The number of ``documents[0]``."""
+
+    def document(self, number: int) -> list[int]:
+        """Document ``number``'s token ids (one of ``rows``' documents)."""
+        return self.documents[number - self.first_document]
 
 
 @torch.no_grad()
@@ -62,7 +71,7 @@ def token_divergence(
     for start in range(0, len(rows), 65_536):  # read in chunks: memory does not grow with max_tokens' rows
         x = store.read(rows[start : start + 65_536]) * factors[None, :, None]
         difference.append((x[:, model_index] - x[:, 0]).norm(dim=-1))
-    return TokenDivergence(rows, kl, torch.cat(difference))
+    return TokenDivergence(rows, kl, torch.cat(difference), sequences, first)
 
 
 @torch.no_grad()
