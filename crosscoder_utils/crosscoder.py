@@ -11,6 +11,7 @@ The variants differ only in ``_select`` (which latents stay active) and in the s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,19 +54,31 @@ class Losses:
     """L0: mean number of active latents per token (monitored, not optimised)."""
     aux_loss: torch.Tensor
     """Dead-latent auxiliary loss (0 when there are no dead latents or aux_coeff is 0)."""
-    explained_variance: torch.Tensor
-    """1 − Σ Var(x − x̂) / Σ Var(x), summed over models and d_model."""
-    explained_variance_per_model: torch.Tensor
-    """[n_models]: the same per model (model 0 the base)."""
+    x: torch.Tensor
+    """[batch, n_models, d_model] the batch, and ``x_hat`` its reconstruction, both detached: the explained
+    variance is computed from them when read (training reads it only at the steps it logs)."""
+    x_hat: torch.Tensor
+
+    @functools.cached_property
+    def _explained(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return explained_variance(self.x, self.x_hat)
+
+    @property
+    def explained_variance(self) -> torch.Tensor:
+        """1 − Σ Var(x − x̂) / Σ Var(x), summed over models and d_model."""
+        return self._explained[0]
+
+    @property
+    def explained_variance_per_model(self) -> torch.Tensor:
+        """[n_models]: the same per model (model 0 the base)."""
+        return self._explained[1]
 
     def metrics(self) -> dict[str, float]:
-        """Every value as a float under its field's name; the per-model explained variance as
+        """Every loss as a float under its field's name, the explained variance, and per model as
         explained_variance_A (the base), explained_variance_B, ... (``config.explained_variance_metric``)."""
-        out = {
-            f.name: getattr(self, f.name).item()
-            for f in dataclasses.fields(self)
-            if f.name != "explained_variance_per_model"
-        }
+        out = {f.name: getattr(self, f.name).item() for f in dataclasses.fields(self) if f.name not in ("x", "x_hat")}
+        out["explained_variance"] = self.explained_variance.item()
         out.update({explained_variance_metric(m): v.item() for m, v in enumerate(self.explained_variance_per_model)})
         return out
 
@@ -297,9 +310,7 @@ class CrossCoder(nn.Module):
                 self.tokens_since_fired += len(x) * distributed.world_size()
                 self.tokens_since_fired[fired_anywhere] = 0
         loss = l2_loss + cfg.aux_coeff * aux_loss + l1_coeff * penalty
-        with torch.no_grad():
-            ev, ev_per_model = explained_variance(x, x_hat)
-        return Losses(loss, l2_loss, l1_loss, penalty, l0_loss, aux_loss, ev, ev_per_model)
+        return Losses(loss, l2_loss, l1_loss, penalty, l0_loss, aux_loss, x.detach(), x_hat.detach())
 
     def dead_latents(self) -> torch.Tensor:
         """bool [dict_size]: latents that have not fired for ``dead_tokens`` training tokens."""

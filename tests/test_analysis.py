@@ -129,7 +129,7 @@ def test_difference_table_kinds_scores_and_ranking(tmp_path):
     encoded = A.encode(cc, store, torch.ones(2), "val", 512)
     kl = torch.rand(2000, generator=torch.Generator().manual_seed(2))
     kl[val[:, 1] > 0] += 5  # the models differ most where latent 1 fires
-    divergence = A.TokenDivergence(np.arange(2000, 4000), kl, torch.zeros(2000), [], 0)
+    divergence = A.TokenDivergence(np.arange(2000, 4000), kl, torch.zeros(2000), [], 0, 0.0)
     table = A.difference_table(cc, encoded, divergence, changed_cosine=0.5)
     assert table.kind == ["finetuned-only", "base-only", "changed", "shared", "dead"]
     expected = [float((val[:, i] * kl).sum() / val[:, i].sum()) for i in range(4)]

@@ -16,7 +16,6 @@ from ..analysis import (
     difference_scores,
     distinct_top,
     ranking,
-    token_divergence,
 )
 from ..analysis.encoding import encode
 from ..analysis.health import dictionary_health
@@ -66,16 +65,12 @@ def crosscoder_method(analysis: Analysis, n_top: int = 20) -> Method:
 
 
 def token_map_methods(analysis: Analysis) -> list[Method]:
-    """The per-token KL(ft ‖ base) and ‖Δx‖ of 04's token divergence, one candidate each (timed again here:
-    the two models' forwards over the held-out documents)."""
-    start = time.perf_counter()
-    divergence = token_divergence(
-        analysis.pair, analysis.run.store, analysis.run.norm_factors, max_tokens=len(analysis.encoded.rows)
-    )
-    seconds = time.perf_counter() - start
+    """The per-token KL(ft ‖ base) and ‖Δx‖ of 04's token divergence (``analysis.divergence``), one candidate
+    each, with the seconds that pass took (the two models' forwards over the held-out documents)."""
+    divergence = analysis.divergence
     return [
-        Method("per-token KL", [0], divergence.kl[:, None], False, seconds),
-        Method("‖Δx‖", [0], divergence.activation_difference[:, None], False, seconds),
+        Method("per-token KL", [0], divergence.kl[:, None], False, divergence.seconds),
+        Method("‖Δx‖", [0], divergence.activation_difference[:, None], False, divergence.seconds),
     ]
 
 

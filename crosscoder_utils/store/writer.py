@@ -122,10 +122,14 @@ class StoreWriter:
             return stats
         flat = check_finite(activations, seq, pos, self.dtype)
         name = f"shard_{block:05d}"
+        # progress bars off for a shard's save, back on only if they were on (with HF_DATASETS_DISABLE_PROGRESS_BARS
+        # set, as make demo sets it, turning them on warns)
+        bars = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()
         table = shard_table(flat, token_ids, seq, pos)
         datasets.Dataset(InMemoryTable(table)).save_to_disk(str(self.shards / f".tmp_{name}"))
-        datasets.enable_progress_bars()
+        if bars:
+            datasets.enable_progress_bars()
         os.replace(self.shards / f".tmp_{name}", self.shards / name)
         acts64 = activations.double().cpu()
         sums = [acts64.sum(0).flatten(), acts64.norm(dim=-1).sum(0), torch.tensor([len(activations), 1.0])]
