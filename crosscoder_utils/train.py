@@ -388,6 +388,7 @@ def train_steps(
             if rank == 0:
                 save_checkpoint(run_dir, crosscoder, optimizer, scheduler, step + 1)
             distributed.barrier()
+        del out  # it holds the batch's reconstruction: not kept through the next step's forward
     return first_bad
 
 

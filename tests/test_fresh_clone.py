@@ -1,6 +1,7 @@
 """A newcomer's first steps on a fresh clone: `make demo` (small settings, `PARAMS`), then every papermill example
 of the README, as written, after it. Each step's reuse of what it built before is tested where the step is
-(test_organism, test_notebooks, test_train, test_methods)."""
+(test_organism: the organism; test_notebooks: 03 and 05 run again; test_train: a run; test_methods: the seeds'
+crosscoders and the diff-SAE)."""
 
 import re
 import shlex
@@ -24,7 +25,7 @@ EXAMPLE_SIZE = {  # appended to the README's examples, by notebook
         "train_tokens": 25_600,
         "dead_tokens": 10_000,
     },
-    "04_analyze": {"n_patched": 4, "patch_documents": 8},
+    "04_analyze": {"n_eval_sequences": 8, "n_patched": 4, "patch_documents": 8},
 }
 
 

@@ -120,6 +120,14 @@ def test_the_score_where_a_candidate_fires_at_all_is_its_f1_above_zero(organisms
         assert match.f1_firing <= match.f1 + 1e-6
 
 
+def test_the_diff_sae_is_read_back_when_compared_again(organisms):
+    analysis, _, _ = organisms[0]
+    weights = analysis.run_dir.parent / "compare/diff_sae/seed-0/run/crosscoder.safetensors"
+    before = weights.stat().st_mtime_ns
+    again = methods.diff_sae_method(analysis, analysis.run_dir.parent / "compare/diff_sae")
+    assert weights.stat().st_mtime_ns == before and again.seed == 0
+
+
 def test_the_other_seeds_are_trained_once_and_scored_as_the_verdict_counts(organisms):
     analysis, _, _ = organisms[0]
     weights = analysis.run_dir / "seeds/1/crosscoder.safetensors"

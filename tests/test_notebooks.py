@@ -108,9 +108,11 @@ def test_analyze_notebook_leads_with_the_verdict(demo):
 
 
 @pytest.fixture
-def demo_run(demo, monkeypatch):
-    """The demo's run, its relative paths read as the clone's (they are recorded relative to the repository)."""
+def demo_run(demo, monkeypatch, tmp_path):
+    """The demo's run, its relative paths read as the clone's (they are recorded relative to the repository), from
+    another folder (a relative path must not be found where the tests run from)."""
     monkeypatch.setattr("crosscoder_utils.files.REPO", demo)
+    monkeypatch.chdir(tmp_path)
     return load_run(demo / RUN)
 
 
@@ -136,22 +138,24 @@ def test_a_crosscoder_loaded_with_its_card_knows_what_it_reads(demo_run, tmp_pat
     assert provenance["d_model"] == 64 and provenance["units"] == "raw"
 
 
-def run_again(demo: Path, name: str, folder: Path):
-    """The demo's notebook ``name`` run again in the clone, with the demo's parameters, its report into ``folder``."""
+def run_again(demo: Path, name: str, folder: Path, monkeypatch):
+    """The demo's notebook ``name`` run again in the clone (its package), with the demo's parameters, its report
+    into ``folder``."""
+    monkeypatch.setenv("PYTHONPATH", str(demo))
     return run_notebook(name, folder, cwd=demo, **SMALL[name])
 
 
-def test_running_train_again_reuses_the_finished_run(demo, tmp_path):
+def test_running_train_again_reuses_the_finished_run(demo, tmp_path, monkeypatch):
     written = (demo / RUN / "crosscoder.safetensors").stat().st_mtime_ns
-    again = run_again(demo, "03_train", tmp_path)
+    again = run_again(demo, "03_train", tmp_path, monkeypatch)
     assert (demo / RUN / "crosscoder.safetensors").stat().st_mtime_ns == written
-    assert "final: step 100" in outputs_text(again)
+    assert "read back, not trained again" in outputs_text(again) and "final: step 100" in outputs_text(again)
 
 
-def test_running_ground_truth_again_reuses_its_store_and_run(demo, tmp_path):
+def test_running_ground_truth_again_reuses_its_store_and_run(demo, tmp_path, monkeypatch):
     run_dir = demo / "outputs/ground_truth/relu"  # 05's default run_dir
     written = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.safetensors")}
-    run_again(demo, "05_ground_truth", tmp_path)
+    run_again(demo, "05_ground_truth", tmp_path, monkeypatch)
     assert written and {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.safetensors")} == written
 
 

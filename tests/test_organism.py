@@ -75,10 +75,13 @@ def test_a_build_with_other_settings_is_refused_not_mixed(organism):
         build_organism(cfg)
 
 
-def test_build_is_deterministic_for_a_seed(organism, tmp_path):
-    again = build_organism(OrganismConfig(out_dir=str(tmp_path / "again"), **TINY))
+def test_build_is_deterministic_for_a_seed(organism, demo):
+    """The same seed built here and by the small demo's 00 (another process, from the notebook's parameters)."""
+    again = demo / "outputs/organism"
     for part in ("base", "finetuned"):
-        first, second = (load_file(f"{getattr(o, part)}/model.safetensors") for o in (organism, again))
+        first, second = (
+            load_file(f"{folder}/{part}/model.safetensors") for folder in (Path(organism.base).parent, again)
+        )
         assert all(torch.equal(first[k], second[k]) for k in first)
 
 

@@ -34,10 +34,16 @@ class TokenDivergence(NamedTuple):
     first_document: int
     """The number of ``documents[0]``."""
     seconds: float
-    """What computing it took: the two models' forwards over the documents (06 reports it as the methods' cost)."""
+    """What computing it took: tokenising the documents again, both models' forwards over them and the store's
+    reads (06 reports it as the per-token methods' cost)."""
 
     def document(self, number: int) -> list[int]:
-        """Document ``number``'s token ids (one of ``rows``' documents)."""
+        """Document ``number``'s token ids; it must be one of ``rows``' documents."""
+        if not 0 <= number - self.first_document < len(self.documents):
+            raise ValueError(
+                f"document {number} is not among the held-out documents read ({self.first_document} to "
+                f"{self.first_document + len(self.documents) - 1})"
+            )
         return self.documents[number - self.first_document]
 
 
