@@ -101,9 +101,15 @@ def refuse_if_held(lock: Path) -> None:
     """Refuse when another live process holds ``lock``; take nothing (a call that may still be refused for
     another reason checks this, so that it leaves the lock as it found it)."""
     try:
-        holder = int(lock.read_text() or 0)
+        text = lock.read_text().strip()
     except FileNotFoundError:
         return
+    if not text.isdigit() and text:
+        raise ValueError(
+            f"the lock file {lock} holds {text[:40]!r}, not a process id: delete it if no process writes in "
+            f"{lock.parent}"
+        )
+    holder = int(text or 0)
     if holder not in (0, os.getpid()) and alive(holder):
         raise RuntimeError(
             f"{lock.parent} is being written by process {holder} (lock file {lock}); wait for it to "

@@ -36,7 +36,16 @@ from safetensors.torch import load_file
 from . import distributed
 from .config import CrossCoderConfig, TrainConfig, explained_variance_metric, model_roles
 from .crosscoder import CrossCoder, finite
-from .files import check_same_settings, portable, read_json, refuse_if_held, resolve, take_lock, write_json
+from .files import (
+    check_same_settings,
+    parse_json,
+    portable,
+    read_json,
+    refuse_if_held,
+    resolve,
+    take_lock,
+    write_json,
+)
 from .models import resolve_device
 from .normalize import load_norm_factors
 from .source import ModelSource
@@ -51,7 +60,7 @@ def finished(run_dir: str | Path, overwrite: bool = False) -> bool:
 
 def store_identity(store: ActivationStore) -> dict:
     """What a run records of its store (and of how it is shuffled), to refuse resuming on another one."""
-    keys = ("models", "site", "layer", "d_model", "n_models", "n_tokens", "settings")
+    keys = ("models", "site", "layer", "d_model", "n_models", "n_tokens", "dtype", "val_fraction", "settings")
     return {**{k: store.meta.get(k) for k in keys}, "window_rows": store.window_rows}
 
 
@@ -110,6 +119,17 @@ def prepare_run(
     """Fill the crosscoder's shape from the source and check the run against it and ``run_dir`` before
     anything is written: returns the config and the identity run.json records (``write_run``)."""
     refuse_if_held(run_dir / "train.lock")  # another process trains this run; taken once every check has passed
+    if (
+        isinstance(store, ActivationStore)
+        and not store.remote
+        and Path(store.path).resolve().is_relative_to(run_dir.resolve())
+    ):
+        raise ValueError(f"run_dir {run_dir} holds the store it trains on ({store.path}): give the run its own folder")
+    if cfg.overwrite and run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "run.json").exists():
+        raise ValueError(
+            f"overwrite=True deletes run_dir, and {run_dir} holds files but no run (no run.json): give a run's "
+            "folder or a new one"
+        )
     for name in ("d_model", "n_models"):
         given = getattr(cc_cfg, name)
         if given is not None and given != store.meta[name]:
@@ -258,7 +278,9 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     if not finished(run_dir):
         raise FileNotFoundError(f"{run_dir} holds no finished run (no crosscoder.safetensors): train it with 03_train")
     record = read_json(run_dir / "run.json")
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        parse_json(line, run_dir / "metrics.jsonl") for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     factors = torch.tensor(read_json(run_dir / "norm_factors.json")["norm_factors"])
     store = ActivationStore(resolve(record["store"]))
     remedy = f"point {run_dir / 'run.json'}'s store at the store the run was trained on, or train again"

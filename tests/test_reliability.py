@@ -125,6 +125,35 @@ def test_a_fresh_run_on_a_shard_with_corrupted_positions_is_refused_naming_it(st
     assert not (tmp_path / "run/crosscoder.safetensors").exists()
 
 
+@pytest.mark.parametrize("option", [{"val_fraction": 0.5}, {"dtype": "bfloat16"}, {"models": ["a", "b"]}])
+def test_the_same_arrays_written_again_with_other_options_are_refused(tmp_path, option):
+    x = torch.randn(4000, 2, 16) * torch.tensor([1.0, 3.0])[None, :, None]
+    first = ActivationStore.from_arrays(tmp_path / "arrays", x, shard_size=1000)
+    before = tree(first.path)
+    with pytest.raises(ValueError, match="holds an activation store made with other settings"):
+        ActivationStore.from_arrays(tmp_path / "arrays", x, shard_size=1000, **option)
+    assert tree(first.path) == before
+
+
+@pytest.mark.parametrize("where", ["the store's folder", "a folder of other files"])
+def test_overwrite_never_deletes_what_is_not_a_run(store, tmp_path, where):
+    run_dir = Path(store.path) if where == "the store's folder" else tmp_path / "notes"
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "analysis.ipynb").write_text("{}")
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match="holds the store it trains on|holds files but no run"):
+        train_crosscoder(TrainConfig(**CFG, overwrite=True), store, run_dir, CC)
+    assert tree(tmp_path) == before
+
+
+def test_a_resume_on_a_store_whose_split_was_edited_is_refused(store, tmp_path):
+    train_crosscoder(TrainConfig(**CFG), store, tmp_path / "run", CC)
+    (tmp_path / "run/crosscoder.safetensors").unlink()  # as a run killed after its checkpoint leaves it
+    edit_meta(store, lambda meta: meta.update(val_fraction=0.5))
+    with pytest.raises(ValueError, match="val_fraction"):
+        train_crosscoder(TrainConfig(**CFG, resume=True), ActivationStore(store.path), tmp_path / "run", CC)
+
+
 @pytest.mark.parametrize("factors", [[float("nan"), 1.0], [0.0, 1.0], [-1.0, 1.0], [1.0]])
 def test_bad_norm_factors_are_refused_naming_norm_json(store, tmp_path, factors):
     store.write_json("norm.json", {"norm_factors": factors})
@@ -327,6 +356,21 @@ def test_a_second_writer_is_refused_naming_the_process(tmp_path):
     assert not (tmp_path / "s/writer.lock").exists()
 
 
+def test_a_lock_file_that_holds_no_process_id_is_refused_naming_it(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s/writer.lock").write_text("abc")
+    with pytest.raises(ValueError, match=r"lock file .*writer.lock holds 'abc', not a process id"):
+        ActivationStore.from_arrays(tmp_path / "s", torch.ones(10, 2, 4), shard_size=1)
+
+
+def test_a_run_whose_metrics_were_cut_is_refused_naming_the_file(store, tmp_path):
+    train_crosscoder(TrainConfig(**CFG), store, tmp_path / "run", CC)
+    metrics = tmp_path / "run/metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-20])
+    with pytest.raises(ValueError, match=r"metrics.jsonl is not valid JSON .*the file is damaged"):
+        load_run(tmp_path / "run")
+
+
 def test_damaged_files_are_named(store):
     shard = next(Path(store.path, "shards/shard_00001").glob("*.arrow"))
     shard.write_bytes(shard.read_bytes()[:100])  # truncated
@@ -383,7 +427,7 @@ def test_a_config_value_of_the_wrong_type_is_refused_naming_the_field():
 
 
 def test_an_export_with_non_finite_weights_is_refused_at_load(store, tmp_path):
-    train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 10 * 256}), store, tmp_path / "run", CC)
+    train_crosscoder(TrainConfig(**CFG), store, tmp_path / "run", CC)
     weights = load_file(tmp_path / "run/crosscoder.safetensors")
     weights["W_enc"][0, 0, 0] = float("nan")
     save_file(weights, tmp_path / "run/crosscoder.safetensors")
@@ -393,7 +437,7 @@ def test_an_export_with_non_finite_weights_is_refused_at_load(store, tmp_path):
 
 @pytest.mark.parametrize("name", ["run.json", "cfg.json", "norm_factors.json", "crosscoder.safetensors"])
 def test_a_damaged_run_file_is_named(store, tmp_path, name):
-    train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 10 * 256}), store, tmp_path / "run", CC)
+    train_crosscoder(TrainConfig(**CFG), store, tmp_path / "run", CC)
     path = tmp_path / "run" / name
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(ValueError, match=rf"{name}.*damaged|cannot be read .*damaged"):

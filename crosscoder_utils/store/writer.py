@@ -124,12 +124,14 @@ class StoreWriter:
         name = f"shard_{block:05d}"
         # progress bars off for a shard's save, back on only if they were on (with HF_DATASETS_DISABLE_PROGRESS_BARS
         # set, as make demo sets it, turning them on warns)
-        bars = datasets.is_progress_bar_enabled()
+        bars = not datasets.are_progress_bars_disabled()
         datasets.disable_progress_bars()
-        table = shard_table(flat, token_ids, seq, pos)
-        datasets.Dataset(InMemoryTable(table)).save_to_disk(str(self.shards / f".tmp_{name}"))
-        if bars:
-            datasets.enable_progress_bars()
+        try:
+            table = shard_table(flat, token_ids, seq, pos)
+            datasets.Dataset(InMemoryTable(table)).save_to_disk(str(self.shards / f".tmp_{name}"))
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
         os.replace(self.shards / f".tmp_{name}", self.shards / name)
         acts64 = activations.double().cpu()
         sums = [acts64.sum(0).flatten(), acts64.norm(dim=-1).sum(0), torch.tensor([len(activations), 1.0])]
@@ -205,7 +207,8 @@ def write_arrays(
     """Write a store from activations you already have: [n, n_models, d_model] (tensor or array), with
     optional ``token_ids`` [n] and ``positions`` (sequence index [n], position in the sequence [n]; else each
     row is a sequence of its own); ``meta`` adds or overrides entries of meta.json (e.g. ``models``). A store
-    written before from the same arrays (their sha256) is reused; one from other arrays is refused."""
+    written before from the same arrays (their sha256) and options is reused; one from other arrays or options is
+    refused."""
     activations = torch.as_tensor(activations)
     check_range("shard_size", shard_size, above=0)
     check_range("val_fraction", val_fraction, at_least=0, below=1)
@@ -232,7 +235,11 @@ def write_arrays(
     for start in range(0, n, shard_size):  # every row checked before anything is written
         part = slice(start, start + shard_size)
         check_finite(activations[part], seq[part], pos[part], dtype)
-    settings = arrays_settings(activations, token_ids, shard_size, *([] if positions is None else [seq, pos]))
+    settings = {  # the arrays and every option: a store written before with other options is refused, not reused
+        **arrays_settings(activations, token_ids, shard_size, *([] if positions is None else [seq, pos])),
+        "dtype": dtype,
+        "meta": meta,
+    }
     writer = StoreWriter(path, settings, n_models, d_model, dtype)
     if writer.complete:  # written before from the same arrays: reused
         return writer.path
