@@ -356,6 +356,12 @@ def test_a_second_writer_is_refused_naming_the_process(tmp_path):
     assert not (tmp_path / "s/writer.lock").exists()
 
 
+@pytest.mark.parametrize("row", [4000, -1])
+def test_a_row_outside_the_store_is_refused_naming_it(store, row):
+    with pytest.raises(IndexError, match=rf"row {row} is outside the store at .*: its rows are 0 to 3999"):
+        store.read([5, row])
+
+
 def test_a_lock_file_that_holds_no_process_id_is_refused_naming_it(tmp_path):
     (tmp_path / "s").mkdir()
     (tmp_path / "s/writer.lock").write_text("abc")

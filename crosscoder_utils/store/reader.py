@@ -194,6 +194,9 @@ class ActivationStore:
     def _take(self, indices, column: str) -> np.ndarray:
         """The values of one column at ``indices``, in the order asked for, read shard by shard."""
         indices = np.asarray(indices, dtype=np.int64)
+        outside = indices[(indices < 0) | (indices >= len(self))]
+        if len(outside):
+            raise IndexError(f"row {outside[0]} is outside the store at {self.path}: its rows are 0 to {len(self) - 1}")
         order = np.argsort(indices, kind="stable")
         parts = []
         for s, in_shard in groups(indices[order], self.shard_starts):
