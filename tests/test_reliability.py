@@ -433,7 +433,7 @@ def test_a_config_value_of_the_wrong_type_is_refused_naming_the_field():
 
 
 def test_an_export_with_non_finite_weights_is_refused_at_load(store, tmp_path):
-    train_crosscoder(TrainConfig(**CFG), store, tmp_path / "run", CC)
+    train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 10 * 256}), store, tmp_path / "run", CC)
     weights = load_file(tmp_path / "run/crosscoder.safetensors")
     weights["W_enc"][0, 0, 0] = float("nan")
     save_file(weights, tmp_path / "run/crosscoder.safetensors")
@@ -443,7 +443,7 @@ def test_an_export_with_non_finite_weights_is_refused_at_load(store, tmp_path):
 
 @pytest.mark.parametrize("name", ["run.json", "cfg.json", "norm_factors.json", "crosscoder.safetensors"])
 def test_a_damaged_run_file_is_named(store, tmp_path, name):
-    train_crosscoder(TrainConfig(**CFG), store, tmp_path / "run", CC)
+    train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 10 * 256}), store, tmp_path / "run", CC)
     path = tmp_path / "run" / name
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(ValueError, match=rf"{name}.*damaged|cannot be read .*damaged"):
