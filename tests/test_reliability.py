@@ -335,7 +335,7 @@ LOCKED = """
 import sys, time
 import numpy as np, torch
 from crosscoder_utils.store.writer import StoreWriter, arrays_settings
-StoreWriter(sys.argv[1], arrays_settings(torch.ones(10, 2, 4), np.full(10, -1), 1), 2, 4, "float32")
+StoreWriter(sys.argv[1], arrays_settings(torch.ones(10, 2, 4), np.full(10, -1), 1, "float32", {}), 2, 4, "float32")
 print("locked", flush=True)
 time.sleep(60)
 """

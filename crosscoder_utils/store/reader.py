@@ -194,12 +194,13 @@ class ActivationStore:
     def _take(self, indices, column: str) -> np.ndarray:
         """The values of one column at ``indices``, in the order asked for, read shard by shard."""
         indices = np.asarray(indices, dtype=np.int64)
-        outside = indices[(indices < 0) | (indices >= len(self))]
-        if len(outside):
-            raise IndexError(f"row {outside[0]} is outside the store at {self.path}: its rows are 0 to {len(self) - 1}")
         order = np.argsort(indices, kind="stable")
+        ordered = indices[order]
+        if len(ordered) and (ordered[0] < 0 or ordered[-1] >= len(self)):  # the smallest and the largest asked for
+            outside = ordered[0] if ordered[0] < 0 else ordered[-1]
+            raise IndexError(f"row {outside} is outside the store at {self.path}: its rows are 0 to {len(self) - 1}")
         parts = []
-        for s, in_shard in groups(indices[order], self.shard_starts):
+        for s, in_shard in groups(ordered, self.shard_starts):
             shard = self._shard(s)
             parts += [shard.columns[column][b][rows] for b, rows in groups(in_shard, shard.starts)]
         values = np.concatenate(parts)

@@ -186,12 +186,21 @@ def check_finite(activations: torch.Tensor, seq, pos, dtype: str) -> np.ndarray:
     return flat
 
 
-def arrays_settings(activations: torch.Tensor, token_ids: np.ndarray, shard_size: int, *positions) -> dict:
-    """What identifies a store written from arrays: their size, sha256 and the shard size."""
+def arrays_settings(
+    activations: torch.Tensor, token_ids: np.ndarray, shard_size: int, dtype: str, meta: dict, *positions
+) -> dict:
+    """What identifies a store written from arrays: their size and sha256, and every option (the shard size, the
+    storage dtype, meta.json's entries): a store written before with other options is refused, not reused."""
     digest = hashlib.sha256(activations.detach().cpu().contiguous().view(torch.uint8).numpy().data)
     for array in (token_ids, *positions):
         digest.update(np.ascontiguousarray(array).data)
-    return {"from_arrays": len(activations), "shard_size": shard_size, "sha256": digest.hexdigest()}
+    return {
+        "from_arrays": len(activations),
+        "shard_size": shard_size,
+        "sha256": digest.hexdigest(),
+        "dtype": dtype,
+        "meta": meta,
+    }
 
 
 def write_arrays(
@@ -235,11 +244,9 @@ def write_arrays(
     for start in range(0, n, shard_size):  # every row checked before anything is written
         part = slice(start, start + shard_size)
         check_finite(activations[part], seq[part], pos[part], dtype)
-    settings = {  # the arrays and every option: a store written before with other options is refused, not reused
-        **arrays_settings(activations, token_ids, shard_size, *([] if positions is None else [seq, pos])),
-        "dtype": dtype,
-        "meta": meta,
-    }
+    settings = arrays_settings(
+        activations, token_ids, shard_size, dtype, meta, *([] if positions is None else [seq, pos])
+    )
     writer = StoreWriter(path, settings, n_models, d_model, dtype)
     if writer.complete:  # written before from the same arrays: reused
         return writer.path
