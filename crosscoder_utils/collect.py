@@ -49,7 +49,10 @@ def load_texts(dataset: str | list, split: str, text_column: str, tokenizer) -> 
         if (saved / "state.json").exists() and not read_json(saved / "state.json")["_data_files"]:
             return []  # saved with no rows: datasets cannot load it back (an IndexError inside it)
         data = datasets.load_from_disk(str(path))
-        data = data[split] if isinstance(data, datasets.DatasetDict) else data
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise ValueError(f"dataset {dataset!r} has no split {split!r}; its splits are {list(data)}")
+            data = data[split]
     else:
         data = datasets.load_dataset(str(dataset), split=split, streaming=not path.exists())
     if text_column not in (data.column_names or [text_column]):
@@ -152,11 +155,27 @@ class TracedPair:
         tokenizer = pair.tokenizer
         self.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
         self.device = pair.base.device
+        self.limits = [
+            (name, model.get_input_embeddings().num_embeddings, getattr(model.config, "max_position_embeddings", None))
+            for name, model in zip(pair.names, pair.models)
+        ]
+        """Each model's name, embedding rows and positions: ``pad`` refuses token ids and lengths past them."""
 
     def pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """input_ids, attention_mask and position_ids [batch, max_len] on the models' device; positions
         count real tokens only."""
-        length = max(map(len, sequences))
+        length, top = max(map(len, sequences)), max(map(max, sequences))
+        for name, n_embeddings, n_positions in self.limits:  # an IndexError deep in the forward otherwise
+            if top >= n_embeddings:
+                raise ValueError(
+                    f"token id {top} is past {name!r}'s embedding ({n_embeddings} rows): the tokenizer (the base's) "
+                    "is not this model's; give both models the same vocabulary"
+                )
+            if n_positions and length > n_positions:
+                raise ValueError(
+                    f"a sequence of {length} tokens is longer than {name!r}'s {n_positions} positions "
+                    f"(max_position_embeddings): lower seq_len to {n_positions} or less"
+                )
         ids = torch.full((len(sequences), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, seq in enumerate(sequences):

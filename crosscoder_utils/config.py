@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 from dataclasses import dataclass, field
 from operator import ge, gt, le, lt
@@ -104,10 +105,12 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
 
 
-def check_range(name: str, value, at_least=None, above=None, at_most=None, below=None, optional=False) -> None:
-    """Refuse a ``value`` that is not a number within the bounds given: ``at_least`` or ``above`` (lower,
-    inclusive or exclusive), ``at_most`` or ``below`` (upper). ``optional``: None is allowed, where it stands
-    for an automatic default. NaN fails every comparison, so it is refused too."""
+def check_range(
+    name: str, value, at_least=None, above=None, at_most=None, below=None, optional=False, integer=False
+) -> None:
+    """Refuse a ``value`` that is not a finite number within the bounds given: ``at_least`` or ``above`` (lower,
+    inclusive or exclusive), ``at_most`` or ``below`` (upper); ``integer``: an int. ``optional``: None is allowed,
+    where it stands for an automatic default. NaN and inf are refused whatever the bounds."""
     if value is None and optional:
         return
     bounds = [
@@ -115,14 +118,20 @@ def check_range(name: str, value, at_least=None, above=None, at_most=None, below
         for bound, sign, test in ((at_least, ">=", ge), (above, ">", gt), (at_most, "<=", le), (below, "<", lt))
         if bound is not None
     ]
-    if isinstance(value, numbers.Real) and not isinstance(value, bool) and all(t(value, b) for b, _, t in bounds):
+    kind = numbers.Integral if integer else numbers.Real
+    if (
+        isinstance(value, kind)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and all(t(value, b) for b, _, t in bounds)
+    ):
         return
     if len(bounds) == 2:
         (low, low_sign, _), (high, high_sign, _) = bounds
         valid = f"in {'[' if low_sign == '>=' else '('}{low}, {high}{']' if high_sign == '<=' else ')'}"
     else:
         valid = f"{bounds[0][1]} {bounds[0][0]}"
-    raise ValueError(f"{name} must be {valid}{' or None' if optional else ''}, got {value!r}")
+    raise ValueError(f"{name} must be {'an integer ' * integer}{valid}{' or None' if optional else ''}, got {value!r}")
 
 
 @dataclass

@@ -397,7 +397,7 @@ class CrossCoder(nn.Module):
             model = cls(CrossCoderConfig.load(directory / "cfg.json"))
             weights = load_file(directory / "crosscoder.safetensors", device=device)
             model.load_state_dict(weights)
-        except (ValueError, RuntimeError, OSError, SafetensorError) as error:  # JSON, file and shape errors
+        except (ValueError, TypeError, RuntimeError, OSError, SafetensorError) as error:  # JSON, field, file, shape
             if isinstance(error, FileNotFoundError):
                 raise
             raise ValueError(

@@ -28,17 +28,24 @@ def resolve(path: str) -> str:
     return path if "://" in path or Path(path).is_absolute() else str(REPO / path)
 
 
-def parse_json(text: str | bytes, where) -> dict:
-    """The JSON in ``text`` read from the file ``where``, or an error naming that file when it is damaged."""
+def parse_json(text: str | bytes, where, keys: tuple[str, ...] = ()) -> dict:
+    """The JSON object in ``text`` read from the file ``where``, holding each of ``keys``, or an error naming that
+    file when it is damaged (not JSON, not an object, or lacking a key)."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"{where} is not valid JSON ({error}): the file is damaged") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} holds {json.dumps(value)[:40]}, not a JSON object: the file is damaged")
+    missing = [key for key in keys if key not in value]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}: the file is damaged")
+    return value
 
 
-def read_json(path: str | Path) -> dict:
-    """A local JSON file, or an error naming it when it is damaged (``parse_json``)."""
-    return parse_json(Path(path).read_text(), path)
+def read_json(path: str | Path, keys: tuple[str, ...] = ()) -> dict:
+    """A local JSON file holding each of ``keys``, or an error naming it when it is damaged (``parse_json``)."""
+    return parse_json(Path(path).read_text(), path, keys)
 
 
 def write_json(path: str | Path, value: dict) -> None:

@@ -125,6 +125,8 @@ def local_or_hub(name: str | Path, repo_type: str = "model") -> str | Path:
     ``name`` that is not on disk is a Hub id, and when the Hub cannot be reached (``hub_unreachable``) only one
     in the local Hub cache (of ``repo_type``) is: any other is refused at once, naming it."""
     path = Path(name).expanduser()
+    if path.is_file() and repo_type == "model":
+        raise NotADirectoryError(f"{path} is a file, not a model directory: give the folder that holds config.json")
     if path.exists():
         return path
     text = str(name)
@@ -289,6 +291,12 @@ def resolve_site(model: PreTrainedModel, site: str, layer: int) -> Site:
         modules = dict(model.named_modules())
         if site not in modules:
             raise ValueError(f"site {site!r} is neither one of {list(SITES)} nor a module of {type(model).__name__}")
+        if type(modules[site]).forward is torch.nn.Module.forward:  # a ModuleList or ModuleDict: never called
+            inner = next((f"{site}.{n}" for n, _ in modules[site].named_children()), None)
+            raise ValueError(
+                f"site {site!r} is a {type(modules[site]).__name__} of {type(model).__name__}, a container the model "
+                f"never calls: name a module inside it (such as {inner!r}) or one of {list(SITES)} with a layer"
+            )
         return Site(site, read_input=False)
     blocks_path, attn, mlp = architecture(model)
     n_layers = len(model.get_submodule(blocks_path))

@@ -19,12 +19,14 @@ def estimate_norm_factors(
     Averaged over ``n_batches`` shuffled training batches. Excluded tokens (BOS, chat tokens ...) were
     never stored, so they never count. The factors are written to ``<store>/norm.json``.
     """
-    check_range("n_batches", n_batches, above=0)
-    check_range("tokens_per_batch", tokens_per_batch, above=0)
+    if not isinstance(store, ActivationStore):
+        raise TypeError(f"store must be an ActivationStore (ActivationStore(path) opens one), got {store!r}")
+    check_range("n_batches", n_batches, above=0, integer=True)
+    check_range("tokens_per_batch", tokens_per_batch, above=0, integer=True)
     norms = []
     batches = store.batch_rows(min(tokens_per_batch, len(store.split_range("train"))), seed=seed)
     for rows, _ in zip(batches, progress(range(n_batches), desc="norm factors")):
-        norms.append(store.read(rows).norm(dim=-1).mean(0))
+        norms.append(store.read(rows).double().norm(dim=-1).mean(0))  # float64: a float32 norm overflows past 1e19
         if not torch.isfinite(norms[-1]).all():  # estimating again would read the same rows: name the first
             row = store.first_nonfinite(rows)
             raise ValueError(
@@ -34,7 +36,7 @@ def estimate_norm_factors(
                 "checksums; collect the store again"
             )
     factors = factors_from_norms(
-        torch.stack(norms).mean(0), store.d_model, f"the norm factors estimated from {store.path}"
+        torch.stack(norms).mean(0).float(), store.d_model, f"the norm factors estimated from {store.path}"
     )
     save_norm_factors(store, factors, len(norms))
     return factors

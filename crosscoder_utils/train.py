@@ -296,6 +296,10 @@ def train_crosscoder(
     selection and threshold, the dead-latent counts, the auxiliary loss's normalisation, resampling) is
     global, so the result is single-process training's. Rank 0 logs, checkpoints and exports.
     """
+    if not isinstance(source, (ActivationStore, ModelSource)):
+        raise TypeError(
+            f"source must be an ActivationStore (ActivationStore(path) opens one) or a ModelSource, got {source!r}"
+        )
     run_dir = Path(run_dir).expanduser()
     device = distributed.init_from_env(cfg.device)
     if cfg.tokens_per_step % distributed.world_size():

@@ -520,6 +520,7 @@ def test_a_refused_resume_of_a_dead_run_leaves_its_lock_as_it_was(store, tmp_pat
         ({"n_shared_latents": 4}, {"n_shared_latents": 2}, "n_shared_latents is 2 there, but the weights have 4"),
         ({}, {"variant": "batchtopk"}, "variant is 'batchtopk' there, but the weights hold no BatchTopK threshold"),
         ({"variant": "batchtopk"}, {"variant": "relu"}, "variant is 'relu' there, but the weights hold a BatchTopK"),
+        ({}, {"d_model": "8"}, "d_model must be int | None, got '8' (str)): cfg.json"),
     ],
 )
 def test_a_cfg_json_that_does_not_match_the_weights_is_refused_naming_the_field(tmp_path, trained, edited, field):
@@ -551,3 +552,117 @@ def test_a_resume_checks_the_store_against_its_checksums(store, tmp_path):
     flip_a_byte(store, "shard_00001")
     with pytest.raises(ValueError, match=r"shard shard_00001 of the store at .* is corrupt"):
         train_crosscoder(TrainConfig(**{**CFG, "train_tokens": 20 * 256}, resume=True), store, tmp_path / "run", CC)
+
+
+def test_finite_activations_whose_float32_norm_overflows_get_finite_norm_factors(tmp_path):
+    x = torch.randn(2000, 2, 16)
+    x[:, 1] *= 1e25  # finite in float32; its squared norm is not
+    store = ActivationStore.from_arrays(tmp_path / "s", x)
+    factors = estimate_norm_factors(store, n_batches=2, tokens_per_batch=256)
+    assert torch.allclose(factors * torch.tensor(store.meta["mean_norm"]), torch.tensor(4.0), rtol=0.05)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda store: CrossCoderConfig(l1_coeff=float("inf")), r"l1_coeff must be >= 0, got inf"),
+        (lambda store: estimate_norm_factors(store, n_batches=2.5), r"n_batches must be an integer > 0, got 2.5"),
+        (
+            lambda store: estimate_norm_factors(store, tokens_per_batch=100.5),
+            r"tokens_per_batch must be an integer > 0, got 100.5",
+        ),
+        (lambda store: next(store.batches(0)), r"tokens_per_batch must be an integer > 0, got 0"),
+    ],
+)
+def test_an_infinite_or_fractional_setting_is_refused_naming_it(store, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(store)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda path, tmp_path: estimate_norm_factors(path),
+        lambda path, tmp_path: train_crosscoder(TrainConfig(**CFG), path, tmp_path / "run", CC),
+    ],
+)
+def test_a_store_path_where_a_store_is_expected_is_refused_saying_how_to_open_it(store, tmp_path, call):
+    with pytest.raises(TypeError, match=r"must be an ActivationStore \(ActivationStore\(path\) opens one\)"):
+        call(store.path, tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_norm_json_holding_null_is_refused_as_damaged(store):
+    Path(store.path, "norm.json").write_text("null")
+    with pytest.raises(ValueError, match=r"norm.json holds null, not a JSON object: the file is damaged"):
+        load_norm_factors(store)
+
+
+@pytest.mark.parametrize(
+    "progress, message", [("null", r"holds null, not a JSON object"), ('{"settings": {}}', r"lacks \['n_blocks'")]
+)
+def test_a_damaged_progress_json_is_refused_naming_it(tmp_path, progress, message):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s/progress.json").write_text(progress)
+    with pytest.raises(ValueError, match=rf"progress.json {message}"):
+        ActivationStore.from_arrays(tmp_path / "s", torch.randn(100, 2, 8))
+    assert [p.name for p in (tmp_path / "s").iterdir()] == ["progress.json"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda meta: meta.update(dtype="float64"), r"meta.json gives dtype 'float64', not one of"),
+        (lambda meta: meta.pop("dtype"), r"meta.json lacks \['dtype'\]"),
+        (lambda meta: meta.pop("val_fraction"), r"meta.json lacks \['val_fraction'\]"),
+        (lambda meta: meta.pop("mean_norm"), r"meta.json lacks \['mean_norm'\]"),
+    ],
+)
+def test_a_meta_json_lacking_a_field_or_naming_an_unknown_dtype_is_refused_on_opening(store, edit, message):
+    edit_meta(store, edit)
+    with pytest.raises(ValueError, match=message):
+        ActivationStore(store.path)
+
+
+def small_vocabulary_model(make_model, tokenizer, tmp_path) -> str:
+    """The base's architecture with 150 fewer embedding rows than the tokenizer has tokens."""
+    config = transformers.AutoConfig.from_pretrained(make_model())
+    config.vocab_size = len(tokenizer) - 150
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "small")
+    tokenizer.save_pretrained(tmp_path / "small")
+    return str(tmp_path / "small")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (lambda m, t, p: {"seq_len": 200}, r"a sequence of 200 tokens is longer than .*'s 128 positions"),
+        (lambda m, t, p: {"site": "transformer.h"}, r"site 'transformer.h' is a ModuleList .* never calls"),
+        (
+            lambda m, t, p: {"finetuned_model": small_vocabulary_model(m, t, p)},
+            r"token id \d+ is past .*small'.s embedding \(\d+ rows\)",
+        ),
+        (
+            lambda m, t, p: {"base_model": str(Path(m(), "config.json"))},
+            r"config.json is a file, not a model directory",
+        ),
+    ],
+)
+def test_a_collection_its_models_cannot_run_is_refused_before_compute(
+    make_model, tokenizer, texts, tmp_path, fields, message
+):
+    long_texts = [" ".join(texts[i : i + 10]) for i in range(0, 100, 10)]
+    cfg = collect_cfg(make_model, long_texts).to_dict()
+    cfg = CollectConfig.from_dict({**cfg, "seq_len": 128, **fields(make_model, tokenizer, tmp_path)})
+    with pytest.raises(ValueError if "file" not in message else NotADirectoryError, match=message):
+        collect_activations(cfg, tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_split_the_saved_dataset_lacks_is_refused_naming_its_splits(make_model, texts, tmp_path):
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts})}).save_to_disk(tmp_path / "data")
+    cfg = collect_cfg(make_model, str(tmp_path / "data"), split="validation")
+    with pytest.raises(ValueError, match=r"has no split 'validation'; its splits are \['train'\]"):
+        collect_activations(cfg, tmp_path / "store")

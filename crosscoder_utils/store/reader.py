@@ -14,11 +14,19 @@ import numpy as np
 import torch
 from datasets.filesystems import is_remote_filesystem
 
+from ..config import check_range
 from ..files import parse_json, write_json
 from ..notebook import progress
 from .format import STORAGE_TYPES, checksum, from_storage, open_shard, shard_buffers
 from .rows import groups, index_batches, rank_share
 from .writer import write_arrays
+
+META_KEYS = tuple(
+    "models site layer n_models d_model dtype val_fraction n_tokens n_shards mean mean_norm settings identity "
+    "shards".split()
+)
+"""What every store's meta.json holds (the writer's ``finish`` and ``write_arrays``); opening refuses one lacking
+any."""
 
 
 class Shard(NamedTuple):
@@ -55,15 +63,15 @@ class ActivationStore:
         self.path = str(path) if self.remote else self.root
         """Where the store is: its URL, or its local directory."""
         self.window_rows = window_rows
-        self.meta = self.read_json("meta.json")
+        self.meta = self.read_json("meta.json", META_KEYS)
         if self.meta is None:
             interrupted = self.fs.exists(f"{self.root}/progress.json")
             hint = " A collection into it was interrupted: re-run it with the same arguments to resume." * interrupted
             raise FileNotFoundError(f"no complete activation store at {self.path} (meta.json is missing).{hint}")
-        missing_keys = [k for k in ("shards", "n_shards", "n_tokens", "n_models", "d_model") if k not in self.meta]
-        if missing_keys:
+        if self.meta["dtype"] not in STORAGE_TYPES:
             raise ValueError(
-                f"{self.root}/meta.json lacks {missing_keys}: the file is damaged; collect or copy it again"
+                f"{self.root}/meta.json gives dtype {self.meta['dtype']!r}, not one of {list(STORAGE_TYPES)}: the file "
+                "is damaged; collect or copy the store again"
             )
         names, sizes, self.checksums = zip(*self.meta["shards"]) if self.meta["shards"] else ((), (), ())
         missing = [] if self.remote else [n for n in names if not (Path(self.root) / "shards" / n).is_dir()]
@@ -142,13 +150,14 @@ class ActivationStore:
         (``options``: those of ``writer.write_arrays``)."""
         return cls(write_arrays(path, activations, token_ids, **options))
 
-    def read_json(self, name: str) -> dict | None:
-        """A JSON file of the store (``meta.json``, ``norm.json`` ...), or None when it has none."""
+    def read_json(self, name: str, keys: tuple[str, ...] = ()) -> dict | None:
+        """A JSON file of the store (``meta.json``, ``norm.json`` ...) holding each of ``keys``, or None when it
+        has none (``files.parse_json``)."""
         try:
             text = self.fs.cat_file(f"{self.root}/{name}")
         except FileNotFoundError:
             return None
-        return parse_json(text, f"{self.root}/{name}")
+        return parse_json(text, f"{self.root}/{name}", keys)
 
     def write_json(self, name: str, value: dict) -> None:
         """Write a JSON file into the store (atomically when local)."""
@@ -306,6 +315,7 @@ class ActivationStore:
         process: tuple[int, int] = (0, 1),
     ) -> Iterator[np.ndarray]:
         """The row indices of each batch ``batches`` reads, in its order (the shards they lie in prefetched)."""
+        check_range("tokens_per_batch", tokens_per_batch, above=0, integer=True)
         windows = prefetching(self, self.shuffled_indices(split, seed), start_batch * tokens_per_batch, process)
         for number, indices in enumerate(index_batches(windows, tokens_per_batch)):
             if number >= start_batch:

@@ -35,6 +35,10 @@ def local_path(path: str | Path) -> Path:
     return Path(root)
 
 
+PROGRESS_KEYS = ("settings", "n_blocks", "n_shards", "n_tokens", "sum", "sum_norm", "identity")
+"""What progress.json holds; a resume refuses one lacking any."""
+
+
 class StoreWriter:
     """Writes a store in complete shards and keeps running per-model statistics.
 
@@ -63,7 +67,7 @@ class StoreWriter:
         self.n_models, self.d_model = n_models, d_model
         self.shards = self.path / "shards"
         progress_file = self.path / "progress.json"
-        progress = read_json(progress_file) if progress_file.exists() else None
+        progress = read_json(progress_file, PROGRESS_KEYS) if progress_file.exists() else None
         if progress and progress["n_blocks"] == 0:  # a refused or killed start: nothing to keep
             if lock:
                 take_lock(self.path / "writer.lock")  # unless another writer is at work there
