@@ -55,6 +55,20 @@ def test_analysis_of_another_pair_reads_no_labels(own_run):
     assert len(analysis.tables["finetuned"].order) > 0
 
 
+def test_the_per_token_kl_is_computed_once_per_store_rows_and_read_back_after(own_run, tmp_path):
+    shutil.copytree(own_run / "store", tmp_path / "store", ignore=shutil.ignore_patterns("token_kl"))
+    store = ActivationStore(tmp_path / "store")
+    pair = store_models(store, "cpu")
+    first = A.token_divergence(pair, store, torch.ones(2), max_tokens=300)
+    assert [p.name for p in (tmp_path / "store/token_kl").iterdir()] == [
+        f"model1_rows{first.rows[0]}-{first.rows[-1]}.safetensors"
+    ]
+    again = A.token_divergence(pair, store, torch.ones(2), max_tokens=300)
+    assert torch.equal(again.kl, first.kl) and again.seconds == first.seconds  # read back: its first computation's
+    other = A.token_divergence(pair, store, torch.ones(2), max_tokens=200)  # other rows: computed
+    assert other.seconds != first.seconds and torch.allclose(other.kl, first.kl[:200], atol=1e-6)
+
+
 def test_methods_agree_where_their_top_tokens_are_mostly_the_same():
     make = lambda method, rank, rows: methods.Candidate(method, rank, rank, "", 1.0, [], rows)
     a, b, c, d = make("x", 1, [1, 2, 3, 4]), make("y", 2, [2, 3, 4, 9]), make("y", 1, [1, 2, 3, 5]), make("z", 1, [7])

@@ -3,12 +3,16 @@ set of latents reconstructs, and the loss when the crosscoder's reconstruction i
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..collect import TracedPair, collection_settings, keep_mask, stored_documents
 from ..crosscoder import CrossCoder
@@ -34,8 +38,8 @@ class TokenDivergence(NamedTuple):
     first_document: int
     """The number of ``documents[0]``."""
     seconds: float
-    """What computing it took: tokenising the documents again, both models' forwards over them and the store's
-    reads (06 reports it as the per-token methods' cost)."""
+    """What computing the KL took: tokenising the documents again and both models' forwards over them (06 reports
+    it as the per-token methods' cost; a KL read from the store's ``token_kl/`` keeps its first computation's)."""
 
     def document(self, number: int) -> list[int]:
         """Document ``number``'s token ids; it must be one of ``rows``' documents."""
@@ -62,27 +66,48 @@ def token_divergence(
     the baseline view of where two models differ, which also checks the crosscoder against the models
     themselves. The split's documents are tokenised again from the store's dataset and run through both
     models, ``seqs_per_batch`` at a time (at Gemma-2-2B's 256k vocabulary and 1024-token documents, the
-    float32 distributions of 4 take 29 GiB of GPU memory, of 16 88 GiB, for the same speed)."""
+    float32 distributions of 4 take 29 GiB of GPU memory, of 16 88 GiB, for the same speed).
+
+    The KL of a local store's rows is kept in the store (``token_kl/``, with the seconds it took), so 04, 06 and
+    the runs of other seeds on the store compute it once: it depends on the models and the documents only, and
+    ``analyse`` refuses models or data that changed since collection (``check_inputs``) before it reads it."""
     start_time = time.perf_counter()
     cfg = collection_settings(store, "per-token divergence")
     span = store.split_range(split)
     rows = np.arange(span.start, span.stop if max_tokens is None else min(span.stop, span.start + max_tokens))
     seq, pos = (t.numpy() for t in store.positions(rows))
     sequences, first = stored_documents(store, pair.tokenizer, rows)
-    traced = TracedPair(pair, cfg.site, cfg.layer, "right")
-    kl = torch.zeros(len(rows))
-    for start in progress(range(0, len(sequences), seqs_per_batch), desc="per-token KL"):
-        ids, mask, positions = traced.pad(sequences[start : start + seqs_per_batch])
-        logps = [F.log_softmax(traced.logits(m, ids, mask, positions).float(), -1) for m in (0, model_index)]
-        per_token = (logps[1].exp() * (logps[1] - logps[0])).sum(-1).cpu()  # [batch, seq]
-        in_batch = (seq >= first + start) & (seq < first + start + seqs_per_batch)
-        kl[in_batch] = per_token[seq[in_batch] - first - start, pos[in_batch]]
+    cache = None if store.remote else Path(store.root, "token_kl", f"model{model_index}_rows{rows[0]}-{rows[-1]}")
+    if cache and cache.with_suffix(".safetensors").exists():
+        with safe_open(cache.with_suffix(".safetensors"), "pt") as saved:
+            kl, seconds = saved.get_tensor("kl"), float(saved.metadata()["seconds"])
+    else:
+        traced = TracedPair(pair, cfg.site, cfg.layer, "right")
+        kl = torch.zeros(len(rows))
+        for start in progress(range(0, len(sequences), seqs_per_batch), desc="per-token KL"):
+            ids, mask, positions = traced.pad(sequences[start : start + seqs_per_batch])
+            logps = [F.log_softmax(traced.logits(m, ids, mask, positions).float(), -1) for m in (0, model_index)]
+            per_token = (logps[1].exp() * (logps[1] - logps[0])).sum(-1).cpu()  # [batch, seq]
+            in_batch = (seq >= first + start) & (seq < first + start + seqs_per_batch)
+            kl[in_batch] = per_token[seq[in_batch] - first - start, pos[in_batch]]
+        seconds = time.perf_counter() - start_time
+        if cache:
+            keep_kl(cache, kl, seconds)
     difference = []
     for start in range(0, len(rows), 65_536):  # read in chunks: memory does not grow with max_tokens' rows
         x = store.read(rows[start : start + 65_536]) * factors[None, :, None]
         difference.append((x[:, model_index] - x[:, 0]).norm(dim=-1))
-    seconds = time.perf_counter() - start_time
     return TokenDivergence(rows, kl, torch.cat(difference), sequences, first, seconds)
+
+
+def keep_kl(cache: Path, kl: torch.Tensor, seconds: float) -> None:
+    """Write ``kl`` and its seconds to ``cache``.safetensors atomically; a store on read-only disk keeps none."""
+    try:
+        cache.parent.mkdir(exist_ok=True)
+        save_file({"kl": kl}, cache.with_suffix(".tmp"), metadata={"seconds": str(seconds)})
+        os.replace(cache.with_suffix(".tmp"), cache.with_suffix(".safetensors"))
+    except PermissionError:
+        pass
 
 
 @torch.no_grad()

@@ -17,8 +17,9 @@ The fine-tune is a full fine-tune of the 18 blocks (the 262k x 640 embedding, ti
 frozen, so both models read and write tokens alike): next-token loss on Bible chapters plus ``--kl-to-base``
 times KL(base || fine-tune) on generic text, as crosscoder_utils/organism.py holds its fine-tune to its base.
 
-Times on 2 cores (float32): saving the base about 1 min, a step about 12 s idle (17 s on one core while
-another process held the other), so the default 100 steps take 20-30 min and the whole script 23-32 min.
+Times on 2 cores (float32): saving the base about 1.5 min, a step of the defaults (2 Bible rows, 1 generic row)
+about 11 s (a step of 4 and 2 rows 22.6 s, measured side by side on the same idle box), so the default 100 steps
+take about 19 min and the whole script about 22 min.
 
 Writes to ``--out``: base/ and finetuned/ (ordinary model directories, float32), corpus/ (the collection
 corpus: columns text and kind, documents of about ``--doc-tokens`` tokens, ``--domain-share`` of them held-out
@@ -60,9 +61,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="outputs/gemma3-270m")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=100, help="fine-tuning steps (about 12 s each on 2 cores)")
-    p.add_argument("--batch", type=int, default=4, help="Bible rows a step (next-token loss)")
-    p.add_argument("--kl-batch", type=int, default=2, help="generic rows a step (KL to the base)")
+    p.add_argument("--steps", type=int, default=100, help="fine-tuning steps (about 11 s each on 2 cores)")
+    p.add_argument("--batch", type=int, default=2, help="Bible rows a step (next-token loss)")
+    p.add_argument("--kl-batch", type=int, default=1, help="generic rows a step (KL to the base)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens a training / evaluation row")
     p.add_argument("--lr", type=float, default=3e-5, help="peak learning rate")
     p.add_argument("--kl-to-base", type=float, default=1.0)
