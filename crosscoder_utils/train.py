@@ -296,7 +296,7 @@ def train_crosscoder(
     selection and threshold, the dead-latent counts, the auxiliary loss's normalisation, resampling) is
     global, so the result is single-process training's. Rank 0 logs, checkpoints and exports.
     """
-    if not isinstance(source, (ActivationStore, ModelSource)):
+    if isinstance(source, (str, Path)):
         raise TypeError(
             f"source must be an ActivationStore (ActivationStore(path) opens one) or a ModelSource, got {source!r}"
         )
