@@ -67,6 +67,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128, help="tokens a training / evaluation row")
     p.add_argument("--lr", type=float, default=3e-5, help="peak learning rate")
     p.add_argument("--kl-to-base", type=float, default=1.0)
+    p.add_argument(
+        "--autocast",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="dtype the fine-tune's matrix products run in (weights, gradients and AdamW's state stay float32); "
+        "float32 where the CPU has no bfloat16 instructions",
+    )
     p.add_argument("--corpus-tokens", type=int, default=300_000, help="collection corpus size")
     p.add_argument("--domain-share", type=float, default=0.1, help="share of the corpus from held-out chapters")
     p.add_argument("--doc-tokens", type=int, default=128, help="about this many tokens a corpus document")
@@ -225,7 +232,8 @@ def evaluate(base, finetuned, rows: torch.Tensor, desc: str) -> dict:
 
 def finetune(model, base, domain: torch.Tensor, generic: torch.Tensor, args) -> list[dict]:
     """AdamW on the blocks: next-token loss on ``args.batch`` domain rows plus kl_to_base * KL(base || model)
-    on ``args.kl_batch`` generic rows a step; 10 % warm-up, then cosine to a tenth."""
+    on ``args.kl_batch`` generic rows a step; 10 % warm-up, then cosine to a tenth. The forwards run under
+    ``torch.autocast`` in ``args.autocast`` (mixed precision: the losses are taken in float32)."""
     generator = torch.Generator().manual_seed(args.seed)
     model.get_input_embeddings().weight.requires_grad_(False)  # tied to the unembedding
     params = [p for p in model.parameters() if p.requires_grad]
@@ -238,9 +246,10 @@ def finetune(model, base, domain: torch.Tensor, generic: torch.Tensor, args) -> 
     for step in bar:
         d = domain[torch.randint(len(domain), (args.batch,), generator=generator)]
         g = generic[torch.randint(len(generic), (args.kl_batch,), generator=generator)]
-        with torch.no_grad():
-            target = log_probs(base, g)
-        logits = model(input_ids=torch.cat([d, g])).logits
+        with torch.autocast("cpu", torch.bfloat16, enabled=args.autocast == "bfloat16"):
+            with torch.no_grad():
+                target = log_probs(base, g)
+            logits = model(input_ids=torch.cat([d, g])).logits
         ce = F.cross_entropy(logits[: len(d), :-1].flatten(0, 1).float(), d[:, 1:].flatten())
         kl_loss = kl(target, F.log_softmax(logits[len(d) :].float(), -1))
         loss = ce + args.kl_to_base * kl_loss
