@@ -77,6 +77,15 @@ def test_methods_agree_where_their_top_tokens_are_mostly_the_same():
     assert methods.agreement([a, b, c, d], min_overlap=0.8) == []
 
 
+def test_a_chain_of_half_overlaps_is_not_one_place():
+    make = lambda method, rank, rows: methods.Candidate(method, rank, rank, "", 1.0, [], rows)
+    a, b, c = make("x", 1, [1, 2, 3, 4]), make("y", 1, [3, 4, 5, 6]), make("z", 1, [5, 6, 7, 8])
+    e = make("x", 2, [5, 6, 7, 9])
+    # b shares half its top with a and half with c, which shares nothing with a: a and b are one place, and c
+    # agrees with e (3/4), not through b
+    assert methods.agreement([a, e, b, c]) == [[a, b], [e, c]]
+
+
 def test_a_dataset_that_changed_since_collection_is_refused_naming_it(own_run, tmp_path):
     # a copy of the store whose meta.json names a dataset with other text, as a Hub dataset that moved on would
     shutil.copytree(own_run / "store", tmp_path / "store")
@@ -120,3 +129,16 @@ def test_04_and_06_run_headless_on_another_pair_and_show_every_method_unscored(o
     assert (out / "compare/diff_sae/seed-0/run").is_dir() and not list(
         (out / "compare/diff_sae").glob("*/store")
     )  # the diff-SAE read Δx from the store, wrote none
+
+
+def test_the_logit_lens_shows_one_list_where_both_models_read_the_same_tokens():
+    decode = lambda ids: " ".join(map(str, ids))
+    same = {"promoted": [[1, 2]], "suppressed": [[3, 4]]}
+    lines = methods.logit_lens_lines({"base": same, "finetuned": same}, [1], decode)
+    assert lines[:2] == [
+        "base = finetuned   promoted at position 1: '1 2'",
+        "base = finetuned suppressed at position 1: '3 4'",
+    ]
+    assert "the same lists for base and finetuned" in lines[2]
+    other = {"promoted": [[1, 5]], "suppressed": [[3, 4]]}
+    assert len(methods.logit_lens_lines({"base": same, "finetuned": other}, [1], decode)) == 4

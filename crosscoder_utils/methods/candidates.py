@@ -4,7 +4,6 @@ contexts), and where the methods agree."""
 from __future__ import annotations
 
 import csv
-import itertools
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,7 +12,6 @@ import torch
 from ..analysis import Analysis, context, explain, latent_samples
 from ..analysis.encoding import Encoded
 from ..analysis.explanations import f1_text
-from ..analysis.health import connected_groups
 from .baselines import Method
 
 
@@ -73,22 +71,28 @@ def describe(method: Method, analysis: Analysis, n_contexts: int = 3) -> list[Ca
 
 
 def agreement(candidates: list[Candidate], min_overlap: float = 0.5) -> list[list[Candidate]]:
-    """Places where several methods agree: the groups of candidates linked, across methods, by top rows
-    (``N_AGREE`` each) of which at least ``min_overlap`` are shared (|A ∩ B| / min(|A|, |B|)), each group in
-    the candidates' order, the groups by their best-placed candidate's rank."""
+    """Places where several methods agree. In rank order (the methods' first candidates, then their second...),
+    each candidate not yet in a group seeds one, joined by every candidate of another method not yet in a
+    group whose top rows (``N_AGREE`` each) share at least ``min_overlap`` with the seed's
+    (|A ∩ B| / min(|A|, |B|)); a seed that no other method joins makes no group. Each group is in the
+    candidates' order. Candidates join the seed itself, not one another: linked in chains (A shares half
+    of its top with B, B half with C...), the top of every method on a real pair made one group."""
     tops = [set(c.top_rows) for c in candidates]
-    pairs = [
-        (i, j)
-        for i, j in itertools.combinations(range(len(candidates)), 2)
-        if candidates[i].method != candidates[j].method
+    agrees = lambda i, j: (
+        candidates[i].method != candidates[j].method
         and tops[i]
         and tops[j]
         and len(tops[i] & tops[j]) / min(len(tops[i]), len(tops[j])) >= min_overlap
-    ]
-    groups = connected_groups(
-        torch.tensor(pairs, dtype=torch.long).view(-1, 2), torch.ones(len(candidates), dtype=bool)
     )
-    return sorted(([candidates[i] for i in group] for group in groups), key=lambda g: min(c.rank for c in g))
+    grouped, groups = set(), []
+    for seed in sorted(range(len(candidates)), key=lambda i: candidates[i].rank):
+        if seed in grouped:
+            continue
+        joined = [j for j in range(len(candidates)) if j not in grouped and agrees(seed, j)]
+        if joined:
+            grouped.update([seed, *joined])
+            groups.append([candidates[i] for i in sorted([seed, *joined])])
+    return groups
 
 
 CANDIDATE_COLUMNS = ("method", "rank", "candidate", "explanation", "explanation_f1", "top_context")

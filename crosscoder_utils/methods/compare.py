@@ -150,6 +150,25 @@ def agreement_lines(comparison: Comparison, n: int = 12) -> list[str]:
     return lines
 
 
+def logit_lens_lines(lists: dict, positions: list[int], decode, n: int = 12) -> list[str]:
+    """``logit_lens``'s lists as lines, the first ``n`` tokens of each, ``decode``d: one per role, direction and
+    position, or one for all roles where their lists are the same (the models' final-norm scales and
+    unembeddings then read the difference alike: a fine-tune that kept its embedding, tied to the
+    unembedding, and barely moved its final norm)."""
+    roles = list(lists)
+    same = all(lists[role] == lists[roles[0]] for role in roles)
+    shown = {" = ".join(roles): lists[roles[0]]} if same else lists
+    lines = [
+        f"{role} {direction:>10} at position {position}: {decode(ids[:n])!r}"
+        for role, per_direction in shown.items()
+        for direction, per_position in per_direction.items()
+        for position, ids in zip(positions, per_position)
+    ]
+    if same:
+        lines.append(f"(the same lists for {' and '.join(roles)}: their final norms and unembeddings read Δx alike)")
+    return lines
+
+
 def over_seeds(scores: list[MethodScore]) -> dict[tuple[str, str], list[MethodScore]]:
     """(method, behaviour) -> its scores, one per training seed (one for a method that does not train), for the
     methods with a per-token score and the behaviours with held-out tokens."""
