@@ -17,9 +17,9 @@ The fine-tune is a full fine-tune of the 18 blocks (the 262k x 640 embedding, ti
 frozen, so both models read and write tokens alike): next-token loss on Bible chapters plus ``--kl-to-base``
 times KL(base || fine-tune) on generic text, as crosscoder_utils/organism.py holds its fine-tune to its base.
 
-Times on 2 cores (float32): saving the base about 1.5 min, a step of the defaults (2 Bible rows, 1 generic row)
-about 11 s (a step of 4 and 2 rows 22.6 s, measured side by side on the same idle box), so the default 100 steps
-take about 19 min and the whole script about 22 min.
+Times on 2 cores (bench/RESULTS.md): saving the base about 1 min, a step of the defaults (2 Bible rows, 1 generic
+row, under bfloat16 autocast) 4.3 s (6.6 s in float32 the same evening; 10-11 s in float32 on a slower evening), so
+the whole script takes 10-17 min.
 
 Writes to ``--out``: base/ and finetuned/ (ordinary model directories, float32), corpus/ (the collection
 corpus: columns text and kind, documents of about ``--doc-tokens`` tokens, ``--domain-share`` of them held-out
@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="outputs/gemma3-270m")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=100, help="fine-tuning steps (about 11 s each on 2 cores)")
+    p.add_argument("--steps", type=int, default=100, help="fine-tuning steps (4-7 s each on 2 cores)")
     p.add_argument("--batch", type=int, default=2, help="Bible rows a step (next-token loss)")
     p.add_argument("--kl-batch", type=int, default=1, help="generic rows a step (KL to the base)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens a training / evaluation row")
