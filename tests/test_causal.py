@@ -1,31 +1,41 @@
 """Is the latent what changed the model? Patching and steering on the tiny organisms of seeds 0-2 (thresholds from
-their measurements, in the comments), with the planted behaviours' best latents (seed 2's trigger has two at F1
-1.00: the changed one closes 88 % of the KL where it fires, its base-only twin, which also fires weakly elsewhere,
-1 %; ``best_latents`` takes the first)."""
+their measurements, in the comments). A behaviour's latent: of the latents tied at its best detection F1, the one
+that closes the most of the KL where it fires. A perfect detection often has twins (seed 2's trigger on one box,
+seed 1's on another: a changed or fine-tune-only latent closes 77-88 % of the KL where it fires, its base-only twin
+1-31 %); which twin ``best_latents`` names first depends on the box the organism was built on."""
 
 import pytest
+import torch
 
 from crosscoder_utils import analysis as A
+from crosscoder_utils.analysis.planted import detection
+
+
+def tied_best(analysis, name: str) -> list[int]:
+    """The latents tied at behaviour ``name``'s best detection F1."""
+    encoded = analysis.encoded
+    on = analysis.labels[name][torch.from_numpy(encoded.rows)]
+    found = detection(encoded.latent, encoded.value, on[encoded.token], encoded.dict_size, int(on.sum()))
+    return (found.f1 == found.f1.max()).nonzero().squeeze(1).tolist()
 
 
 @pytest.fixture(scope="module")
 def patched(analysed_organisms):
-    """Per organism: (analysis, best latent of each behaviour, the fine-tune's side patched with each added or
-    changed behaviour's best latent, the base's side with the removed one's)."""
+    """Per organism: (analysis, each behaviour's latent, the fine-tune's side patched with the tied best latents of
+    each added or changed behaviour, the base's side with the removed one's)."""
     out = []
     for analysis, _ in analysed_organisms:
-        best = {name: match.latent for name, match in analysis.matches.items()}
-        kinds = analysis.planted_kinds
-        forward = list(dict.fromkeys(best[name] for name in best if kinds[name] != "removed"))
-        removed = [best[name] for name in best if kinds[name] == "removed"]
-        out.append(
-            (
-                analysis,
-                best,
-                A.patch(analysis, forward, 1, set_sizes=(1,)),
-                A.patch(analysis, removed, 0, set_sizes=(1,)),
-            )
+        tied = {name: tied_best(analysis, name) for name in analysis.matches}
+        removed = {name for name, kind in analysis.planted_kinds.items() if kind == "removed"}
+        forward = A.patch(
+            analysis, list(dict.fromkeys(i for n in tied if n not in removed for i in tied[n])), 1, set_sizes=(1,)
         )
+        backward = A.patch(analysis, [i for n in removed for i in tied[n]], 0, set_sizes=(1,))
+        best = {
+            name: max(latents, key=lambda i: (backward if name in removed else forward).of(i).closed.where)
+            for name, latents in tied.items()
+        }
+        out.append((analysis, best, forward, backward))
     return out
 
 
@@ -62,13 +72,15 @@ def test_every_latent_closes_nearly_all_the_kl_and_the_error_term_little(patched
 
 
 def test_steering_the_base_with_the_trigger_latent_starts_the_count_down(patched):
-    # measured, seeds 0-2, each latent's top 2 contexts: " ten" first at α 2 on every seed (at α 1 on seed 0 only);
-    # added at the trigger alone, it gives the count's first word, and the base, which never counts down, stops
+    # measured, seeds 0-2, each latent's top 2 contexts: " ten" first at α 1-2 on seeds 0 and 2, on two boxes; at α 4
+    # where the change is split between twins (seed 1 on a box with avx512_bf16: the fine-tune-only latent, which
+    # closes 77 % of the KL, at α 4; its base-only twin, 31 %, gives " nine eight" at α 4). Added at the trigger
+    # alone, it gives the count's first word, and the base, which never counts down, stops
     for analysis, best, _, _ in patched:
-        for steering in A.steer(analysis, best["trigger"], 0, alphas=(0, 2), n_prompts=2):
+        for steering in A.steer(analysis, best["trigger"], 0, alphas=(0, 2, 4), n_prompts=2):
             assert steering.other_continuation.startswith(" ten nine eight")  # the fine-tune's own
-            own, steered = steering.continuations
-            assert not own.startswith(" ten") and steered.startswith(" ten"), steering
+            own, *steered = steering.continuations
+            assert not own.startswith(" ten") and any(s.startswith(" ten") for s in steered), steering
 
 
 def test_steering_the_fine_tune_with_the_removed_behaviours_latent_brings_the_count_up_back(patched):
