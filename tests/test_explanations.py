@@ -9,7 +9,7 @@ import torch
 from conftest import collect_organism
 
 from crosscoder_utils.analysis.encoding import Encoded
-from crosscoder_utils.analysis.explanations import WINDOW, explain, phrase_groups
+from crosscoder_utils.analysis.explanations import START_TEXT, WINDOW, explain, phrase_groups
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,18 @@ def test_the_rule_search_finds_each_kind_of_rule_and_no_rule_for_noise(store, to
     ]
     assert explanations.f1[:3].tolist() == [1.0, 1.0, 1.0] and explanations.tokens[:3] == [[common], [token], []]
     assert explanations.text[3] == "no simple rule" and explanations.f1[3] < 0.5
+
+
+def test_a_token_that_opens_documents_is_named_at_the_start_where_it_is_common_elsewhere(store, tokenizer):
+    ids, seq, pos = held_out_tokens(store)
+    assert int(pos.min()) == 1  # BOS, position 0, is not stored
+    elsewhere = Counter(ids[pos > 1].tolist())
+    opener = max(set(ids[pos == 1].tolist()), key=lambda t: min(elsewhere[t], int((ids[pos == 1] == t).sum())))
+    opens = (ids == opener) & (pos == 1)
+    assert opens.sum() >= 10 and elsewhere[opener] >= opens.sum()  # a token rule covers twice the firings
+    explanations = explain(encoded_from(store, [opens]), store, tokenizer)
+    assert explanations.text == [f'«{tokenizer.decode([opener])}» after "{START_TEXT}"']
+    assert explanations.f1.tolist() == [1.0]
 
 
 def test_latents_firing_in_one_phrase_form_one_group_named_by_it(store, tokenizer):

@@ -11,6 +11,9 @@ Rules (each token's features, from the store's token ids and positions):
 * ``context``: any token within ``WINDOW`` tokens after a given token of the same sequence:
   ``within 32 tokens after «<|assistant|>»``.
 
+A document's first position, where the rows read do not hold it (its BOS, which collection drops), is a token of
+its own for the rules, ``START``: ``«:» after "⟨start⟩"`` is a «:» that opens a document.
+
 A rule's detection F1 combines its precision (the share of the tokens it covers where the latent fires) with
 its recall weighted by activation (the share of the latent's firings it covers, each firing counted in
 proportion to its activation over the latent's largest), so that weak firings elsewhere, common in relu
@@ -45,6 +48,9 @@ MIN_FIRINGS = 5
 """Firings a latent needs on each half to be judged: with fewer, any rule's F1 is noise, and the latent is
 reported as too rare to judge, not as having no rule."""
 KINDS = ("token", "after", "after phrase", "context")
+START = -2
+"""The token id the rules give a document's first position where the rows read do not hold it."""
+START_TEXT = "⟨start⟩"
 
 
 class Explanations(NamedTuple):
@@ -98,30 +104,33 @@ def token_features(store: ActivationStore, rows: np.ndarray, half: torch.Tensor 
     index = torch.arange(n)
 
     def back(k: int) -> torch.Tensor:
-        """The token id k positions before each row (-1 where that token is not stored)."""
+        """The token id k positions before each row: ``START`` where that is the document's first position and
+        not among the rows, -1 where it is another position not among them."""
         before = (index - k).clamp(min=0)
         same = (seq[before] == seq) & (pos[before] == pos - k) & (index >= k)
-        return torch.where(same, ids[before], -1)
+        return torch.where(same, ids[before], torch.where((pos == k) & (ids >= 0), START, -1))
 
     prev1, prev2 = back(1), back(2)
     pairs, names = {}, {}
     for kind, columns in (("token", [ids]), ("after", [prev1, ids]), ("after phrase", [prev2, prev1, ids])):
         stacked = torch.stack(columns, 1)
-        keep = (stacked >= 0).all(1)
+        keep = (stacked != -1).all(1)
         unique, feature = torch.unique(stacked[keep], dim=0, return_inverse=True)
         pairs[kind], names[kind] = (index[keep], feature), unique
     earlier = torch.stack([back(k) for k in range(1, WINDOW + 1)], 1)  # [n, WINDOW]
-    token, context = index[:, None].expand_as(earlier)[earlier >= 0], earlier[earlier >= 0]
-    vocab = max(int(ids.max()) + 1, 1)  # a store without token ids (-1) has no rules
-    distinct = torch.unique(token * vocab + context)  # each context token once per token
-    unique, feature = torch.unique(distinct % vocab, return_inverse=True)
+    token, context = index[:, None].expand_as(earlier)[earlier != -1], earlier[earlier != -1]
+    vocab = max(int(ids.max()) + 1, 1) - START  # a store without token ids (-1) has no rules
+    distinct = torch.unique(token * vocab + context - START)  # each context token once per token
+    unique, feature = torch.unique(distinct % vocab + START, return_inverse=True)
     pairs["context"], names["context"] = (distinct // vocab, feature), unique[:, None]
     return TokenFeatures(seq % 2 if half is None else half, pairs, names)
 
 
 def _decoder(tokenizer):
-    """Token ids -> text: the tokenizer's, else the ids themselves (a store without models)."""
-    return tokenizer.decode if tokenizer else lambda ids: " ".join(map(str, ids))
+    """Token ids -> text: the tokenizer's, else the ids themselves (a store without models); ``START`` (first
+    where it is) as ``START_TEXT``."""
+    decode = tokenizer.decode if tokenizer else lambda ids: " ".join(map(str, ids))
+    return lambda ids: START_TEXT * (ids[:1] == [START]) + decode([i for i in ids if i != START])
 
 
 def _weights(encoded: Encoded) -> torch.Tensor:
